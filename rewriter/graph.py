@@ -1,0 +1,86 @@
+"""Graph-edit helpers that rules use; rules never reach into the user's modules.
+
+Every node an edit creates carries provenance in node.meta["rewriter"] = {"rule", "site"}.
+Tensors a rule builds are registered on the traced GraphModule as buffers named
+`rw_<rule>_<site>_<key>` and read through get_attr nodes.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(f"no node named {name!r} in the traced graph")
+
+
+def find(gm: fx.GraphModule, name: str | None) -> fx.Node | None:
+    if name is None:
+        return None
+    for n in gm.graph.nodes:
+        if n.name == name:
+            return n
+    return None
+
+
+def is_op(n: fx.Node, *targets) -> bool:
+    return n.op == "call_function" and n.target in targets
+
+
+def sdpa_args(n: fx.Node) -> dict:
+    """q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa of an SDPA node, by name."""
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    defaults = [None, None, None, None, 0.0, False, None, False]
+    out = dict(zip(names, defaults))
+    out.update(dict(zip(names, n.args)))
+    out.update(n.kwargs)
+    return out
+
+
+def buffer_name(rule: str, site: int | None, key: str) -> str:
+    return re.sub(r"\W", "_", f"rw_{rule}_{'x' if site is None else site}_{key}")
+
+
+def register_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `tensor` as a buffer of gm and return a get_attr node placed before `before`."""
+    gm.register_buffer(name, tensor.detach().clone(), persistent=True)
+    with gm.graph.inserting_before(before):
+        n = gm.graph.get_attr(name)
+    n.meta["val"] = tensor
+    return n
+
+
+def replace_with_op(gm: fx.GraphModule, old: fx.Node, op, args: tuple, kwargs: dict | None = None,
+                    *, rule: str, site: int | None) -> fx.Node:
+    """Insert `op(*args, **kwargs)` before `old`, route old's users to it, erase old."""
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_function(op, tuple(args), kwargs or {})
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
+    new.meta["rewriter"] = {"rule": rule, "site": site}
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+    return new
+
+
+def rewire(gm: fx.GraphModule, old: fx.Node, replacement: fx.Node) -> None:
+    """Route every use of `old` to `replacement` and remove what becomes dead."""
+    old.replace_all_uses_with(replacement)
+    clean(gm)
+
+
+def clean(gm: fx.GraphModule) -> None:
+    """Dead-code elimination that keeps placeholders and side-effect-free asserts out of the way,
+    drops buffers no longer read, and recompiles."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [b for b, _ in gm.named_buffers() if b.startswith("rw_") and b not in used]:
+        delattr(gm, name)
+    gm.graph.lint()
+    gm.recompile()
