@@ -76,11 +76,18 @@ def rewire(gm: fx.GraphModule, old: fx.Node, replacement: fx.Node) -> None:
 
 
 def clean(gm: fx.GraphModule) -> None:
-    """Dead-code elimination that keeps placeholders and side-effect-free asserts out of the way,
-    drops buffers no longer read, and recompiles."""
+    """Dead-code elimination, then drop every parameter and buffer no node reads any more (so a
+    removed subgraph really frees its weights), then recompile. Snapshots keep references to the
+    dropped tensors, so a rollback brings them back."""
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [b for b, _ in gm.named_buffers() if b.startswith("rw_") and b not in used]:
-        delattr(gm, name)
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    for qual in names:
+        if qual not in used:
+            prefix, _, leaf = qual.rpartition(".")
+            owner = gm.get_submodule(prefix) if prefix else gm
+            if hasattr(owner, leaf):
+                delattr(owner, leaf)
     gm.graph.lint()
     gm.recompile()

@@ -70,6 +70,7 @@ class Rule:
     build: Callable[[Any, AttentionSite, Any], dict]
     apply: Callable[[Any, AttentionSite, dict, Any], None]
     plan: Callable[[Any, list[AttentionSite], Any], list[AttentionSite]] | None = None
+    cost: Callable[[AttentionSite, Any], Any] | None = None   # attention FLOPs/token after the rewrite (sympy, in N)
     kind: Literal["attention", "memory", "structure"] = "attention"
 
 

@@ -1,0 +1,273 @@
+"""Public API: inspect, optimize, load — and the OptimizedModel they return."""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from . import graph as G
+from .analyze import analyze
+from .canonicalize import canonicalize, explain_unmatched
+from .driver import Record, run_steps
+from .gate import Gate
+from .report import Report, projection_flops_per_token, sdpa_flops_per_token
+from .rule import get_rule
+from .trace import trace
+
+
+class SiteList(list):
+    """The attention sites of a model, plus notes on what was canonicalized and what did not match."""
+
+    def __init__(self, sites, notes=(), canonicalized=()):
+        super().__init__(sites)
+        self.notes = list(notes)
+        self.canonicalized = list(canonicalized)
+
+
+# ---- model resolution ----------------------------------------------------------------------------
+
+def _guess_kind(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    names = " ".join(getattr(cfg, "architectures", None) or []) + " " + type(model).__name__
+    if "CausalLM" in names or "LMHead" in names:
+        return "causal_lm"
+    if "ImageClassification" in names or "ViT" in names or getattr(cfg, "model_type", "") == "vit":
+        return "vision"
+    if cfg is not None and getattr(cfg, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta"):
+        return "encoder"
+    return "generic"
+
+
+def _resolve(model, spec: str | None):
+    """Return a rewriter.models.Loaded for a name, a Loaded, or a bare nn.Module."""
+    from rewriter.models import Loaded, load_model
+    if model is None:
+        if not spec:
+            raise ValueError("no model: pass one to optimize() or name it under `model:` in the recipe")
+        return load_model(spec)
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, Loaded):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return Loaded(name=type(model).__name__, model=model, kind=_guess_kind(model), tokenizer=None,
+                      max_length=getattr(getattr(model, "config", None), "max_position_embeddings", 512))
+    raise TypeError(f"model must be an nn.Module, a rewriter.models.Loaded or a model name, not {type(model).__name__}")
+
+
+def _split(example_inputs) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+def _prepare(loaded, example_inputs):
+    """Trace, canonicalize, clean and analyze; returns (gm, sites, example kwargs, records)."""
+    args, kwargs = _split(example_inputs)
+    if not args and not kwargs:
+        kwargs = loaded.example_inputs(batch=2, seq_len=16)
+    gm = trace(loaded.model, args, kwargs, name=loaded.name)
+    canon = canonicalize(gm)
+    G.clean(gm)
+    sites = analyze(gm)
+    return gm, sites, (args, kwargs), canon
+
+
+def inspect(model, example_inputs=None) -> SiteList:
+    """The attention sites of `model` (a module, a Loaded or a registered name); nothing is changed."""
+    loaded = _resolve(model, None)
+    gm, sites, _, canon = _prepare(loaded, example_inputs)
+    notes = explain_unmatched(gm)
+    if not sites:
+        notes = notes or [_what_it_saw(gm)]
+    return SiteList(sites, notes, canon)
+
+
+def _what_it_saw(gm: fx.GraphModule) -> str:
+    from collections import Counter
+    ops = Counter(str(n.target).replace("aten.", "").split(".")[0] for n in gm.graph.nodes if n.op == "call_function")
+    top = ", ".join(f"{k}×{v}" for k, v in ops.most_common(8))
+    return ("no attention found: the graph has no scaled_dot_product_attention and no softmax over a q·kᵀ "
+            f"product; its most common ops are {top}")
+
+
+# ---- optimize ------------------------------------------------------------------------------------
+
+def _unique_numel(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen and t.is_floating_point():
+            seen.add(key)
+            total += t.numel()
+    return total
+
+
+@torch.no_grad()
+def _latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
+    """Median wall time per call of each model, interleaved in one process so load drifts cancel."""
+    for m in models:
+        m(**batch)
+    times = [[] for _ in models]
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            m(**batch)
+            times[i].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def _flops(sites, records) -> tuple:
+    """Attention FLOPs per token (cores + projections) before and after, as sympy expressions in N."""
+    before = sum((sdpa_flops_per_token(s) + projection_flops_per_token(s) for s in sites), 0)
+    after = before
+    by_index = {s.index: s for s in sites}
+    for r in records:
+        if r.status == "applied" and r.site is not None:
+            rule, s = get_rule(r.rule), by_index[r.site]
+            if rule.cost is not None:
+                opts = rule.options(**r.options)
+                after = after - sdpa_flops_per_token(s) - projection_flops_per_token(s) + rule.cost(s, opts)
+    return before, after
+
+
+def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, progress: bool = True,
+             measure_latency: bool = True) -> "OptimizedModel":
+    """Trace `model`, apply `recipe` (path, dict or Recipe) site by site with an accuracy gate, and return
+    an OptimizedModel with the same call signature. The input model is never modified."""
+    from .calibrate import make_calibration
+    from .recipe import default_gate, load_recipe
+
+    t_start = time.perf_counter()
+    rec = load_recipe(recipe)
+    loaded = _resolve(model, rec.model)
+    calib = calibration or make_calibration(loaded, **rec.calibration.model_dump())
+    if example_inputs is None:
+        example_inputs = calib.batches[0]
+    gm, sites, (args, kwargs), canon = _prepare(loaded, example_inputs)
+    if not sites:
+        raise ValueError(f"{loaded.name}: no attention sites to rewrite. " + " ".join(explain_unmatched(gm) or [_what_it_saw(gm)]))
+    gate_spec = rec.gate or default_gate(loaded.kind)
+    original = copy.deepcopy(loaded.model).eval()   # the user's module stays untouched (and in its mode)
+    gate = Gate.from_model(gate_spec, original, calib.batches)
+
+    progress_cb, bar = None, None
+    if progress:
+        from rich.progress import Progress
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(f"optimizing {loaded.name}", total=None)
+        progress_cb = lambda: bar.advance(task)  # noqa: E731
+    try:
+        result = run_steps(gm, sites, rec, gate, calib, loaded.kind, progress=progress_cb)
+    finally:
+        if bar:
+            bar.stop()
+
+    held = Gate.from_model(gate_spec, original, calib.heldout) if calib.heldout else None
+    heldout = {}
+    if held:
+        m = held.measure(gm)
+        heldout = {"metric": m.metric, "value": m.value, "worst": m.worst, "ok": m.ok, "why": m.why}
+    latency = {}
+    if measure_latency:
+        b = calib.batches[0]
+        before_ms, after_ms = _latency_ms([original, gm], b)
+        latency = {"seq_len": int(next(iter(b.values())).shape[-1]) if b else None,
+                   "batch": int(next(iter(b.values())).shape[0]) if b else None,
+                   "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
+    fb, fa = _flops(sites, result.records)
+    report = Report(
+        model=loaded.name, kind=loaded.kind, sites=sites, records=result.records,
+        params_before=_unique_numel(original), params_after=_unique_numel(gm),
+        flops_before=fb, flops_after=fa, latency=latency, heldout=heldout,
+        gate=gate_spec.model_dump(exclude_none=True),
+        calibration={"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,
+                     "heldout_batches": len(calib.heldout)},
+        stop_reason=result.stop_reason, canonicalized=canon, notes=explain_unmatched(gm),
+        seconds=time.perf_counter() - t_start)
+    return OptimizedModel(gm, report, rec, sites, (args, kwargs), base=loaded.name)
+
+
+# ---- the result ----------------------------------------------------------------------------------
+
+class OptimizedModel(torch.nn.Module):
+    """The rewritten model: call it like the original; .report, .save(), .export_onnx()."""
+
+    def __init__(self, gm: fx.GraphModule, report: Report, recipe, sites, example, base: str | None):
+        super().__init__()
+        self.graph_module = gm
+        self.report, self.recipe, self.sites, self.example, self.base = report, recipe, sites, example, base
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def records(self) -> list:
+        return self.report.records
+
+    def save(self, path: str | Path) -> Path:
+        """Write recipe.yaml, report.json, records.json, example inputs and built tensors (safetensors)."""
+        import yaml
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        (path / "report.json").write_text(self.report.to_json())
+        recs = [r.to_dict() for r in self.report.records]
+        (path / "records.json").write_text(json.dumps({"base": self.base, "records": recs}, indent=2, default=str))
+        tensors = {f"built.{i}.{k}": v.contiguous() for i, r in enumerate(self.report.records)
+                   for k, v in r.built.items()}
+        args, kwargs = self.example
+        tensors.update({f"example.kw.{k}": v.contiguous() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        tensors.update({f"example.arg.{i}": v.contiguous() for i, v in enumerate(args)})
+        save_file(tensors, str(path / "tensors.safetensors"))
+        return path
+
+    def export_onnx(self, path: str | Path, example_inputs: dict | None = None) -> Path:
+        """Export through torch.onnx (dynamo) with the custom ops' onnxscript translations."""
+        import rewriter.kernels as K
+        args, kwargs = self.example
+        if example_inputs is not None:
+            args, kwargs = _split(example_inputs)
+        torch.onnx.export(self.graph_module, tuple(args), str(path), kwargs=kwargs, dynamo=True,
+                          custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
+        return Path(path)
+
+
+def load(path: str | Path, model=None) -> OptimizedModel:
+    """Rebuild a saved OptimizedModel from its base model by replaying the records (no calibration)."""
+    from safetensors.torch import load_file
+
+    from .recipe import load_recipe
+    path = Path(path)
+    meta = json.loads((path / "records.json").read_text())
+    rec = load_recipe(path / "recipe.yaml")
+    loaded = _resolve(model, rec.model or meta.get("base"))
+    tensors = load_file(str(path / "tensors.safetensors"))
+    kwargs = {k[len("example.kw."):]: v for k, v in tensors.items() if k.startswith("example.kw.")}
+    args = tuple(v for k, v in sorted(tensors.items()) if k.startswith("example.arg."))
+    gm, sites, example, canon = _prepare(loaded, (args if args else kwargs))
+    by_index = {s.index: s for s in sites}
+    records = []
+    for i, r in enumerate(meta["records"]):
+        built = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"built.{i}.")}
+        if r["status"] == "applied":
+            rule = get_rule(r["rule"])
+            rule.apply(gm, by_index[r["site"]], built, rule.options(**r["options"]))
+            G.clean(gm)
+        records.append(Record(**{k: r.get(k) for k in ("rule", "site", "module", "status", "reason",
+                                                       "metric_before", "metric_after", "seconds", "step",
+                                                       "options", "worst_after", "info")}, built=built))
+    report = Report.from_dict(json.loads((path / "report.json").read_text()))
+    report.records, report.sites = records, sites
+    return OptimizedModel(gm, report, rec, sites, example, base=loaded.name)

@@ -1,0 +1,124 @@
+"""The report: what matched, what was applied or rolled back and why, and what it bought.
+
+Stable keys of to_dict(): model, kind, sites [{index, module, heads, kv_heads, head_dim, mask, norm,
+...}], records [{rule, site, status, reason, metric_before, metric_after, seconds, ...}],
+params_before, params_after, attention_flops_per_token {before, after} (sympy expressions in N),
+latency {seq_len, batch, before_ms, after_ms, speedup}, heldout {metric, value, worst, ok, before},
+gate, calibration, stop_reason, canonicalized, notes, seconds.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import sympy
+
+N = sympy.Symbol("N", positive=True, integer=True)
+
+
+def sdpa_flops_per_token(site) -> sympy.Expr:
+    """Softmax attention core, per query token: QKᵀ and PV are 2·N·d multiply-adds per head each."""
+    return 4 * site.heads * site.head_dim * N
+
+
+def projection_flops_per_token(site, d_model: int | None = None) -> sympy.Expr:
+    """q, k, v, o projections per token: 2·d_model·(H + 2·Hkv)·d + 2·H·d·d_model."""
+    d_model = d_model or site.heads * site.head_dim
+    hd = site.head_dim
+    return sympy.Integer(2 * d_model * (site.heads + 2 * site.kv_heads) * hd + 2 * site.heads * hd * d_model)
+
+
+@dataclass
+class Report:
+    model: str
+    kind: str
+    sites: list
+    records: list
+    params_before: int
+    params_after: int
+    flops_before: sympy.Expr
+    flops_after: sympy.Expr
+    latency: dict = field(default_factory=dict)
+    heldout: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    stop_reason: str = ""
+    canonicalized: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "kind": self.kind,
+            "sites": [s.summary() for s in self.sites],
+            "records": [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in self.records],
+            "params_before": self.params_before, "params_after": self.params_after,
+            "attention_flops_per_token": {"before": str(self.flops_before), "after": str(self.flops_after)},
+            "latency": self.latency, "heldout": self.heldout, "gate": self.gate,
+            "calibration": self.calibration, "stop_reason": self.stop_reason,
+            "canonicalized": self.canonicalized, "notes": self.notes, "seconds": round(self.seconds, 2),
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        from .site import AttentionSite
+        sites = [AttentionSite(node="", scale=0.0, **{k: s.get(k) for k in (
+            "index", "module", "heads", "kv_heads", "head_dim", "mask", "norm", "positional", "layer")})
+            for s in d["sites"]]
+        f = d["attention_flops_per_token"]
+        return cls(d["model"], d["kind"], sites, d["records"], d["params_before"], d["params_after"],
+                   sympy.sympify(f["before"]), sympy.sympify(f["after"]), d.get("latency", {}),
+                   d.get("heldout", {}), d.get("gate", {}), d.get("calibration", {}),
+                   d.get("stop_reason", ""), d.get("canonicalized", []), d.get("notes", []),
+                   d.get("seconds", 0.0))
+
+    # ---- rendering -------------------------------------------------------------------------
+    def render(self, console=None) -> None:
+        from rich.console import Console
+        (console or Console()).print(self)
+
+    def __rich_console__(self, console, options):
+        from rich.table import Table
+        d = self.to_dict()
+        yield f"[bold]rewriter report[/bold] — {self.model} ({self.kind}), {len(self.sites)} attention sites"
+        t = Table(title="decisions", show_lines=False)
+        for c in ("step", "rule", "site", "module", "status", "metric", "reason", "s"):
+            t.add_column(c, overflow="fold")
+        colors = {"applied": "green", "rolled_back": "red", "error": "red", "rejected": "yellow", "skipped": "dim"}
+        for r in d["records"]:
+            after = r.get("metric_after")
+            metric = "" if after is None else f"{r.get('metric_before', 0):.4f}→{after:.4f}"
+            t.add_row(str(r.get("step", "")), r["rule"], "" if r["site"] is None else str(r["site"]),
+                      r.get("module") or "", f"[{colors.get(r['status'], '')}]{r['status']}[/]",
+                      metric, r.get("reason") or "", f"{r.get('seconds', 0):.1f}")
+        yield t
+        s = Table(title="totals", show_header=False)
+        s.add_column("what"), s.add_column("value")
+        pb, pa = self.params_before, self.params_after
+        s.add_row("parameters", f"{pb:,} → {pa:,} ({(pa - pb) / max(pb, 1):+.1%})")
+        s.add_row("attention FLOPs/token", f"{self.flops_before} → {self.flops_after}")
+        if self.latency:
+            L = self.latency
+            s.add_row(f"latency (batch {L.get('batch')}, {L.get('seq_len')} tokens)",
+                      f"{L['before_ms']:.1f} ms → {L['after_ms']:.1f} ms ({L['speedup']:.2f}× faster)")
+        if self.heldout:
+            h = self.heldout
+            worst = f", worst {h['worst']:.4f}" if h.get("worst") is not None else ""
+            s.add_row(f"held-out {h['metric']}", f"{h['value']:.4f}{worst} ({'ok' if h.get('ok') else 'OUT OF BOUND'})")
+        applied = sum(r["status"] == "applied" for r in d["records"])
+        s.add_row("applied / decisions", f"{applied} / {len(d['records'])}")
+        s.add_row("stopped because", self.stop_reason)
+        yield s
+        for n in self.notes:
+            yield f"[dim]note: {n}[/dim]"
+
+    def __str__(self) -> str:
+        import io
+
+        from rich.console import Console
+        c = Console(width=140, file=io.StringIO(), no_color=True)
+        c.print(self)
+        return c.file.getvalue()
