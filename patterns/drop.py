@@ -31,6 +31,11 @@ class DropOptions(StepOptions):
     max_layers: int | None = Field(
         default=None, ge=1,
         description="Drop at most this many sublayers in this step; omitted = as many as the gate allows.")
+    compensate: Literal["none", "mean"] = Field(
+        default="none",
+        description='"none": the paper\'s drop (x + F(x) → x); "mean": keep F\'s mean output over calibration '
+        "tokens as a constant bias (x + F(x) → x + mean F), which removes the token mixing but keeps the "
+        "average shift a post-norm LayerNorm was trained to see.")
     order: Literal["importance", "graph"] = Field(
         default="importance",
         description='"importance": least important first (LLM-Drop); "graph": in graph order.')
@@ -87,19 +92,49 @@ def _plan(end_of):
     return plan
 
 
+def _mean_over_valid_tokens(ctx, name: str) -> torch.Tensor:
+    total, count = 0.0, 0.0
+    for b, y in zip(ctx.batches, ctx.capture([name])[name]):
+        m = b.get("attention_mask")
+        w = m.to(y.dtype)[..., None] if isinstance(m, torch.Tensor) and m.shape == y.shape[:2] else torch.ones_like(y[..., :1])
+        total = total + (y * w).sum(dim=tuple(range(y.dim() - 1)))
+        count += w.sum().item()
+    return (total / count).to(y.dtype)
+
+
 def build(ctx, site, opts) -> dict:
+    if opts.compensate == "mean":
+        return {"mean": _mean_over_valid_tokens(ctx, site.branch_output)}
     return {}
 
 
+def build_block(ctx, site, opts) -> dict:
+    if opts.compensate == "mean":
+        end = _block_end_name(ctx.gm, site)
+        shift = _mean_over_valid_tokens(ctx, end) - _mean_over_valid_tokens(ctx, site.residual_input)
+        return {"mean": shift}
+    return {}
+
+
+def _rewire_to_input(gm, end, site: AttentionSite, built: dict) -> None:
+    x = G.node(gm, site.residual_input)
+    if "mean" in built:
+        c = G.register_tensor(gm, G.buffer_name("drop", site.index, "mean"), built["mean"], before=end)
+        with gm.graph.inserting_before(end):
+            x = gm.graph.call_function(torch.ops.aten.add.Tensor, (x, c))
+        x.meta["rewriter"] = {"rule": "drop", "site": site.index}
+    G.rewire(gm, end, x)
+
+
 def apply_attention(gm, site: AttentionSite, built: dict, opts) -> None:
-    G.rewire(gm, G.node(gm, site.residual_add), G.node(gm, site.residual_input))
+    _rewire_to_input(gm, G.node(gm, site.residual_add), site, built)
 
 
 def apply_block(gm, site: AttentionSite, built: dict, opts) -> None:
     end = _block_output(gm, site)
     if end is None:
         raise ValueError(f"site {site.index} ({site.module}): the block's MLP residual add was not found")
-    G.rewire(gm, end, G.node(gm, site.residual_input))
+    _rewire_to_input(gm, end, site, built)
 
 
 PAPER = 'He et al., "What Matters in Transformers? Not All Attention is Needed", arXiv:2406.15786'
@@ -119,5 +154,5 @@ def _block_end_name(gm, site: AttentionSite) -> str | None:
 register(Rule(
     name="drop_block", paper=PAPER, exact=False, options=DropOptions,
     summary="remove whole redundant transformer blocks (attention + MLP), least important first",
-    check=check, build=build, apply=apply_block, plan=_plan(_block_end_name),
+    check=check, build=build_block, apply=apply_block, plan=_plan(_block_end_name),
     cost=lambda site, opts: 0, kind="structure"))

@@ -1,0 +1,282 @@
+"""The `rewriter` command line.
+
+    rewriter run RECIPE [--model SPEC] [--output DIR] [--json]   optimize a model as a recipe says
+    rewriter inspect MODEL [--json] [--seq-len N] [--eager]      attention sites found; nothing changed
+    rewriter rules [--json]                                      every rewrite rule with its paper
+    rewriter schema                                              JSON Schema of recipes (for editors)
+    rewriter models [--json]                                     registered model names
+
+Exit status: 0 done; 1 the model could not be traced or optimized; 2 a usage error (bad
+arguments, a recipe that does not validate, a model that cannot be found or loaded). Expected
+failures print one message on stderr and no traceback; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Failure(Exception):
+    """An expected failure: printed as one message, exits with `code`."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # --help (0) or a usage error argparse already printed (2)
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 (sorted into expected failures below; the rest re-raised)
+        if args.debug:
+            raise
+        failure = _expected(e)
+        if failure is None:
+            raise
+        _error(str(failure))
+        return failure.code
+
+
+def _expected(e: Exception) -> _Failure | None:
+    """Map the exceptions a user can cause to an exit status; None for bugs (shown with traceback)."""
+    from .recipe import RecipeError
+    from .trace import TraceError
+    if isinstance(e, _Failure):
+        return e
+    if isinstance(e, RecipeError):
+        return _Failure(str(e), EXIT_USAGE)
+    if isinstance(e, TraceError):
+        return _Failure(str(e), EXIT_FAILED)
+    return None
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"rewriter: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rewriter",
+        description="Graph-rewriting optimizer for PyTorch transformer models: trace, find attention, "
+                    "apply paper-backed rewrites, gate each on accuracy.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", parents=[common], help="optimize a model as a recipe says",
+                       description="Load the recipe and its model, apply the steps with the accuracy gate, "
+                                   "print the report and save the result.")
+    r.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    r.add_argument("--model", metavar="SPEC", help='model to use instead of the recipe\'s `model:` '
+                   '(registered name, HF folder, or "module:function")')
+    r.add_argument("--output", metavar="DIR", help="save here instead of the recipe's `output:`")
+    r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    r.set_defaults(func=_cmd_run)
+
+    i = sub.add_parser("inspect", parents=[common], help="list the attention sites of a model; changes nothing",
+                       description="Trace the model, canonicalize attention and list every site found, "
+                                   "or say what was seen instead.")
+    i.add_argument("model", metavar="MODEL", help='registered name, HF folder, or "module:function"')
+    i.add_argument("--json", action="store_true", help="print sites and notes as JSON")
+    i.add_argument("--seq-len", type=_positive_int, metavar="N", help="trace on example inputs of N tokens")
+    i.add_argument("--eager", action="store_true",
+                   help='load HF models with attn_implementation="eager" (written-out attention, '
+                        "to see canonicalization at work)")
+    i.set_defaults(func=_cmd_inspect)
+
+    ru = sub.add_parser("rules", parents=[common], help="list the rewrite rules with their papers")
+    ru.add_argument("--json", action="store_true", help="print the rules (and their options' schema) as JSON")
+    ru.set_defaults(func=_cmd_rules)
+
+    s = sub.add_parser("schema", parents=[common], help="print the recipe JSON Schema")
+    s.set_defaults(func=_cmd_schema)
+
+    m = sub.add_parser("models", parents=[common], help="list registered model names")
+    m.add_argument("--json", action="store_true", help="print {name: description} as JSON")
+    m.set_defaults(func=_cmd_models)
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("rewriter")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _load(spec: str, **kw):
+    """rewriter.models.load_model, with the errors a user can cause turned into exit status 2."""
+    from .models import load_model
+    try:
+        return load_model(spec, **kw)
+    except (ValueError, LookupError, ImportError, AttributeError, OSError) as e:
+        raise _Failure(f"cannot load model {spec!r}: {e}", EXIT_USAGE) from e
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+def _cmd_run(args) -> int:
+    from .recipe import RecipeError, load_recipe
+
+    recipe = load_recipe(args.recipe)          # validate before anything slow happens
+    spec = args.model or recipe.model
+    if not spec:
+        raise _Failure(f"{args.recipe}: the recipe names no `model:`; pass one with --model", EXIT_USAGE)
+    err = _console(stderr=True)
+    if not args.json:
+        err.print(f"loading {spec} …", markup=False)
+    loaded = _load(spec)
+    from .api import optimize
+    if args.model:                   # the saved recipe must name the model actually used
+        recipe = dataclasses.replace(recipe, model=args.model)
+    try:
+        opt = optimize(loaded, recipe=recipe, progress=not args.json)
+    except (ValueError, OSError) as e:  # no attention sites, unreadable calibration text, ...
+        if isinstance(e, RecipeError):
+            raise
+        raise _Failure(f"{loaded.name}: {e}", EXIT_FAILED) from e
+
+    output = args.output or recipe.output
+    saved = str(opt.save(output)) if output else None
+    if args.json:
+        _print_json({**opt.report.to_dict(), "output": saved})
+        return EXIT_OK
+    opt.report.render(_console())
+    if saved:
+        err.print(f"saved to {saved}  (reload with rewriter.load({saved!r}))", markup=False)
+    else:
+        err.print("not saved: the recipe has no `output:` and no --output was given", markup=False)
+    return EXIT_OK
+
+
+def _cmd_inspect(args) -> int:
+    from collections import Counter
+
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    loaded = _load(args.model, **({"attn_implementation": "eager"} if args.eager else {}))
+    from .api import inspect
+    example = loaded.example_inputs(batch=2, seq_len=args.seq_len) if args.seq_len else None
+    sites = inspect(loaded, example_inputs=example)
+    notes = list(getattr(sites, "notes", []))
+    canonicalized = list(getattr(sites, "canonicalized", []))
+    if args.json:
+        _print_json({"model": loaded.name, "kind": loaded.kind, "sites": [s.to_dict() for s in sites],
+                     "canonicalized": canonicalized, "notes": notes})
+        return EXIT_OK
+
+    out = _console()
+    if not sites:
+        out.print(f"[bold]{escape(loaded.name)}[/bold] ({loaded.kind}): no attention sites found")
+        for n in notes or ["(the analyzer left no note)"]:
+            out.print(f"  {escape(n)}")
+        return EXIT_OK
+    t = Table(title=f"{escape(loaded.name)} ({loaded.kind}): {len(sites)} attention sites",
+              box=box.SIMPLE_HEAD, title_justify="left")
+    widths = {"module": max(len(s.module) for s in sites), "mask": max(len(s.mask) for s in sites)}
+    for col in ("#", "module", "heads", "kv", "dim", "mask", "pos", "norm"):
+        t.add_column(col, min_width=widths.get(col), overflow="fold",
+                     justify="right" if col in ("#", "heads", "kv", "dim") else "left")
+    for s in sites:
+        t.add_row(str(s.index), escape(s.module), str(s.heads), str(s.kv_heads), str(s.head_dim),
+                  s.mask, s.positional or "-", s.norm)
+    out.print(t)
+    out.print("[dim]kv: key/value heads (fewer than heads: GQA/MQA); dim: head dim; pos: positional "
+              "encoding applied inside attention; norm: pre- or post-norm block[/dim]")
+    forms = Counter(c.get("form", "?") if isinstance(c, dict) else str(c) for c in canonicalized)
+    for form, n in forms.items():
+        out.print(f"canonicalized {n} written-out attention{'s' if n > 1 else ''} to "
+                  f"scaled_dot_product_attention: {escape(form)}")
+    for n in notes:
+        out.print(f"[dim]note: {escape(n)}[/dim]")
+    return EXIT_OK
+
+
+def _cmd_rules(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .rule import all_rules
+
+    rules = all_rules()
+    if args.json:
+        _print_json([{"name": r.name, "exact": r.exact, "kind": r.kind, "paper": r.paper,
+                      "summary": r.summary, "options": r.options.model_json_schema()}
+                     for r in rules.values()])
+        return EXIT_OK
+    t = Table(title=f"{len(rules)} rewrite rules", show_lines=True)
+    t.add_column("rule", no_wrap=True)
+    t.add_column("exact?", no_wrap=True)
+    t.add_column("what it does  [dim](paper)[/dim]", ratio=3)
+    t.add_column("options", ratio=1)
+    for r in rules.values():
+        t.add_row(r.name, "exact" if r.exact else "approximate\n(gated)",
+                  f"{escape(r.summary)}\n[dim]{escape(r.paper)}[/dim]", "\n".join(r.options.model_fields))
+    _console().print(t)
+    return EXIT_OK
+
+
+def _cmd_schema(args) -> int:
+    from .recipe import recipe_schema
+    _print_json(recipe_schema())
+    return EXIT_OK
+
+
+def _cmd_models(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .models import registered
+
+    names = registered()
+    if args.json:
+        _print_json(names)
+        return EXIT_OK
+    t = Table(title="registered models (or pass an HF folder, or \"module:function\")")
+    t.add_column("name", no_wrap=True)
+    t.add_column("description", overflow="fold")
+    for name, desc in names.items():
+        t.add_row(name, escape(desc))
+    _console().print(t)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
