@@ -23,8 +23,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from rewriter import graph as G
+from rewriter.analyze import norm_output_after
 from rewriter.rule import Rule, StepOptions, register
 from rewriter.site import AttentionSite
+
+
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
 
 
 class DropOptions(StepOptions):
@@ -49,15 +53,17 @@ def check(site: AttentionSite, opts: DropOptions) -> str | None:
 
 def _block_output(gm, site: AttentionSite):
     """The node that ends the block holding `site`: the MLP's residual add (pre-norm), or the norm
-    after it (post-norm). None if the block's MLP residual cannot be found."""
+    after it (post-norm). The MLP add may read the stream through a dtype cast (Llama). None if the
+    block's MLP residual cannot be found."""
     post = site.norm == "post" and site.norm_node
     start = G.find(gm, site.norm_node if post else site.residual_add)
-    for u in start.users if start is not None else ():
-        if G.is_op(u, torch.ops.aten.add.Tensor) and start in u.args:
-            if not post:
-                return u
-            (norm,) = u.users if len(u.users) == 1 else (None,)
-            return norm if norm is not None and G.is_op(norm, torch.ops.aten.layer_norm.default) else None
+    if start is None:
+        return None
+    stream = [start] + [u for u in start.users if u.target in _CASTS]
+    for s in stream:
+        for u in s.users:
+            if G.is_op(u, torch.ops.aten.add.Tensor) and s in u.args:
+                return norm_output_after(u) if post else u
     return None
 
 

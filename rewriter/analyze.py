@@ -414,6 +414,9 @@ def _norm_output_after(n: fx.Node, depth: int = 12) -> fx.Node | None:
     return None
 
 
+norm_output_after = _norm_output_after   # public name, used by rules that find a block's end
+
+
 def _extends_norm(u: fx.Node) -> bool:
     """Whether a user of `u` is a larger match of the same norm (core → core·w → core·w + b)."""
     inp = norm_input(u)

@@ -37,6 +37,9 @@ def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, 
     name = name or type(model).__name__
     subject = copy.deepcopy(model) if copy_model else model
     subject.eval()
+    cfg = getattr(subject, "config", None)
+    if getattr(cfg, "use_cache", False):
+        cfg.use_cache = False   # a KV-cache object in the outputs cannot be exported; this is the copy's config
     dyn_args, dyn_kwargs = _dynamic_shapes(subject, tuple(args), kwargs)
     try:
         params = _inspect.signature(subject.forward).parameters
