@@ -1,0 +1,18 @@
+"""Model loaders, calibration text and images (``rewriter.models``).
+
+``load_model(spec)`` returns a ``Loaded``: the model (eval, fp32), its kind, tokenizer,
+``max_length`` and ``example_inputs(batch, seq_len)``. See ``zoo.py`` for the accepted specs
+and ``text.py`` for the bundled calibration text and its fixed held-out split.
+"""
+from .images import digit_indices, digits_pixel_values
+from .text import (HELDOUT_EVERY, TextSource, bundled_paragraphs, bundled_sentences,
+                   bundled_text, decontaminate, load_source, pydoc_paragraphs, read_text_file,
+                   split_heldout)
+from .zoo import (ATTN_IMPLEMENTATIONS, Loaded, atomic_dir, load_model, minilm_path,
+                  minilm_tokenizer, registered, smollm2_cache_dir, smollm2_gguf, token_chunks)
+
+__all__ = ["Loaded", "load_model", "registered", "bundled_text", "bundled_sentences",
+           "bundled_paragraphs", "pydoc_paragraphs", "read_text_file", "load_source",
+           "split_heldout", "decontaminate", "TextSource", "HELDOUT_EVERY", "token_chunks", "digit_indices",
+           "digits_pixel_values", "minilm_path", "minilm_tokenizer", "smollm2_gguf",
+           "smollm2_cache_dir", "atomic_dir", "ATTN_IMPLEMENTATIONS"]

@@ -75,11 +75,36 @@ def rewire(gm: fx.GraphModule, old: fx.Node, replacement: fx.Node) -> None:
     clean(gm)
 
 
+# Shape guards stay even when unused: they check the symbolic sizes the graph was traced under.
+_KEEP = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range.default,
+         torch.ops.aten.sym_constrain_range_for_size.default}
+
+
+def _removable(n: fx.Node) -> bool:
+    """fx calls dropout, SDPA (its dropout_p) and metadata asserts impure, yet unused in an eval graph
+    they have no effect; only ops that write to an argument, and shape guards, must stay."""
+    if not n.is_impure():
+        return True
+    t = n.target
+    return (n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t not in _KEEP
+            and not t._schema.is_mutable)
+
+
+def remove_dead(graph: fx.Graph) -> int:
+    """Erase nodes whose values nobody uses, in reverse order so whole chains go; returns the count."""
+    removed = 0
+    for n in reversed(list(graph.nodes)):
+        if n.op not in ("placeholder", "output") and not n.users and _removable(n):
+            graph.erase_node(n)
+            removed += 1
+    return removed
+
+
 def clean(gm: fx.GraphModule) -> None:
     """Dead-code elimination, then drop every parameter and buffer no node reads any more (so a
     removed subgraph really frees its weights), then recompile. Snapshots keep references to the
     dropped tensors, so a rollback brings them back."""
-    gm.graph.eliminate_dead_code()
+    remove_dead(gm.graph)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
     names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]

@@ -1,0 +1,97 @@
+"""Latency and accuracy of LLM-Drop (drop_attention) models, original and rewritten side by side.
+
+    python benchmarks/bench_drop.py                 # MiniLM at 128/512, SmolLM2 at 512/2048, 2/4/6 drops
+    python benchmarks/bench_drop.py --quick         # MiniLM only
+
+Both models run interleaved in one process (median of `--repeats` calls each), so machine load
+affects them alike; results are ratios. Writes benchmarks/results/drop.json and drop.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rewriter import optimize
+from rewriter.models import load_model
+
+OUT = Path(__file__).parent / "results"
+
+
+@torch.no_grad()
+def side_by_side(a, b, batch, repeats):
+    a(**batch), b(**batch)
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter(); a(**batch); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); b(**batch); tb.append(time.perf_counter() - t)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def run(name, drops, lengths, gate, calib, repeats):
+    loaded = load_model(name)
+    rows = []
+    for k in drops:
+        recipe = {"calibration": calib, "gate": gate, "steps": [{"drop_attention": {"max_layers": k}}]}
+        opt = optimize(loaded, recipe, progress=False, measure_latency=False)
+        applied = [r.site for r in opt.report.records if r.status == "applied"]
+        h = opt.report.heldout
+        for n in lengths:
+            batch = loaded.example_inputs(batch=1, seq_len=n)
+            before, after = side_by_side(loaded.model.eval(), opt, batch, repeats)
+            rows.append({"model": name, "drops_asked": k, "dropped_sites": applied, "seq_len": n,
+                         "before_ms": round(before, 2), "after_ms": round(after, 2),
+                         "speedup": round(before / after, 3), "heldout_metric": h["metric"],
+                         "heldout_value": round(h["value"], 5),
+                         "params_ratio": round(opt.report.params_after / opt.report.params_before, 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    rows = run("minilm", [2], [128, 512],
+               {"metric": "embedding_cosine", "min": 0.97, "min_worst": 0.90},
+               {"samples": 64, "seq_len": 128, "batch_size": 8, "heldout": 16}, a.repeats)
+    if not a.quick:
+        # the gate is deliberately loose here: the benchmark measures the trade-off, not a recipe
+        rows += run("smollm2", [2, 4, 6], [512, 2048], {"metric": "perplexity_ratio", "max": 10.0},
+                    {"samples": 32, "seq_len": 256, "batch_size": 4, "heldout": 8}, a.repeats)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "drop.json").write_text(json.dumps(rows, indent=2))
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title="drop_attention: original vs rewritten (batch 1, CPU)")
+    for c in ("model", "drops", "seq_len", "before ms", "after ms", "speedup", "held-out"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["model"], str(len(r["dropped_sites"])), str(r["seq_len"]), f"{r['before_ms']:.1f}",
+                  f"{r['after_ms']:.1f}", f"{r['speedup']:.2f}×", f"{r['heldout_metric']} {r['heldout_value']:.4f}")
+    Console().print(t)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (m, n), grp in _group(rows).items():
+        ax.plot([len(r["dropped_sites"]) for r in grp], [r["speedup"] for r in grp], "o-", label=f"{m} N={n}")
+    ax.set_xlabel("attention layers dropped"), ax.set_ylabel("speedup (×)"), ax.legend(), ax.grid(alpha=.3)
+    fig.tight_layout(), fig.savefig(OUT / "drop.png", dpi=120)
+
+
+def _group(rows):
+    g = {}
+    for r in rows:
+        g.setdefault((r["model"], r["seq_len"]), []).append(r)
+    return g
+
+
+if __name__ == "__main__":
+    main()

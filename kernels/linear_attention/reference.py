@@ -1,0 +1,109 @@
+"""Linear attention, written the way the papers write it: the fp32 ground truth.
+
+Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive Transformers with Linear
+Attention", ICML 2020, arXiv:2006.16236, eqs. (4)-(6) and (9)-(12):
+
+    O_i = φ(Q_i)ᵀ S_i / (φ(Q_i)ᵀ z_i + eps),   S_i = Σ_j φ(K_j) V_jᵀ,   z_i = Σ_j φ(K_j)
+
+with the sums over all keys (non-causal) or over j ≤ i (causal). Expanding S_i, the numerator is
+Σ_j (φ(Q_i)·φ(K_j)) V_j: a row of "attention weights" A_ij = φ(Q_i)·φ(K_j) normalized by its
+own sum. The references below compute that expanded form, which is O(T²) but shares no code
+and no summation order with the chunked fast paths, so it is an independent check of them.
+
+The hybrid is LoLCATs' sliding window + linear attention (Zhang et al., "LoLCATs: On Low-Rank
+Linearizing of Large Language Models", arXiv:2410.10254, §3.2 eq. 6), following the official
+code, HazyResearch/lolcats src/model/linear_attention/linear_window_attention_sw.py,
+`hybrid_attention_quadratic`:
+
+    O_i = (Σ_{j∈W(i)} e^{s_ij − m_i} V_j + mix_h Σ_{j∈L(i)} φ(Q_i)·φ(K_j) V_j)
+          / (Σ_{j∈W(i)} e^{s_ij − m_i}     + mix_h Σ_{j∈L(i)} φ(Q_i)·φ(K_j) + eps)
+
+    s_ij = scale · Q_i·K_j,  W(i) = {j : i − window < j ≤ i},  L(i) = {j : j ≤ i − window},
+    m_i  = max_{j∈W(i)} s_ij   (the max over the WINDOW scores only).
+
+The max m_i is not a mere stabilizer here: the linear terms are not divided by e^{m_i}, so the
+effective weight of the linear part relative to the softmax part is mix_h·e^{m_i}. LoLCATs'
+code does exactly this (`a_sm_max` over the window-masked scores, `a_ln` added unscaled) and
+its feature maps are trained against it; we follow it so that attention transfer calibrates φ
+and mix for the same function the kernels compute. LoLCATs weights the two parts by
+(window_factor, linear_factor); dividing numerator and denominator by window_factor shows this
+is our form with mix = linear_factor / window_factor. A query whose window holds no real key
+(all padded) takes m_i = 0 and gets no softmax terms.
+
+Padded keys (key_mask False) contribute nothing to any sum. A query row with nothing to
+attend to outputs 0 (its numerator is 0; eps keeps the division finite).
+
+Shapes: fq/q [B, H, T, F]/[B, H, T, Dk]; fk/k [B, Hkv, T, F]/[B, Hkv, T, Dk]; v [B, Hkv, Tk, D];
+H a multiple of Hkv, query head h reading key/value head h // (H // Hkv) (SDPA's enable_gqa).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """[B, Hkv, T, X] -> [B, H, T, X], query head h reads kv head h // (H // Hkv)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, key_mask: Tensor | None = None,
+                     causal: bool = False, eps: float = 1e-6) -> Tensor:
+    """O_i = Σ_j A_ij V_j / (Σ_j A_ij + eps), A_ij = φ(Q_i)·φ(K_j) over the allowed j. fp32 out."""
+    H, Tq, Tk = fq.shape[1], fq.shape[2], fk.shape[2]
+    fq, fk, v = fq.float(), repeat_kv(fk.float(), H), repeat_kv(v.float(), H)
+    A = fq @ fk.transpose(-1, -2)                                       # [B, H, Tq, Tk]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=fq.device)
+    if causal:
+        allowed = allowed.tril()                                        # j ≤ i
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].bool()           # [B, 1, Tq, Tk]
+    A = A.masked_fill(~allowed, 0.0)
+    return (A @ v) / (A.sum(-1, keepdim=True) + eps)                    # [B, H, Tq, D]
+
+
+def hybrid_window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int,
+                            scale: float, mix: Tensor, key_mask: Tensor | None = None,
+                            eps: float = 1e-6) -> Tensor:
+    """LoLCATs causal hybrid: exact softmax over the last `window` keys, mix_h·linear terms before."""
+    H, T = q.shape[1], q.shape[2]
+    q, k, v = q.float(), repeat_kv(k.float(), H), repeat_kv(v.float(), H)
+    fq, fk = fq.float(), repeat_kv(fk.float(), H)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    in_window = (j <= i) & (j > i - window)                             # [T, T]  W(i)
+    in_linear = j <= i - window                                         # [T, T]  L(i)
+    real = torch.ones(q.shape[0], 1, 1, T, dtype=torch.bool, device=q.device)
+    if key_mask is not None:
+        real = key_mask[:, None, None, :].bool()                        # [B, 1, 1, T]
+    in_window, in_linear = in_window & real, in_linear & real           # [B, 1, T, T]
+
+    s = scale * (q @ k.transpose(-1, -2))                               # [B, H, T, T]
+    s = s.masked_fill(~in_window, float("-inf"))
+    m = s.amax(-1, keepdim=True)                                        # max over the window only
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))          # empty window: m = 0
+    a_win = torch.exp(s - m)                                            # 0 outside the window
+
+    a_lin = (fq @ fk.transpose(-1, -2)).masked_fill(~in_linear, 0.0)    # [B, H, T, T]
+    a_lin = mix.float()[None, :, None, None] * a_lin
+
+    a = a_win + a_lin
+    return (a @ v) / (a.sum(-1, keepdim=True) + eps)                    # [B, H, T, D]
+
+
+def linear_attention_step(fq_t: Tensor, fk_t: Tensor, v_t: Tensor, state_S: Tensor,
+                          state_z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """One causal decoding step (Katharopoulos et al. 2020, eqs. 18-20, the RNN view).
+
+    S_t = S_{t−1} + φ(K_t) V_tᵀ,  z_t = z_{t−1} + φ(K_t),  o_t = φ(Q_t)ᵀ S_t / (φ(Q_t)ᵀ z_t + eps).
+    fq_t [B, H, 1, F], fk_t [B, Hkv, 1, F], v_t [B, Hkv, 1, D], S [B, Hkv, F, D], z [B, Hkv, F].
+    """
+    H = fq_t.shape[1]
+    S_new = state_S.float() + fk_t.float()[:, :, 0, :, None] * v_t.float()[:, :, 0, None, :]
+    z_new = state_z.float() + fk_t.float()[:, :, 0, :]
+    S, z = repeat_kv(S_new, H), repeat_kv(z_new[..., None], H)[..., 0]  # [B, H, F, D], [B, H, F]
+    phi_q = fq_t.float()[:, :, 0, :]                                    # [B, H, F]
+    num = torch.einsum("bhf,bhfd->bhd", phi_q, S)
+    den = torch.einsum("bhf,bhf->bh", phi_q, z)[..., None]
+    return (num / (den + eps))[:, :, None, :], S_new, z_new

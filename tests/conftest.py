@@ -1,0 +1,35 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from rewriter.models import load_model
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from rewriter.models import load_model
+    return load_model("smollm2")
+
+
+def state_equal(a: torch.nn.Module, b: dict) -> bool:
+    """Bit-for-bit equality of a module's state with a saved state dict (values and dtypes)."""
+    sa = a.state_dict()
+    return sa.keys() == b.keys() and all(
+        sa[k].dtype == b[k].dtype and torch.equal(sa[k], b[k]) for k in sa)
+
+
+@pytest.fixture
+def frozen_state():
+    def take(m):
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return take

@@ -1,0 +1,97 @@
+"""The driver's promises: the user's model is never modified; a failed gate or a failing rule
+restores the snapshot exactly; decisions are recorded; save → load reproduces outputs."""
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+
+from rewriter import graph as G
+from rewriter import load, optimize
+from rewriter.rule import RULES, Rule, StepOptions, register
+from tests.conftest import state_equal
+
+
+class _Opts(StepOptions):
+    pass
+
+
+def _zero_attention(gm, site, built, opts):
+    """Damaging edit: the attention output becomes zeros."""
+    n = G.node(gm, site.node)
+    G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 0.0), rule="_damage", site=site.index)
+
+
+def _half_edit_then_raise(gm, site, built, opts):
+    n = G.node(gm, site.node)
+    G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 0.0), rule="_boom", site=site.index)
+    raise RuntimeError("rule failed halfway through its edit")
+
+
+for _name, _apply in (("_damage", _zero_attention), ("_boom", _half_edit_then_raise)):
+    if _name not in RULES:
+        register(Rule(_name, paper="test", summary="test rule", exact=False, options=_Opts,
+                      check=lambda s, o: None, build=lambda c, s, o: {}, apply=_apply))
+
+
+def _recipe(step, metric="embedding_cosine", **bound):
+    bound = bound or {"min": 0.97}
+    return {"calibration": {"samples": 16, "seq_len": 32, "batch_size": 8, "heldout": 8},
+            "gate": {"metric": metric, **bound}, "steps": [step]}
+
+
+def _outputs(m, batch):
+    with torch.no_grad():
+        return m(**batch).last_hidden_state
+
+
+def test_success_leaves_user_model_bit_identical(minilm, frozen_state):
+    before = frozen_state(minilm.model)
+    training = minilm.model.training
+    opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 1}}), measure_latency=False, progress=False)
+    assert any(r.status == "applied" for r in opt.report.records)
+    assert state_equal(minilm.model, before) and minilm.model.training == training
+
+
+@pytest.mark.parametrize("rule", ["_damage", "_boom"])
+def test_rollback_restores_snapshot_exactly(minilm, frozen_state, rule):
+    before = frozen_state(minilm.model)
+    batch = minilm.example_inputs(batch=3, seq_len=20)
+    opt = optimize(minilm, _recipe({rule: {"layers": "0-1"}}), measure_latency=False, progress=False)
+    statuses = {r.status for r in opt.report.records}
+    assert statuses == ({"rolled_back"} if rule == "_damage" else {"error"})
+    for r in opt.report.records:
+        assert r.reason and (("gate:" in r.reason) if rule == "_damage" else ("halfway" in r.reason))
+    # the rewritten graph equals a fresh, unrewritten trace: same nodes, same outputs bit for bit
+    base = optimize(minilm, _recipe({"drop_attention": {"max_layers": 1, "layers": [99]}}),
+                    measure_latency=False, progress=False)
+    assert [n.name for n in opt.graph_module.graph.nodes] == [n.name for n in base.graph_module.graph.nodes]
+    assert torch.equal(_outputs(opt, batch), _outputs(base, batch))
+    assert state_equal(minilm.model, before)
+
+
+def test_save_load_replays_exactly(minilm, tmp_path):
+    opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 2}}), measure_latency=False, progress=False)
+    opt.save(tmp_path / "m")
+    for f in ("recipe.yaml", "report.json", "records.json", "tensors.safetensors"):
+        assert (tmp_path / "m" / f).exists()
+    again = load(tmp_path / "m", model=minilm)
+    batch = minilm.example_inputs(batch=3, seq_len=24)
+    assert torch.equal(_outputs(opt, batch), _outputs(again, batch))
+    assert [r.status for r in again.report.records] == [r.status for r in opt.report.records]
+
+
+def test_budget_stops_with_reason(minilm):
+    rec = _recipe({"drop_attention": {}})
+    rec["budget"] = {"max_sites": 1}
+    rec["gate"] = {"metric": "embedding_cosine", "min": 0.0}
+    opt = optimize(minilm, rec, measure_latency=False, progress=False)
+    assert sum(r.status == "applied" for r in opt.report.records) == 1
+    assert "max_sites=1" in opt.report.stop_reason
+
+
+def test_torch_compile_runs_on_result(minilm):
+    opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 1}}), measure_latency=False, progress=False)
+    batch = minilm.example_inputs(batch=2, seq_len=16)
+    compiled = torch.compile(opt, backend="inductor")
+    torch.testing.assert_close(_outputs(compiled, batch), _outputs(opt, batch), rtol=1e-4, atol=1e-4)

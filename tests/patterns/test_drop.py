@@ -1,0 +1,84 @@
+"""drop_attention / drop_block (LLM-Drop, arXiv:2406.15786): fires, shrinks the graph, keeps the
+post-norm LayerNorm, refuses where there is no residual, and the gate rolls back a damaging drop."""
+import torch
+import torch.nn as nn
+
+from rewriter import inspect, optimize
+from rewriter.calibrate import Calibration
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _recipe(step, **gate):
+    return {"calibration": {"samples": 16, "seq_len": 32, "batch_size": 8, "heldout": 8},
+            "gate": gate or {"metric": "embedding_cosine", "min": 0.97, "min_worst": 0.9}, "steps": [step]}
+
+
+def _count(gm, target):
+    return sum(n.target == target for n in gm.graph.nodes)
+
+
+def test_drop_attention_fires_and_graph_shrinks(minilm):
+    opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 1, "compensate": "mean"}}),
+                   progress=False, measure_latency=False)
+    applied = [r for r in opt.report.records if r.status == "applied"]
+    assert len(applied) == 1 and applied[0].rule == "drop_attention"
+    assert "importance" in applied[0].info
+    gm = opt.graph_module
+    assert _count(gm, SDPA) == 5
+    assert opt.report.params_after < opt.report.params_before
+    # post-norm BERT: every LayerNorm stays (only the attention's contribution is removed)
+    assert _count(gm, torch.ops.aten.layer_norm.default) == 13
+    assert opt.report.heldout["metric"] == "embedding_cosine" and opt.report.heldout["value"] >= 0.97
+    assert any(k.endswith("_mean") for k, _ in gm.named_buffers())   # the compensating bias is stored
+
+
+def test_plain_drop_matches_paper_edit(minilm):
+    """compensate=none is the paper's edit: LayerNorm(x + F(x)) → LayerNorm(x), no new tensors."""
+    opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 1}}, metric="embedding_cosine", min=0.9),
+                   progress=False, measure_latency=False)
+    (r,) = [r for r in opt.report.records if r.status == "applied"]
+    assert r.built == {} and not any(k.startswith("rw_") for k, _ in opt.graph_module.named_buffers())
+    assert _count(opt.graph_module, SDPA) == 5
+    assert str(opt.report.flops_after) != str(opt.report.flops_before)
+
+
+def test_importance_ranks_and_drops_least_important_first(minilm):
+    opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 2}}, metric="embedding_cosine", min=0.0),
+                   progress=False, measure_latency=False)
+    decided = [r for r in opt.report.records if r.status in ("applied", "skipped")]
+    scores = [r.info["importance"] for r in decided if "importance" in r.info]
+    applied = [r.info["importance"] for r in decided if r.status == "applied"]
+    assert len(applied) == 2 and max(applied) <= min(s for s in scores if s not in applied)
+
+
+def test_gate_rolls_back_damaging_drop(minilm):
+    opt = optimize(minilm, _recipe({"drop_block": {"max_layers": 6}}, metric="embedding_cosine", min=0.9999),
+                   progress=False, measure_latency=False)
+    assert all(r.status == "rolled_back" for r in opt.report.records)
+    assert all("gate: embedding_cosine" in r.reason for r in opt.report.records)
+    assert _count(opt.graph_module, SDPA) == 6
+
+
+class NoResidual(nn.Module):
+    """Attention with no residual connection: nothing for LLM-Drop to rewire to."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 8).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+def test_refuses_without_residual_with_reason():
+    m = NoResidual().eval()
+    x = [{"x": torch.randn(2, 10, 32)} for _ in range(2)]
+    calib = Calibration(batches=x, heldout=x[:1], source="random", samples=4, seq_len=10)
+    assert len(inspect(m, {"x": x[0]["x"]})) == 1
+    opt = optimize(m, _recipe({"drop_attention": {}}, metric="relative_rms", max=1.0), calibration=calib,
+                   progress=False, measure_latency=False)
+    (r,) = opt.report.records
+    assert r.status == "rejected" and "no residual add" in r.reason
