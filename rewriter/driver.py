@@ -141,7 +141,7 @@ def run_steps(gm: fx.GraphModule, sites: list[AttentionSite], recipe, gate: Gate
             if limit is not None and applied_here >= limit:
                 records.append(Record(rule.name, site.index, site.module, "skipped",
                                       f"max_layers={limit} already applied in this step", step=step_i,
-                                      options=opts_d))
+                                      options=opts_d, info=ctx.info.pop(site.index, {})))
                 continue
             rec = _rewrite_site(ctx, rule, site, opts, opts_d, gate, current, step_i)
             records.append(rec)

@@ -70,7 +70,7 @@ class Report:
             for s in d["sites"]]
         f = d["attention_flops_per_token"]
         return cls(d["model"], d["kind"], sites, d["records"], d["params_before"], d["params_after"],
-                   sympy.sympify(f["before"]), sympy.sympify(f["after"]), d.get("latency", {}),
+                   sympy.sympify(f["before"], locals={"N": N}), sympy.sympify(f["after"], locals={"N": N}), d.get("latency", {}),
                    d.get("heldout", {}), d.get("gate", {}), d.get("calibration", {}),
                    d.get("stop_reason", ""), d.get("canonicalized", []), d.get("notes", []),
                    d.get("seconds", 0.0))

@@ -17,9 +17,9 @@ class _Opts(StepOptions):
 
 
 def _zero_attention(gm, site, built, opts):
-    """Damaging edit: the attention output becomes zeros."""
+    """Damaging edit: the attention output becomes its query scaled by 100."""
     n = G.node(gm, site.node)
-    G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 0.0), rule="_damage", site=site.index)
+    G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 100.0), rule="_damage", site=site.index)
 
 
 def _half_edit_then_raise(gm, site, built, opts):
