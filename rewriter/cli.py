@@ -131,8 +131,12 @@ def _version() -> str:
 
 
 def _console(stderr: bool = False):
+    import shutil
+
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    # piped output (CI logs, `| less`) has no terminal width: use a readable one instead of rich's 80
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((140, 40)).columns, 140)
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _print_json(data) -> None:
