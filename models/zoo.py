@@ -88,6 +88,8 @@ class Loaded:
         if batch < 1 or seq_len < 1:
             raise ValueError(f"{self.name}: example_inputs needs batch >= 1 and seq_len >= 1, "
                              f"got batch={batch}, seq_len={seq_len}")
+        if self.inputs_fn is not None and (self.tokenizer is None or self.kind not in TEXT_KINDS):
+            return self.inputs_fn(batch, seq_len, 0)
         if self.kind in TEXT_KINDS:
             self.check_text_inputs(seq_len)
         if self.kind == "encoder":
@@ -447,7 +449,18 @@ _REGISTRY: dict[str, tuple[str, Callable[..., Loaded]]] = {
               "seeded random weights", lambda **kw: _load_tiny("llama", **kw)),
     "vit": ("tiny ViT: 32x32 RGB, 4x4 patches (64 + CLS tokens), 4 layers, hidden 64, 4 heads; "
             "seeded random weights", lambda **kw: _load_tiny("vit", **kw)),
+    "digits_vit": ("small ViT trained on scikit-learn digits: 8x8 grey, 2x2 patches (16 + CLS tokens), "
+                   "4 layers, hidden 64, 4 heads; trained in seconds, weights cached",
+                   lambda **kw: _subject("digits_vit", "load_digits_vit", **kw)),
+    "forecaster": ("iTransformer forecaster (variates as tokens) on matplotlib's Stocks.csv: 7 monthly "
+                   "series, lookback 24, horizon 6, 2 layers, hidden 64, 4 heads; trained in seconds, cached",
+                   lambda **kw: _subject("forecaster", "load_forecaster", **kw)),
 }
+
+
+def _subject(module: str, loader: str, **kw) -> Loaded:
+    """Models the project trains itself (models/digits_vit.py, models/forecaster.py), imported lazily."""
+    return getattr(importlib.import_module(f"{__package__}.{module}"), loader)(**kw)
 
 
 def registered() -> dict[str, str]:

@@ -55,9 +55,28 @@ def _resolve(model, spec: str | None):
     if isinstance(model, Loaded):
         return model
     if isinstance(model, torch.nn.Module):
-        return Loaded(name=type(model).__name__, model=model, kind=_guess_kind(model), tokenizer=None,
-                      max_length=getattr(getattr(model, "config", None), "max_position_embeddings", 512))
+        cfg, kind = getattr(model, "config", None), _guess_kind(model)
+        extra = {}
+        if kind == "vision" and cfg is not None:
+            extra = {"image_size": cfg.image_size, "num_channels": cfg.num_channels}
+        elif getattr(cfg, "vocab_size", None):
+            extra = {"inputs_fn": _token_inputs(cfg.vocab_size, padded=kind == "encoder")}
+        return Loaded(name=type(model).__name__, model=model, kind=kind, tokenizer=None,
+                      max_length=getattr(cfg, "max_position_embeddings", 512), **extra)
     raise TypeError(f"model must be an nn.Module, a rewriter.models.Loaded or a model name, not {type(model).__name__}")
+
+
+def _token_inputs(vocab_size: int, padded: bool):
+    """Example inputs from a config alone: seeded token ids, and for encoders a padded last sample
+    (so the traced graph keeps its padding-mask path)."""
+    def make(batch: int, seq_len: int, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(min(vocab_size, 1000), (batch, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        if padded and batch > 1:
+            mask[-1, seq_len // 2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    return make
 
 
 def _split(example_inputs) -> tuple[tuple, dict]:
