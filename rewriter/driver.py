@@ -108,40 +108,41 @@ def run_steps(gm: fx.GraphModule, sites: list[AttentionSite], recipe, gate: Gate
     ctx = Context(gm, sites, calibration, kind)
     records: list[Record] = []
     t0 = time.perf_counter()
-    max_sites = recipe.budget.max_sites
-    max_seconds = recipe.budget.max_seconds
-    stop = "all steps done"
+    budget = recipe.budget
+
+    def over_budget() -> str | None:
+        if budget.max_sites is not None and sum(r.status == "applied" for r in records) >= budget.max_sites:
+            return f"budget: max_sites={budget.max_sites} reached"
+        if budget.max_seconds is not None and time.perf_counter() - t0 > budget.max_seconds:
+            return f"budget: max_seconds={budget.max_seconds} exceeded"
+        return None
+
     current = gate.measure(gm)
     for step_i, step in enumerate(recipe.steps):
         rule: Rule = get_rule(step.rule)
         opts = step.options
         opts_d = opts.model_dump(exclude_defaults=True)
+
+        def note(site, why, info=None):
+            records.append(Record(rule.name, site and site.index, site and site.module, "skipped", why,
+                                  step=step_i, options=opts_d, info=info or {}))
+
         alive = [s for s in sites if G.find(gm, s.node) is not None]
         selected = [s for s in alive if opts.selects(s)]
         for s in sites:
             if s not in alive and opts.selects(s):
-                records.append(Record(rule.name, s.index, s.module, "skipped",
-                                      "site was already rewritten by an earlier step", step=step_i, options=opts_d))
+                note(s, "site was already rewritten by an earlier step")
         if not selected:
-            records.append(Record(rule.name, None, None, "skipped",
-                                  f"layers={opts.layers!r} selects none of the {len(alive)} remaining sites",
-                                  step=step_i, options=opts_d))
+            note(None, f"layers={opts.layers!r} selects none of the {len(alive)} remaining sites")
             continue
         ordered = rule.plan(ctx, selected, opts) if rule.plan else selected
         limit = getattr(opts, "max_layers", None)
         applied_here = 0
         for site in ordered:
-            n_applied = sum(r.status == "applied" for r in records)
-            if max_sites is not None and n_applied >= max_sites:
-                stop = f"budget: max_sites={max_sites} reached"
-                break
-            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                stop = f"budget: max_seconds={max_seconds} exceeded"
-                break
+            if stop := over_budget():
+                return RunResult(records, stop, current)
             if limit is not None and applied_here >= limit:
-                records.append(Record(rule.name, site.index, site.module, "skipped",
-                                      f"max_layers={limit} already applied in this step", step=step_i,
-                                      options=opts_d, info=ctx.info.pop(site.index, {})))
+                note(site, f"max_layers={limit} already applied in this step", ctx.info.pop(site.index, {}))
                 continue
             rec = _rewrite_site(ctx, rule, site, opts, opts_d, gate, current, step_i)
             records.append(rec)
@@ -152,10 +153,7 @@ def run_steps(gm: fx.GraphModule, sites: list[AttentionSite], recipe, gate: Gate
                 current = rec._measurement  # type: ignore[attr-defined]
             if progress:
                 progress()
-        else:
-            continue
-        break
-    return RunResult(records, stop, current)
+    return RunResult(records, "all steps done", current)
 
 
 def _rewrite_site(ctx: Context, rule: Rule, site: AttentionSite, opts, opts_d, gate: Gate,
