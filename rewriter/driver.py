@@ -169,6 +169,7 @@ def _rewrite_site(ctx: Context, rule: Rule, site: AttentionSite, opts, opts_d, g
     snap = snapshot(gm)
     try:
         built = rule.build(ctx, site, opts)
+        rec.info.update(ctx.info.pop(site.index, {}))   # what build measured (fit errors, ...)
         rule.apply(gm, site, built, opts)
         G.clean(gm)
         m = gate.measure(gm)

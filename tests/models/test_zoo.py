@@ -38,7 +38,7 @@ def factories(monkeypatch):
 
 def test_registered_names_and_descriptions():
     reg = registered()
-    assert set(reg) == {"minilm", "smollm2", "bert", "gpt2", "llama", "vit"}
+    assert set(reg) == {"minilm", "smollm2", "bert", "gpt2", "llama", "vit", "digits_vit", "forecaster"}
     for name, desc in reg.items():
         assert isinstance(desc, str) and len(desc) > 20 and "\n" not in desc, name
 
