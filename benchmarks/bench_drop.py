@@ -32,12 +32,19 @@ def side_by_side(a, b, batch, repeats):
     return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
-def run(name, drops, lengths, gate, calib, repeats):
+def run(name, drops, lengths, gate, calib, repeats, options=None):
+    """One gated pass ranks the layers (LLM-Drop importance) and drops up to max(drops); each smaller
+    count k re-applies exactly the first k of those drops, so the rows are nested, as in the paper."""
     loaded = load_model(name)
+    base = {"calibration": calib, "gate": gate}
+    full = optimize(loaded, base | {"steps": [{"drop_attention": {"max_layers": max(drops), **(options or {})}}]},
+                    progress=False, measure_latency=False)
+    order = [r.site for r in full.report.records if r.status == "applied"]
     rows = []
     for k in drops:
-        recipe = {"calibration": calib, "gate": gate, "steps": [{"drop_attention": {"max_layers": k}}]}
-        opt = optimize(loaded, recipe, progress=False, measure_latency=False)
+        opt = full if k == max(drops) else optimize(
+            loaded, base | {"steps": [{"drop_attention": {"max_layers": k, "layers": order[:k], **(options or {})}}]},
+            progress=False, measure_latency=False)
         applied = [r.site for r in opt.report.records if r.status == "applied"]
         h = opt.report.heldout
         for n in lengths:
@@ -58,13 +65,15 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     torch.manual_seed(0)
-    rows = run("minilm", [2], [128, 512],
-               {"metric": "embedding_cosine", "min": 0.97, "min_worst": 0.90},
-               {"samples": 64, "seq_len": 128, "batch_size": 8, "heldout": 16}, a.repeats)
+    # MiniLM: plain drops cost > 3 % cosine on this post-norm model, so compensate=mean (see README);
+    # the gate is loosened to 0.90 so that the second drop is measured too
+    rows = run("minilm", [1, 2], [128, 512], {"metric": "embedding_cosine", "min": 0.90},
+               {"samples": 64, "seq_len": 128, "batch_size": 8, "heldout": 16}, a.repeats,
+               {"compensate": "mean"})
     if not a.quick:
         # the gate is deliberately loose here: the benchmark measures the trade-off, not a recipe
         rows += run("smollm2", [2, 4, 6], [512, 2048], {"metric": "perplexity_ratio", "max": 10.0},
-                    {"samples": 32, "seq_len": 256, "batch_size": 4, "heldout": 8}, a.repeats)
+                    {"samples": 16, "seq_len": 256, "batch_size": 4, "heldout": 8}, a.repeats)
     OUT.mkdir(exist_ok=True)
     (OUT / "drop.json").write_text(json.dumps(rows, indent=2))
     from rich.console import Console

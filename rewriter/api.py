@@ -179,15 +179,21 @@ def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, 
     original = copy.deepcopy(loaded.model).eval()   # the user's module stays untouched (and in its mode)
     gate = Gate.from_model(gate_spec, original, calib.batches)
 
-    progress_cb, bar = None, None
-    if progress:
+    progress_cb, log, bar = None, None, None
+    if progress:   # one line per decision on stderr, plus a live bar, so long runs show where they are
+        from rich.console import Console
         from rich.progress import Progress
-        bar = Progress(transient=True)
+        console = Console(stderr=True, highlight=False)
+        bar = Progress(console=console, transient=True)
         bar.start()
         task = bar.add_task(f"optimizing {loaded.name}", total=None)
         progress_cb = lambda: bar.advance(task)  # noqa: E731
+        colors = {"applied": "green", "rolled_back": "red", "error": "red", "rejected": "yellow"}
+        log = lambda r: console.print(  # noqa: E731
+            f"  {r.rule} site {r.site} ({r.module}): [{colors.get(r.status, 'dim')}]{r.status}[/] — {r.reason}"
+            f" [dim]({r.seconds:.1f} s)[/dim]")
     try:
-        result = run_steps(gm, sites, rec, gate, calib, loaded.kind, progress=progress_cb)
+        result = run_steps(gm, sites, rec, gate, calib, loaded.kind, progress=progress_cb, log=log)
     finally:
         if bar:
             bar.stop()
@@ -258,6 +264,8 @@ class OptimizedModel(torch.nn.Module):
         args, kwargs = self.example
         if example_inputs is not None:
             args, kwargs = _split(example_inputs)
+        # the ONNX inputs are named in the traced order; kwargs in another order would be mislabelled
+        kwargs = {k: kwargs[k] for k in self.example[1] if k in kwargs} | kwargs
         torch.onnx.export(self.graph_module, tuple(args), str(path), kwargs=kwargs, dynamo=True,
                           custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
         return Path(path)
