@@ -110,9 +110,9 @@ def _blockwise(q, k, v, block_table, block_size: int, causal: bool, key_mask, sc
     acc = _acc_dtype(q.dtype)
     pad = torch.nn.functional.pad
 
-    q_b = pad(q.to(acc), (0, 0, 0, n_qb * bs - t_q)).view(B, H, n_qb, bs, D)
-    k_b = pad(k.to(acc), (0, 0, 0, n_kb * bs - t_k)).view(B, h_kv, n_kb, bs * D)
-    v_b = pad(v.to(acc), (0, 0, 0, n_kb * bs - t_k)).view(B, h_kv, n_kb, bs * d_v)
+    q_b = pad(q.to(acc), (0, 0, 0, n_qb * bs - t_q)).reshape(B, H, n_qb, bs, D)
+    k_b = pad(k.to(acc), (0, 0, 0, n_kb * bs - t_k)).reshape(B, h_kv, n_kb, bs * D)
+    v_b = pad(v.to(acc), (0, 0, 0, n_kb * bs - t_k)).reshape(B, h_kv, n_kb, bs * d_v)
     key_ok = torch.arange(n_kb * bs, device=q.device) < t_k                        # ragged tail
     key_ok = key_ok.expand(B, -1) if key_mask is None else key_ok & pad(key_mask.bool(), (0, n_kb * bs - t_k))
     key_ok = key_ok.view(B, 1, n_kb, bs).expand(B, h_kv, n_kb, bs)

@@ -1,0 +1,330 @@
+"""Accuracy vs kept fraction of the routed-attention rules on real models, and the CPU
+attention-core speed-up of the rewritten attention against SDPA.
+
+    python benchmarks/bench_routed_models.py [--threads 1] [--ppl-chunks 3] [--skip-smollm2]
+
+Writes benchmarks/results/routed_models.json and routed_models.png, prints a table.
+
+MiniLM-L6 (pretrained, 6 sites, padding masks), held-out bundled sentences at up to 256 tokens:
+  agent_attention n=16 training-free vs calibrated (s₁, s₂, c, locality bias fitted on 32
+  calibration sentences at 256 tokens); block_routing (b=8) and kmeans_routing curves:
+  mean embedding cosine vs the fraction of attention kept.
+SmolLM2-135M (30 causal GQA sites) at 2048-token inputs: block_routing (b=64) and
+  kmeans_routing perplexity on held-out 2048-token chunks vs the original, and the attention
+  core (one layer's shapes) timed against SDPA with the model's boolean causal mask and with
+  is_causal=True.
+
+Every rule is applied to EVERY site with the rule's own check/build/apply (no gate), which is
+the stress case; optimize() with a gate would stop at the first site that fails its bound.
+For speed, k-means centroids and the agents' calibration read activations captured once from
+the ORIGINAL model (the driver captures the cumulatively rewritten model per site; the
+difference is the usual one-pass vs iterative calibration). SmolLM2 is scaled for a CPU:
+2 × 2048 calibration tokens for the centroids, `--ppl-chunks` held-out chunks (default 2).
+
+Kept fraction = attention (query, key) pairs computed / pairs the exact model computes
+(padding and the causal triangle excluded), measured on the held-out inputs from the routing
+tables (block_routing) or from cluster sizes (kmeans_routing: Σ_clusters w² (causal: w(w+1)/2)
+plus the local blocks, an upper bound because cluster overlaps are counted twice).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rewriter import graph as G                          # noqa: E402
+from rewriter.api import _prepare                          # noqa: E402
+from rewriter.calibrate import make_calibration            # noqa: E402
+from rewriter.driver import Context                        # noqa: E402
+from rewriter.gate import compare, perplexity, run         # noqa: E402
+from rewriter.kernels.block_sparse_attention import dense_block_mask  # noqa: E402
+from rewriter.models import load_model                     # noqa: E402
+from rewriter.patterns import _routing as R                # noqa: E402
+from rewriter.rule import get_rule                         # noqa: E402
+from rewriter.trace import restore, snapshot               # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TOPKS = (1, 2, 4, 8)       # SmolLM2 block_routing: routed blocks besides own + sinks (2 ≈ 25 % kept at 2048)
+CLUSTERS = (8, 45)         # SmolLM2 kmeans_routing: 45 ≈ √2048 (the paper's default)
+
+
+class CachedContext(Context):
+    """A Context whose capture() serves activations captured once from the original graph."""
+
+    def __init__(self, gm, sites, calibration, kind, cache: dict):
+        super().__init__(gm, sites, calibration, kind)
+        self.cache = cache
+
+    def capture(self, names, batches=None, gm=None):
+        return {n: self.cache[n] for n in names}
+
+
+def sdpa_inputs(gm, site) -> dict:
+    a = G.sdpa_args(G.node(gm, site.node))
+    out = {"q": a["query"].name, "k": a["key"].name, "v": a["value"].name, "out": site.node}
+    if isinstance(a["attn_mask"], torch.fx.Node):
+        out["mask"] = a["attn_mask"].name
+    return out
+
+
+def apply_all(gm, snap, sites, rule_name, opts, calib, kind, cache) -> dict:
+    """Restore the original graph, then check/build/apply the rule at every site."""
+    restore(gm, snap)
+    rule = get_rule(rule_name)
+    o = rule.options(**opts)
+    ctx = CachedContext(gm, sites, calib, kind, cache)
+    built = {}
+    for s in sites:
+        reason = rule.check(s, o)
+        if reason:
+            raise RuntimeError(f"{rule_name} refused site {s.index}: {reason}")
+        built[s.index] = rule.build(ctx, s, o)
+        rule.apply(gm, s, built[s.index], o)
+        G.clean(gm)
+    return built
+
+
+def block_kept(acts, sites, names, opts, causal: bool) -> float:
+    """Listed real (query, key) pairs / allowed pairs, over held-out batches and sites."""
+    listed = allowed = 0.0
+    for s in sites:
+        n = names[s.index]
+        for q, k, m in zip(acts[n["q"]], acts[n["k"]], acts[n["mask"]]):
+            km = R.key_mask_from_attn_mask(m, q)
+            table = R.route_blocks(q, k, km, block_size=opts["block_size"], topk=opts.get("topk"),
+                                   keep_permille=None if "topk" in opts else round(1000 * opts["keep"]),
+                                   causal=causal, sinks=tuple(opts.get("sinks", ("first", "last"))))
+            bs, t = opts["block_size"], q.shape[2]
+            vis = dense_block_mask(table, bs, t, t) & km[:, None, None, :]
+            full = km[:, None, None, :].expand_as(vis) & km[:, None, :, None]
+            if causal:
+                tri = torch.ones(t, t, dtype=torch.bool).tril()
+                vis, full = vis & tri, full & tri
+            listed += float((vis & full).sum())
+            allowed += float(full.sum())
+    return listed / allowed
+
+
+def kmeans_kept(real: int, clusters: int, window: int, causal: bool) -> float:
+    """(cluster pairs + local pairs) / exact pairs for one sequence of `real` tokens: each cluster
+    holds min(window, real) tokens; the local part is each token's own block plus block 0."""
+    pairs = (lambda n: n * (n + 1) / 2) if causal else (lambda n: n * n)     # noqa: E731
+    w = min(window, real)
+    first = min(window, real)
+    local = sum(pairs(min(window, real - i)) for i in range(0, real, window)) + (real - first) * first
+    return min(1.0, (clusters * pairs(w) + local) / pairs(real))
+
+
+def timed(fn, repeats: int = 3) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------- MiniLM
+
+def minilm(res: dict) -> None:
+    L = load_model("minilm")
+    cal = make_calibration(L, samples=32, seq_len=256, batch_size=8, heldout=32)
+    gm, sites, _, _ = _prepare(L, cal.batches[0])
+    snap = snapshot(gm)
+    names = {s.index: sdpa_inputs(gm, s) for s in sites}
+    want = sorted({v for n in names.values() for v in n.values()})
+    cal_acts = Context(gm, sites, cal, "encoder").capture(want)
+    held_acts = Context(gm, sites, cal, "encoder").capture(want, cal.heldout)
+    ref = run(L.model, cal.heldout)
+
+    def cos(rule, opts):
+        t0 = time.perf_counter()
+        apply_all(gm, snap, sites, rule, opts, cal, "encoder", cal_acts)
+        value, worst = compare("embedding_cosine", cal.heldout, ref, run(gm, cal.heldout))
+        return {"options": opts, "cosine": value, "worst": worst, "seconds": time.perf_counter() - t0}
+
+    out = res["minilm"] = {"heldout_sentences": 32, "max_tokens": 256}
+    free = cos("agent_attention", {"agents": 16})
+    fit = cos("agent_attention", {"agents": 16, "calibrate": True})
+    out["agent_n16"] = {"training_free": free, "calibrated": fit, "gain": fit["cosine"] - free["cosine"]}
+    for n in (4, 8, 32, 64):
+        out.setdefault("agent_curve", []).append(cos("agent_attention", {"agents": n}) | {"agents": n})
+    out["agent_curve"].insert(1, free | {"agents": 16})
+    for keep in (0.125, 0.25, 0.5, 0.75):
+        opts = {"block_size": 8, "keep": keep}
+        r = cos("block_routing", opts)
+        r["kept"] = block_kept(held_acts, sites, names, opts, causal=False)
+        out.setdefault("block_routing", []).append(r)
+    lens = [int(x) for b in cal.heldout for x in b["attention_mask"].sum(1)]
+    for clusters in (2, 4, 8):
+        r = cos("kmeans_routing", {"clusters": clusters})
+        window = -(-max(b["input_ids"].shape[1] for b in cal.batches) // clusters)    # the rule's default
+        r["kept"] = sum(kmeans_kept(n, clusters, window, False) for n in lens) / len(lens)
+        out.setdefault("kmeans_routing", []).append(r)
+
+
+# ---------------------------------------------------------------------------- SmolLM2
+
+def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: list[int]) -> None:
+    L = load_model("smollm2")
+    cal = make_calibration(L, samples=2, seq_len=2048, batch_size=1, heldout=chunks)
+    gm, sites, _, _ = _prepare(L, {k: v[:, :64] for k, v in cal.batches[0].items()})
+    snap = snapshot(gm)
+    names = {s.index: sdpa_inputs(gm, s) for s in sites}
+    ref_ppl = perplexity(cal.heldout, run(L.model, cal.heldout))
+    out = res["smollm2"] = {"seq_len": 2048, "heldout_chunks": chunks, "calibration_chunks": 2,
+                            "ppl_original": ref_ppl, "sites": len(sites)}
+
+    def ppl(rule, opts, cache=None):
+        t0 = time.perf_counter()
+        apply_all(gm, snap, sites, rule, opts, cal, "causal_lm", cache or {})
+        p = perplexity(cal.heldout, run(gm, cal.heldout))
+        return {"options": opts, "ppl": p, "ppl_change": p / ref_ppl - 1, "seconds": time.perf_counter() - t0}
+
+    # kept fractions from one held-out chunk's q/k (sites captured in groups to bound memory)
+    one = cal.heldout[:1]
+    for setting in block_settings:
+        opts = {"block_size": 64} | setting
+        kept = []
+        restore(gm, snap)                    # kept fraction on the ORIGINAL model's q/k
+        for i in range(0, len(sites), 10):
+            group = sites[i:i + 10]
+            acts = Context(gm, sites, cal, "causal_lm").capture(
+                sorted({names[s.index][x] for s in group for x in ("q", "k", "mask")}), one)
+            kept.append(block_kept(acts, group, names, opts, causal=True) * len(group))
+            del acts
+        r = ppl("block_routing", opts) | {"kept": sum(kept) / len(sites)}
+        out.setdefault("block_routing", []).append(r)
+        print(f"smollm2 block_routing {setting}: kept {r['kept']:.3f} ppl {r['ppl']:.3f} ({r['ppl_change']:+.2%})",
+              flush=True)
+
+    cache = {}
+    for i in range(0, len(sites) if clusters_list else 0, 10):       # q/k for the centroids, original model, 2 × 2048 tokens
+        restore(gm, snap)
+        cache.update(Context(gm, sites, cal, "causal_lm").capture(
+            sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "mask")})))
+    for clusters in clusters_list:
+        r = ppl("kmeans_routing", {"clusters": clusters}, cache)
+        r["kept"] = kmeans_kept(2048, clusters, -(-2048 // clusters), True)
+        out.setdefault("kmeans_routing", []).append(r)
+        print(f"smollm2 kmeans clusters={clusters}: kept {r['kept']:.3f} ppl {r['ppl']:.3f} ({r['ppl_change']:+.2%})",
+              flush=True)
+
+    # attention core, one layer's shapes: [1, 9, 2048, 64] (SDPA inputs are already GQA-repeated)
+    s0 = sites[0]
+    acts = Context(gm, sites, cal, "causal_lm").capture([names[s0.index][x] for x in ("q", "k", "v", "mask")], one)
+    q, k, v, m = (acts[names[s0.index][x]][0].contiguous() for x in ("q", "k", "v", "mask"))
+    km = R.key_mask_from_attn_mask(m, q)
+    cents = F.normalize(torch.randn(9, 45, 64), dim=-1)
+    core = {
+        "sdpa_bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+        "sdpa_is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    }
+    for topk in TOPKS:
+        core[f"block_routing_top{topk}"] = lambda topk=topk: R.block_routed_attention(
+            q, k, v, km, block_size=64, topk=topk, keep_permille=None, causal=True, sinks=("first", "last"),
+            route_by="own", scale=s0.scale)
+    core["kmeans_45"] = lambda: R.kmeans_routed_attention(q, k, v, km, cents, window=46, causal=True,
+                                                          scale=s0.scale, local_block=46)
+    ms = {name: timed(fn) for name, fn in core.items()}
+    out["core_ms"] = ms
+    out["core_speedup_vs_sdpa_bool_mask"] = {n: ms["sdpa_bool_mask"] / t for n, t in ms.items()}
+    out["core_speedup_vs_sdpa_is_causal"] = {n: ms["sdpa_is_causal"] / t for n, t in ms.items()}
+
+
+# ---------------------------------------------------------------------------- report
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if "minilm" in res:
+        ax, m = axes[0], res["minilm"]
+        for rule, mark in (("block_routing", "o-"), ("kmeans_routing", "s-")):
+            pts = sorted((r["kept"], r["cosine"]) for r in m[rule])
+            ax.plot(*zip(*pts), mark, label=rule)
+        ax.axhline(m["agent_n16"]["training_free"]["cosine"], ls="--", c="g", label="agent n=16 (training-free)")
+        ax.axhline(m["agent_n16"]["calibrated"]["cosine"], ls=":", c="g", label="agent n=16 (calibrated)")
+        ax.set(xlabel="kept fraction of attention pairs", ylabel="held-out embedding cosine",
+               title="MiniLM-L6, all 6 sites, ≤256 tokens")
+        ax.legend(fontsize=8)
+    if "smollm2" in res:
+        ax, s = axes[1], res["smollm2"]
+        series: dict = {}
+        for rule in ("block_routing", "kmeans_routing"):
+            for r in s.get(rule, []):
+                sinks = r["options"].get("sinks")
+                label = rule + (f" (sinks {'+'.join(sinks)})" if sinks else "")
+                series.setdefault(label, []).append((r["kept"], 100 * r["ppl_change"]))
+        for label, pts in series.items():
+            ax.plot(*zip(*sorted(pts)), "s-" if label.startswith("kmeans") else "o-", label=label)
+        ax.axhline(3, ls="--", c="r", label="+3 % bound")
+        ax.set(xlabel="kept fraction of causal attention pairs", ylabel="perplexity change (%)",
+               title="SmolLM2-135M, all 30 sites, 2048 tokens", yscale="symlog")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ppl-chunks", type=int, default=2)
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--smollm2-block", type=json.loads, default=[{"topk": t} for t in TOPKS],
+                    help='JSON list of block_routing settings (block_size 64), e.g. \'[{"topk": 2, "sinks": ["first", "previous"]}]\'')
+    ap.add_argument("--smollm2-clusters", type=json.loads, default=list(CLUSTERS), help="JSON list of cluster counts")
+    ap.add_argument("--tag", default="", help="suffix of the output files (extra SmolLM2 runs merge into the main file)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res: dict = {"threads": args.threads, "torch": torch.__version__}
+    RESULTS.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    if not args.skip_minilm:
+        minilm(res)
+        m = res["minilm"]
+        print(f"MiniLM agent n=16: training-free cos {m['agent_n16']['training_free']['cosine']:.4f}, "
+              f"calibrated {m['agent_n16']['calibrated']['cosine']:.4f} (gain {m['agent_n16']['gain']:+.4f})")
+        for rule in ("block_routing", "kmeans_routing"):
+            for r in m[rule]:
+                print(f"MiniLM {rule} {r['options']}: kept {r['kept']:.3f} cos {r['cosine']:.4f} (worst {r['worst']:.4f})")
+        for r in m["agent_curve"]:
+            print(f"MiniLM agent n={r['agents']}: cos {r['cosine']:.4f} (worst {r['worst']:.4f})")
+    if not args.skip_smollm2:
+        smollm2(res, args.ppl_chunks, args.smollm2_block, args.smollm2_clusters)
+        s = res["smollm2"]
+        print(f"SmolLM2 2048: original ppl {s['ppl_original']:.3f}")
+        for name, ms in s["core_ms"].items():
+            print(f"  core {name:24s} {ms:8.1f} ms  ×{s['core_speedup_vs_sdpa_bool_mask'][name]:.2f} vs SDPA(mask) "
+                  f"×{s['core_speedup_vs_sdpa_is_causal'][name]:.2f} vs SDPA(is_causal)")
+    res["seconds"] = time.perf_counter() - t0
+    name = "routed_models" + ("_minilm" if args.skip_smollm2 else "_smollm2" if args.skip_minilm else "") + args.tag
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
+    plot(res, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.json / .png in {res['seconds']:.0f} s")
+    parts = [RESULTS / f"routed_models_{m}.json" for m in ("minilm", "smollm2")]
+    if name != "routed_models" and all(p.exists() for p in parts):     # runs made separately: merge them
+        merged = {}
+        for p in parts:
+            merged.update(json.loads(p.read_text()))
+        for extra in sorted(RESULTS.glob("routed_models_smollm2_*.json")):  # tagged extra settings
+            for rule in ("block_routing", "kmeans_routing"):
+                merged["smollm2"].setdefault(rule, []).extend(json.loads(extra.read_text())["smollm2"].get(rule, []))
+        (RESULTS / "routed_models.json").write_text(json.dumps(merged, indent=2))
+        plot(merged, RESULTS / "routed_models.png")
+        print(f"merged into {RESULTS / 'routed_models'}.json / .png")
+
+
+if __name__ == "__main__":
+    main()

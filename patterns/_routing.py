@@ -1,0 +1,246 @@
+"""Shared math for the routed-attention rules (agent_attention, block_routing, kmeans_routing).
+
+Everything here is plain tensor code with static Python hyperparameters, so the functions can
+sit in a rewritten graph as `call_function` nodes: fx runs them eagerly, and torch.export,
+torch.compile and the ONNX exporter trace straight through them to aten ops plus the
+`rewriter::` custom ops. Routing tables are therefore computed IN the graph, from the site's
+own q/k at run time; the rules' `build` returns only calibrated constants.
+
+Key mask (which keys are real tokens) is read from the site's SDPA attn_mask: for a padding
+mask (the analyzer's kinds "padding" / "causal+padding") the LAST query row of a [B, *, Tq, Tk]
+mask allows exactly the real keys — also in a causal mask, whose last row sees every earlier
+key, and for right- or left-padded batches. Boolean masks: True = attend; additive masks: 0 =
+attend, a large negative value (≤ −1, in practice −1e4 … −inf) = masked.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rewriter import graph as G
+from rewriter.kernels.block_sparse_attention import block_means
+
+NEG_INF = float("-inf")
+
+# ---------------------------------------------------------------------------- graph plumbing
+
+
+def key_mask_from_attn_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """bool [B, Tk] of real keys from an SDPA padding mask ([B|1, H|1, Tq|1, Tk], bool or additive)."""
+    row = mask
+    while row.dim() > 2:                        # [..., Tq, Tk] -> last query row, first head
+        row = row.select(-2, -1) if row.dim() == 3 else row.select(1, 0)
+    row = row.reshape(-1, mask.shape[-1]) if row.dim() == 2 else row.reshape(1, -1)
+    valid = row if row.dtype == torch.bool else row > -1.0
+    return valid.expand(q.shape[0], -1)
+
+
+def site_tensors(gm, site):
+    """(sdpa node, q, k, v, key-mask node or None, causal) for a site; inserts the key-mask node
+    right before the SDPA node when the mask is a padding mask."""
+    sd = G.node(gm, site.node)
+    a = G.sdpa_args(sd)
+    key_mask = None
+    if site.mask in ("padding", "causal+padding"):
+        with gm.graph.inserting_before(sd):
+            key_mask = gm.graph.call_function(key_mask_from_attn_mask, (a["attn_mask"], a["query"]))
+    causal = site.mask in ("causal", "causal+padding")
+    return sd, a["query"], a["key"], a["value"], key_mask, causal
+
+
+def common_refusal(site) -> str | None:
+    """Reasons every routed rule shares for leaving a site alone."""
+    if site.mask == "arbitrary":
+        return ("the attention mask is neither causal nor padding-only (a sliding window, a bias or a fixed "
+                "buffer); routing would drop or misplace it")
+    return None
+
+
+def register_all(gm, sd, rule: str, site: int, tensors: dict) -> dict:
+    """Register each built tensor as a buffer read before the SDPA node; {key: get_attr node}."""
+    return {k: G.register_tensor(gm, G.buffer_name(rule, site, k), t, before=sd) for k, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------------- block routing
+
+
+def _valid_blocks(t: int, block_size: int, key_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """bool [B, n_blocks]: the block holds at least one real key (ragged tail excluded)."""
+    n_blocks = -(-t // block_size)
+    ok = torch.arange(n_blocks * block_size, device=device) < t
+    if key_mask is None:
+        ok = ok.expand(batch, -1)
+    else:
+        ok = ok & F.pad(key_mask.bool(), (0, n_blocks * block_size - t))
+    return ok.view(batch, n_blocks, block_size).any(-1)
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 causal: bool, sinks: tuple[str, ...], route_by: str):
+    """BiFormer region affinity Qʳ·Kʳᵀ of block means (padding excluded), with forced blocks at
+    +inf and disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
+
+    Forced: the query block's own block and the sink blocks holding the first and/or the last
+    real key (CLS / BOS, and SEP for right-padded BERT inputs; per sample, from key_mask), and
+    with "previous" the block just before the query block (local context).
+    Allowed: blocks holding a real key, and for causal sites key block ≤ query block.
+    `route_by="previous"` routes query block i by the mean query of block i−1, so no token's key
+    set depends on later queries (strictly causal routing; block 0 sees only itself anyway)."""
+    B, H, t, _ = q.shape
+    n_b = -(-t // block_size)
+    q_r = block_means(q, block_size, key_mask).float()                             # [B, H, nb, D]
+    if route_by == "previous":
+        q_r = torch.cat([q_r[:, :, :1], q_r[:, :, :-1]], dim=2)
+    k_r = block_means(k, block_size, key_mask).float()
+    if k.shape[1] != H:
+        k_r = k_r.repeat_interleave(H // k.shape[1], dim=1)
+    affinity = q_r @ k_r.transpose(-1, -2)                                         # [B, H, nb, nb]
+
+    blocks = torch.arange(n_b, device=q.device)
+    qb, kb = blocks.view(1, 1, -1, 1), blocks.view(1, 1, 1, -1)
+    forced = (kb == qb).expand(B, 1, n_b, n_b)
+    real = torch.ones(B, t, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    pos = torch.arange(t, device=q.device)
+    if "first" in sinks:
+        first = torch.where(real, pos, t).amin(-1).clamp(max=t - 1) // block_size   # [B]
+        forced = forced | (kb == first.view(B, 1, 1, 1))
+    if "last" in sinks:
+        last = torch.where(real, pos, -1).amax(-1).clamp(min=0) // block_size
+        forced = forced | (kb == last.view(B, 1, 1, 1))
+    if "previous" in sinks:                     # the block just before: every token keeps ≥ b tokens of local context
+        forced = forced | (kb == qb - 1)
+    allowed = _valid_blocks(t, block_size, key_mask, B, q.device).view(B, 1, 1, n_b)
+    if causal:
+        allowed = allowed & (kb <= qb)
+    forced = forced & allowed
+    score = torch.where(forced, float("inf"), affinity).masked_fill(~allowed, NEG_INF)
+    return score, forced.sum(-1, keepdim=True)
+
+
+def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
+                 sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own") -> torch.Tensor:
+    """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
+    each query block lists its forced blocks (see `block_scores`) plus either `topk` further
+    blocks of highest affinity, or as many as make the row hold ⌈keep_permille/1000 · n_blocks⌉
+    blocks in all (resolved at run time from the length). Only allowed blocks are listed."""
+    n_b = -(-q.shape[2] // block_size)
+    score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
+                                   route_by=route_by)
+    if topk is not None:
+        width = torch.sym_min(n_b, topk + 1 + len(sinks))
+        count = n_forced + topk
+    else:
+        total = torch.sym_max((n_b * keep_permille + 999) // 1000, 1)
+        width = torch.sym_min(n_b, torch.sym_max(total, 1 + len(sinks)))
+        count = n_forced.clamp(min=total)
+    top = score.topk(width, dim=-1)                                                # forced ones first
+    keep = (torch.arange(width, device=q.device) < count) & (top.values > NEG_INF)
+    table = torch.where(keep, top.indices, n_b).sort(dim=-1).values                # ascending, unused last
+    table = torch.where(table == n_b, -1, table)
+    return table.to(torch.int32).contiguous()
+
+
+def block_routed_attention(q, k, v, key_mask, *, block_size: int, topk: int | None, keep_permille: int | None,
+                           causal: bool, sinks: tuple[str, ...], route_by: str, scale: float) -> torch.Tensor:
+    """Routing table from q/k, then exact attention over the listed blocks (the custom op)."""
+    table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
+                         causal=causal, sinks=sinks, route_by=route_by)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
+    return torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
+
+
+# ---------------------------------------------------------------------------- k-means routing
+
+
+def routing_vectors(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """r = normalize(q̂ + k̂), [B, H, T, D] fp32: one unit vector per token and head, so that a
+    token joins a cluster as query and as key together (the Routing Transformer's shared-QK
+    routing), which keeps the causal mask on original positions exact inside a cluster."""
+    H = q.shape[1]
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    return F.normalize(F.normalize(q.float(), dim=-1) + F.normalize(k.float(), dim=-1), dim=-1)
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D], idx [B, H, S] -> [B, H, S, D]."""
+    return x.gather(2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def kmeans_routed_attention(q, k, v, key_mask, centroids, *, window: int, causal: bool, scale: float,
+                            local_block: int | None) -> torch.Tensor:
+    """Routing-Transformer attention with fixed centroids [H, C, D].
+
+    Every centroid takes the `window` tokens (real ones first) whose routing vectors score
+    highest on it (balanced clusters); a cluster's tokens, in original order, form one block
+    of the block-sparse op, which attends inside the block only (causal on original positions,
+    because query slot i and key slot i are the same token). Optionally each token also attends
+    its own local block of `local_block` tokens plus the first block (the Routing Transformer's
+    local heads; it guarantees every token some context). A token's partial results — one per
+    cluster it joined, plus the local one — are merged by log-sum-exp:
+        out = Σ_p exp(lse_p − lse)·out_p,  lse = log Σ_p exp(lse_p)
+    (a (query, key) pair that falls in two partials is counted in both: the approximation)."""
+    B, H, t, D = q.shape
+    d_v, C = v.shape[-1], centroids.shape[1]
+    if k.shape[1] != H:                                      # GQA: clusters are per query head
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
+    real = torch.ones(B, t, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+
+    score = torch.einsum("bhtd,hcd->bhct", routing_vectors(q, k), centroids.float())       # [B, H, C, T]
+    score = score.masked_fill(~real[:, None, None, :], -1e4)        # padding joins only when room is left
+    w = torch.sym_min(window, t)
+    members = score.topk(w, dim=-1).indices.sort(dim=-1).values                              # [B, H, C, w]
+    members = F.pad(members, (0, window - w))                       # static block size; extra slots unused
+    slot_ok = (torch.arange(window, device=q.device) < w).expand(B, H, C, window)
+    idx = members.reshape(B, H, C * window)
+
+    qg, kg, vg = (_gather_tokens(x, idx) for x in (q, k, v))                               # [B, H, C·w, ·]
+    kmask = (real.unsqueeze(1).expand(B, H, t).gather(2, idx) & slot_ok.reshape(B, H, -1))
+    table = torch.arange(C, device=q.device, dtype=torch.int32).view(1, 1, C, 1).expand(B * H, 1, C, 1)
+    out_c, lse_c = torch.ops.rewriter.block_sparse_attention_lse(
+        qg.reshape(B * H, 1, C * window, D), kg.reshape(B * H, 1, C * window, D),
+        vg.reshape(B * H, 1, C * window, d_v), table.contiguous(), window, causal,
+        kmask.reshape(B * H, C * window), scale)
+    out_c = out_c.reshape(B, H, C * window, d_v).float()
+    lse_c = lse_c.reshape(B, H, C * window).float().masked_fill(~slot_ok.reshape(B, H, -1), NEG_INF)
+
+    if local_block is not None:
+        local = route_blocks(q, k, key_mask, block_size=local_block, topk=0, causal=causal, sinks=("first",))
+        out_l, lse_l = torch.ops.rewriter.block_sparse_attention_lse(q, k, v, local, local_block, causal,
+                                                                     key_mask, scale)
+        out_l, lse_l = out_l.float(), lse_l.float()
+    else:
+        out_l = torch.zeros(B, H, t, d_v, device=q.device)
+        lse_l = torch.full((B, H, t), NEG_INF, device=q.device)
+
+    m = lse_l.scatter_reduce(2, idx, lse_c, reduce="amax", include_self=True)               # [B, H, T]
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    w_l = torch.exp(lse_l - m)
+    w_c = torch.exp(lse_c - m.gather(2, idx))
+    den = w_l.scatter_add(2, idx, w_c)
+    num = (out_l * w_l[..., None]).scatter_add(2, idx[..., None].expand(-1, -1, -1, d_v), out_c * w_c[..., None])
+    return (num / den.clamp(min=1e-30)[..., None]).to(q.dtype)
+
+
+@torch.no_grad()
+def spherical_kmeans(x: torch.Tensor, clusters: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """Unit-norm centroids [C, D] of unit vectors x [M, D] by spherical k-means (cosine
+    assignment, normalized-mean update); init by a seeded random pick; an empty cluster is
+    re-seeded with the point farthest from its centroid. Deterministic for a given seed."""
+    if x.shape[0] < clusters:
+        raise ValueError(f"k-means: {clusters} clusters need at least as many calibration tokens, got {x.shape[0]}")
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(x.shape[0], generator=g)[:clusters]].clone()
+    for _ in range(iters):
+        sim = x @ c.T
+        assign = sim.argmax(-1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=clusters)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            far = sim.max(-1).values.argsort()[:len(empty)]
+            new[empty] = x[far]
+        c = F.normalize(new, dim=-1)
+    return c

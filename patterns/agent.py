@@ -1,0 +1,151 @@
+"""Agent attention: softmax(QKᵀ)V → softmax(QAᵀ·s₂ + B₂)·softmax(AKᵀ·s₁ + B₁)V + c·V, n ≪ N agents.
+
+Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention", ECCV 2024,
+arXiv:2312.08874 (code: LeapLabTHU/Agent-Attention). The agents A are the queries average-
+pooled into n windows over the real tokens (adaptive pooling; padding never enters an agent;
+a prefix such as CLS can be kept out); n defaults to the paper's 49 and is capped at the
+sequence length. Cost O(N·n·d) instead of O(N²·d).
+
+Training-free by default: s₁ = s₂ = the site's softmax scale, c = 0 (AgentSD, §5 of the paper,
+uses agents on a pretrained model without training). Optional calibration fits, per head, the
+temperatures s₁, s₂, the shortcut c and a small locality bias B = −β·|agent centre − token
+position| (positions as fractions of the sequence length) to the site's exact attention
+output on calibration activations (relative MSE over real tokens, Adam; starts from the
+training-free values, so it can only lower the calibration loss).
+
+Causal sites are refused: every agent averages queries from the whole sequence, so each
+output would read the future.
+
+Before:  o = sdpa(q, k, v, padding_mask)
+After:   A = pool_agents(q, n, key_mask, prefix)
+         o = rewriter::agent_attention(q, k, v, A, key_mask, s₁, s₂, B₁, B₂, c)
+Approximate (no exact setting for n < N): the gate is mandatory.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+from pydantic import Field
+
+from rewriter import graph as G
+from rewriter.kernels.agent_attention import pool_agents
+from rewriter.report import N, projection_flops_per_token
+from rewriter.rule import Rule, StepOptions, register
+
+from . import _routing as R
+
+PAPER = ('Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention", ECCV 2024, '
+         'arXiv:2312.08874')
+
+
+class AgentOptions(StepOptions):
+    agents: int = Field(49, ge=1, description="agent tokens n (capped at the sequence length)")
+    prefix: int = Field(0, ge=0, description="leading real tokens kept out of the pooling (1 keeps CLS out)")
+    scale1: float | None = Field(None, gt=0, description="training-free stage-1 temperature s₁ (agents → keys); "
+                                 "default the site's softmax scale")
+    scale2: float | None = Field(None, gt=0, description="training-free stage-2 temperature s₂ (queries → agents); "
+                                 "default the site's softmax scale (AgentSD uses head_dim^-0.15)")
+    shortcut: float = Field(0.0, description="training-free weight c of the c·V shortcut (AgentSD uses 0.075)")
+    calibrate: bool = Field(False, description="fit per-head s₁, s₂, c and a locality bias to the exact "
+                            "attention output on calibration activations")
+    locality: bool = Field(True, description="with calibrate: also fit the per-head locality bias slopes")
+    steps: int = Field(150, ge=1, description="Adam steps of the calibration fit")
+    lr: float = Field(0.02, gt=0, description="Adam learning rate of the calibration fit")
+
+
+def check(site, opts) -> str | None:
+    if site.mask in ("causal", "causal+padding"):
+        return ("causal attention: pooled agents average queries from the whole sequence, so every output "
+                "would read future tokens")
+    return R.common_refusal(site)
+
+
+def locality_bias(beta: torch.Tensor, n: int, t: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B₁ [H, n, T] and B₂ [H, T, n] = −β_h·|c_i − p_j|: agent i's window centre c_i and token j's
+    position p_j as fractions of the length T (agents cover tokens prefix … T−1)."""
+    i = torch.arange(n, device=beta.device, dtype=torch.float32)
+    j = torch.arange(t, device=beta.device, dtype=torch.float32)
+    centre = (prefix + (i + 0.5) * (t - prefix) / n) / t                          # [n]
+    dist = (centre[:, None] - (j[None, :] + 0.5) / t).abs()                      # [n, T]
+    b1 = -beta[:, :1, None] * dist                                               # [H, n, T]
+    b2 = -beta[:, 1:, None] * dist                                               # [H, n, T]
+    return b1, b2.transpose(1, 2)
+
+
+def agent_block(q, k, v, key_mask, scale1, scale2, shortcut, beta, *, agents: int, prefix: int) -> torch.Tensor:
+    """Pool agents from q over the real tokens, then the two-softmax agent attention op."""
+    a = pool_agents(q, agents, key_mask, prefix)
+    b1 = b2 = None
+    if beta is not None:
+        b1, b2 = locality_bias(beta, a.shape[2], q.shape[2], prefix)
+    return torch.ops.rewriter.agent_attention(q, k, v, a, key_mask, scale1, scale2, b1, b2, shortcut)
+
+
+def _fit(acts, names, site, opts, init: dict) -> dict:
+    """Adam on per-head log s₁, log s₂, c (and β) against the exact output, relative MSE over real tokens."""
+    H = site.heads
+    params = {"log_s1": init["scale1"].log().clone(), "log_s2": init["scale2"].log().clone(),
+              "shortcut": init["shortcut"].clone()}
+    if opts.locality:
+        params["beta"] = torch.zeros(H, 2)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=opts.lr)
+    data = []
+    for i in range(len(acts[names["q"]])):
+        q, k, v, o = (acts[names[x]][i].float() for x in ("q", "k", "v", "out"))
+        km = R.key_mask_from_attn_mask(acts[names["mask"]][i], q) if "mask" in names else None
+        w = (km if km is not None else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool))[:, None, :, None]
+        data.append((q, k, v, km, o, w, (o.pow(2) * w).sum()))
+    for _ in range(opts.steps):
+        opt.zero_grad()
+        loss = 0.0
+        for q, k, v, km, o, w, norm in data:
+            y = agent_block(q, k, v, km, params["log_s1"].exp(), params["log_s2"].exp(), params["shortcut"],
+                            params.get("beta"), agents=opts.agents, prefix=opts.prefix)
+            loss = loss + ((y - o).pow(2) * w).sum() / norm
+        loss.backward()
+        opt.step()
+    out = {"scale1": params["log_s1"].exp().detach(), "scale2": params["log_s2"].exp().detach(),
+           "shortcut": params["shortcut"].detach()}
+    if opts.locality:
+        out["beta"] = params["beta"].detach()
+    return out
+
+
+def build(ctx, site, opts) -> dict:
+    H = site.heads
+    built = {"scale1": torch.full((H,), opts.scale1 or site.scale),
+             "scale2": torch.full((H,), opts.scale2 or site.scale),
+             "shortcut": torch.full((H,), float(opts.shortcut))}
+    if not opts.calibrate:
+        return built
+    sd = G.node(ctx.gm, site.node)
+    a = G.sdpa_args(sd)
+    names = {"q": a["query"].name, "k": a["key"].name, "v": a["value"].name, "out": sd.name}
+    if site.mask == "padding":
+        names["mask"] = a["attn_mask"].name
+    acts = ctx.capture(list(names.values()))
+    return _fit(acts, names, site, opts, built)
+
+
+def apply(gm, site, built, opts) -> None:
+    sd, q, k, v, key_mask, _ = R.site_tensors(gm, site)
+    t = R.register_all(gm, sd, "agent_attention", site.index, built)
+    G.replace_with_op(gm, sd, agent_block,
+                      (q, k, v, key_mask, t["scale1"], t["scale2"], t["shortcut"], t.get("beta")),
+                      dict(agents=opts.agents, prefix=opts.prefix), rule="agent_attention", site=site.index)
+
+
+def cost(site, opts):
+    """Per token: stage 1 (n agents × N keys, scores + values) and stage 2 (N queries × n agents),
+    2·2·n·d each per head, plus the c·V shortcut."""
+    hd = site.heads * site.head_dim
+    n = sympy.Min(opts.agents, N - opts.prefix)
+    return projection_flops_per_token(site) + 8 * hd * n + 2 * hd
+
+
+register(Rule(
+    name="agent_attention", paper=PAPER, exact=False, options=AgentOptions,
+    summary="agent attention: n pooled-query agents aggregate the values, then broadcast them back (O(N·n·d))",
+    check=check, build=build, apply=apply, cost=cost))

@@ -1,0 +1,174 @@
+"""block_routing (BiFormer, arXiv:2303.08125) and kmeans_routing (Routing Transformer,
+arXiv:2003.05997): exact at their exact settings on real models (padding and causal+GQA),
+fire at sparse settings, refuse arbitrary masks with the reason, roll back under a strict
+gate with the model bit-identical, and survive save → load."""
+import pytest
+import torch
+import torch.nn as nn
+
+from rewriter import inspect, load, optimize
+from rewriter.calibrate import Calibration
+from rewriter.gate import main_tensor
+from rewriter.patterns import _routing as R
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+CAL = {"samples": 16, "seq_len": 32, "batch_size": 8, "heldout": 8}
+
+
+def _recipe(*steps, **gate):
+    return {"calibration": CAL, "gate": gate or {"metric": "relative_rms", "max": 10.0}, "steps": list(steps)}
+
+
+def _run(model, *steps, **gate):
+    return optimize(model, _recipe(*steps, **gate), progress=False, measure_latency=False)
+
+
+def _applied(opt, rule):
+    return [r for r in opt.report.records if r.status == "applied" and r.rule == rule]
+
+
+def _padded_llama_batch(loaded):
+    """Two rows of real text, the second right-padded: exercises causal + padding keys."""
+    b = loaded.example_inputs(batch=2, seq_len=29)
+    b["attention_mask"][1, 20:] = 0
+    return b
+
+
+@torch.no_grad()
+def _assert_same(loaded, opt, batch, atol):
+    y0, y = main_tensor(loaded.model(**batch)), main_tensor(opt(**batch))
+    m = batch["attention_mask"].bool()
+    assert (y0 - y)[m].abs().max().item() <= atol * y0[m].abs().max().item()
+
+
+# ---- exact settings -----------------------------------------------------------------------------
+
+def test_block_routing_all_blocks_is_sdpa_on_minilm(minilm):
+    """top-k ≥ number of blocks lists every block: the rewritten MiniLM equals the original."""
+    opt = _run(minilm, {"block_routing": {"block_size": 8, "topk": 1000}})
+    assert len(_applied(opt, "block_routing")) == 6
+    assert not any(n.target is SDPA for n in opt.graph_module.graph.nodes)
+    routed = [n for n in opt.graph_module.graph.nodes if n.target is R.block_routed_attention]
+    assert len(routed) == 6 and all(n.meta["rewriter"]["rule"] == "block_routing" for n in routed)
+    _assert_same(minilm, opt, minilm.example_inputs(batch=3, seq_len=40), atol=1e-5)
+
+
+def test_block_routing_all_blocks_exact_causal_gqa_padded():
+    from rewriter.models import load_model
+    llama = load_model("llama")
+    opt = _run(llama, {"block_routing": {"block_size": 4, "topk": 1000}})
+    assert len(_applied(opt, "block_routing")) == 4
+    _assert_same(llama, opt, _padded_llama_batch(llama), atol=1e-5)
+
+
+def test_kmeans_one_cluster_is_sdpa(minilm):
+    """One cluster holding every token, no local block: exact attention, causal and padded."""
+    opt = _run(minilm, {"kmeans_routing": {"clusters": 1, "window": 64, "local": False}})
+    assert len(_applied(opt, "kmeans_routing")) == 6
+    _assert_same(minilm, opt, minilm.example_inputs(batch=3, seq_len=40), atol=1e-5)
+
+
+def test_kmeans_one_cluster_exact_causal_gqa_padded():
+    from rewriter.models import load_model
+    llama = load_model("llama")
+    opt = _run(llama, {"kmeans_routing": {"clusters": 1, "window": 64, "local": False}})
+    _assert_same(llama, opt, _padded_llama_batch(llama), atol=1e-5)
+
+
+# ---- sparse settings fire ---------------------------------------------------------------------
+
+def test_block_routing_sparse_fires_and_mass_picks_topk(minilm):
+    opt = _run(minilm, {"block_routing": {"block_size": 4, "mass": 0.9, "layers": "0-1"}},
+               metric="embedding_cosine", min=0.95)
+    recs = _applied(opt, "block_routing")
+    assert len(recs) == 2
+    for r in recs:
+        curve = r.built["mass_curve"]
+        k = int(r.built["topk"])
+        assert torch.all(curve[1:] >= curve[:-1] - 1e-6)          # more blocks hold more mass
+        assert abs(float(curve[-1]) - 1.0) < 1e-4                  # all blocks hold all of it
+        assert curve[k] >= 0.9 and (k == 0 or curve[k - 1] < 0.9)  # the smallest k reaching the target
+    assert opt.report.heldout["value"] > 0.95
+    assert str(opt.report.flops_after) != str(opt.report.flops_before)
+
+
+def test_route_blocks_sinks_follow_padding():
+    """Sinks are per sample: the first real token's block and the last real token's block (SEP)."""
+    q, k = torch.randn(2, 1, 16, 8), torch.randn(2, 1, 16, 8)
+    km = torch.ones(2, 16, dtype=torch.bool)
+    km[0, 11:] = False                       # right padding: last real token in block 2 (of 4-token blocks)
+    km[1, :5] = False                        # left padding: first real token in block 1
+    table = R.route_blocks(q, k, km, block_size=4, topk=0, sinks=("first", "last"))
+    rows = [[set(r.tolist()) - {-1} for r in table[b, 0]] for b in range(2)]
+    assert rows[0] == [{0, 2}, {0, 1, 2}, {0, 2}, {0, 2}]   # block 3 is all padding: never listed
+    assert rows[1] == [{1, 3}, {1, 3}, {1, 2, 3}, {1, 3}]   # block 0 is all padding: never listed
+
+
+def test_route_blocks_causal_previous_block():
+    """Causal rows list only blocks ≤ the query block; "previous" adds the block just before."""
+    q, k = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    table = R.route_blocks(q, k, None, block_size=4, topk=0, causal=True, sinks=("first", "previous"))
+    for h in range(2):
+        rows = [set(r.tolist()) - {-1} for r in table[0, h]]
+        assert rows == [{0}, {0, 1}, {0, 1, 2}, {0, 2, 3}, {0, 3, 4}]
+    full = R.route_blocks(q, k, None, block_size=4, topk=2, causal=True, sinks=())
+    assert all(max(set(r.tolist()) - {-1}) == i for i, r in enumerate(full[0, 0]))   # never a future block
+
+
+def test_kmeans_fires_with_fitted_unit_centroids(minilm):
+    opt = _run(minilm, {"kmeans_routing": {"layers": [0]}}, metric="embedding_cosine", min=0.9)
+    (r,) = _applied(opt, "kmeans_routing")
+    c = r.built["centroids"]
+    assert c.shape == (12, 6, 32)            # ≈ √32 clusters per head at the 32-token calibration length
+    assert torch.allclose(c.norm(dim=-1), torch.ones(12, 6), atol=1e-5)
+    assert int(r.built["window"]) == 6 and int(r.built["local_block"]) == 6
+
+
+# ---- refusals, rollback, save/load --------------------------------------------------------------
+
+class WindowMasked(nn.Module):
+    """Attention with a fixed sliding-window mask buffer: an 'arbitrary' mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+        i = torch.arange(12)
+        self.register_buffer("window", (i[:, None] - i[None, :]).abs() <= 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 8).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.window)
+        return x + self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("rule", ["block_routing", "kmeans_routing"])
+def test_refuses_arbitrary_mask_with_reason(rule):
+    m = WindowMasked().eval()
+    xs = [{"x": torch.randn(2, 12, 32)} for _ in range(2)]
+    assert inspect(m, xs[0])[0].mask == "arbitrary"
+    calib = Calibration(batches=xs, heldout=xs[:1], source="random", samples=4, seq_len=12)
+    opt = optimize(m, {"gate": {"metric": "relative_rms", "max": 1.0}, "steps": [{rule: {}}]},
+                   calibration=calib, progress=False, measure_latency=False)
+    (r,) = opt.report.records
+    assert r.status == "rejected" and "neither causal nor padding-only" in r.reason
+
+
+def test_gate_rolls_back_and_model_is_bit_identical(minilm):
+    opt = _run(minilm, {"block_routing": {"block_size": 2, "topk": 0, "sinks": []}},
+               metric="embedding_cosine", min=0.99999)
+    assert [r.status for r in opt.report.records] == ["rolled_back"] * 6
+    assert all(r.reason.startswith("gate: embedding_cosine") for r in opt.report.records)
+    assert sum(n.target is SDPA for n in opt.graph_module.graph.nodes) == 6
+    b = minilm.example_inputs(batch=2, seq_len=24)
+    with torch.no_grad():
+        assert torch.equal(main_tensor(opt(**b)), main_tensor(minilm.model(**b)))
+
+
+def test_save_load_reproduces(minilm, tmp_path):
+    opt = _run(minilm, {"block_routing": {"block_size": 4, "mass": 0.8, "layers": "0-2"}},
+               {"kmeans_routing": {"layers": "3-5"}}, metric="embedding_cosine", min=0.8)
+    assert len(_applied(opt, "block_routing")) == 3 and len(_applied(opt, "kmeans_routing")) == 3
+    again = load(opt.save(tmp_path / "routed"), minilm)
+    b = minilm.example_inputs(batch=3, seq_len=30)
+    with torch.no_grad():
+        assert torch.equal(main_tensor(opt(**b)), main_tensor(again(**b)))
