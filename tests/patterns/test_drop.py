@@ -82,3 +82,16 @@ def test_refuses_without_residual_with_reason():
                    progress=False, measure_latency=False)
     (r,) = opt.report.records
     assert r.status == "rejected" and "no residual add" in r.reason
+
+
+def test_drop_block_removes_attention_and_mlp_in_prenorm_llama():
+    """Pre-norm Llama (GQA, RoPE): the block's output (the MLP residual add, read through a dtype cast)
+    is rewired to its input, so the block's 7 linears go."""
+    from rewriter.models import load_model
+    llama = load_model("llama")
+    rec = {"calibration": {"samples": 8, "seq_len": 32, "batch_size": 4, "heldout": 4},
+           "gate": {"metric": "perplexity_ratio", "max": 100.0}, "steps": [{"drop_block": {"max_layers": 1}}]}
+    opt = optimize(llama, rec, progress=False, measure_latency=False)
+    assert [r.status for r in opt.report.records].count("applied") == 1
+    linears = _count(opt.graph_module, torch.ops.aten.linear.default)
+    assert _count(opt.graph_module, SDPA) == 3 and linears == 4 * 7 + 1 - 7
