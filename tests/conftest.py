@@ -3,8 +3,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest
-import torch
+import torch  # noqa: E402
+
+# Triton decides interpreted vs compiled when a kernel is defined (at import), and the engine tests
+# import the kernels long before tests/kernels/ is collected: so decide here, once. Without a GPU the
+# kernels run in the interpreter on the CPU; with one, the same tests run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.manual_seed(0)
 
