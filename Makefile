@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/rewriter run examples/recipes/minilm-drop.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow"
+	$(VENV)/bin/pytest -q tests -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_drop.py

@@ -266,8 +266,14 @@ class OptimizedModel(torch.nn.Module):
             args, kwargs = _split(example_inputs)
         # the ONNX inputs are named in the traced order; kwargs in another order would be mislabelled
         kwargs = {k: kwargs[k] for k in self.example[1] if k in kwargs} | kwargs
+        # batch and sequence stay dynamic, as in the trace (else the ONNX graph takes only the example's shapes)
+        import inspect as _inspect
+
+        from .trace import _dynamic_shapes
+        dyn_args, dyn_kwargs = _dynamic_shapes(self.graph_module, tuple(args), kwargs)
+        dynamic = dict(zip(_inspect.signature(self.graph_module.forward).parameters, dyn_args)) | dyn_kwargs
         torch.onnx.export(self.graph_module, tuple(args), str(path), kwargs=kwargs, dynamo=True,
-                          custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
+                          dynamic_shapes=dynamic, custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
         return Path(path)
 
 

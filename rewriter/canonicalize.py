@@ -966,6 +966,8 @@ def explain_unmatched(gm: fx.GraphModule) -> list[str]:
     """For each softmax in `gm` that is not (yet) an SDPA node, one sentence saying why."""
     out = []
     for s in _softmax_like(gm):
+        if "rewriter" in s.meta and s.meta["rewriter"].get("rule") != "canonicalize":
+            continue   # a rule's own softmax (e.g. Hedgehog feature maps), not a missed attention
         where = module_path(s) or "<root>"
         head = f"softmax at {where} ({s.name})"
         r = _rank(s)

@@ -28,11 +28,16 @@ def smollm2():
     return load_model("smollm2")
 
 
-def state_equal(a: torch.nn.Module, b: dict) -> bool:
+def _state_equal(a: torch.nn.Module, b: dict) -> bool:
     """Bit-for-bit equality of a module's state with a saved state dict (values and dtypes)."""
     sa = a.state_dict()
     return sa.keys() == b.keys() and all(
         sa[k].dtype == b[k].dtype and torch.equal(sa[k], b[k]) for k in sa)
+
+
+@pytest.fixture
+def state_equal():
+    return _state_equal
 
 
 @pytest.fixture

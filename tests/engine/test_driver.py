@@ -9,7 +9,6 @@ import torch.fx as fx
 from rewriter import graph as G
 from rewriter import load, optimize
 from rewriter.rule import RULES, Rule, StepOptions, register
-from tests.conftest import state_equal
 
 
 class _Opts(StepOptions):
@@ -52,7 +51,7 @@ def _outputs(m, batch):
         return m(**batch).last_hidden_state
 
 
-def test_success_leaves_user_model_bit_identical(minilm, frozen_state):
+def test_success_leaves_user_model_bit_identical(minilm, frozen_state, state_equal):
     before = frozen_state(minilm.model)
     training = minilm.model.training
     opt = optimize(minilm, _recipe({"drop_attention": {"max_layers": 1}}), measure_latency=False, progress=False)
@@ -61,7 +60,7 @@ def test_success_leaves_user_model_bit_identical(minilm, frozen_state):
 
 
 @pytest.mark.parametrize("rule", ["_damage", "_boom"])
-def test_rollback_restores_snapshot_exactly(bert, frozen_state, rule):
+def test_rollback_restores_snapshot_exactly(bert, frozen_state, state_equal, rule):
     before = frozen_state(bert.model)
     batch = bert.example_inputs(batch=3, seq_len=20)
     opt = optimize(bert, _recipe({rule: {"layers": "0-1"}}), measure_latency=False, progress=False)

@@ -12,7 +12,7 @@ from rewriter import load, optimize
 from rewriter.calibrate import Calibration
 from rewriter.models import load_model
 from rewriter.patterns import _normlin_fit as fit
-from tests.conftest import state_equal
+
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -86,7 +86,7 @@ def test_exact_case_recovers_input_independent_attention(heads, tied):
     torch.testing.assert_close(opt(x=x), m(x=x), atol=1e-5, rtol=1e-5)
 
 
-def test_shared_matrix_cannot_express_distinct_heads_and_gate_restores_bit_identically(frozen_state):
+def test_shared_matrix_cannot_express_distinct_heads_and_gate_restores_bit_identically(frozen_state, state_equal):
     torch.manual_seed(1)
     m = PositionalMix(tied_heads=False).eval()
     before = frozen_state(m)

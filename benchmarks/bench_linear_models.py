@@ -1,0 +1,165 @@
+"""linear_attention on real models: accuracy after attention transfer, calibration time, latency.
+
+    python benchmarks/bench_linear_models.py                  # MiniLM (hedgehog, elu1) and SmolLM2
+    python benchmarks/bench_linear_models.py --only minilm
+    python benchmarks/bench_linear_models.py --threads 1      # torch threads (1 is fastest on a loaded box)
+
+MiniLM: hedgehog (feature_dim 64, 300 Adam steps per layer) on all 6 layers gated by embedding
+cosine ≥ 0.97 on calibration sentences, and the training-free elu1 swap under the same gate; the
+held-out sentences are never used for calibration. SmolLM2: hedgehog + a 64-token softmax window
+(LoLCATs) with `layers: auto`, gated by a 5 % perplexity budget; perplexity on held-out text.
+Latency: original and rewritten interleaved in one process (median of --repeats calls) at the
+model's longest useful length, beside the ratio the report's sympy cost model predicts for the
+attention FLOPs at that length (projections + attention core, summed over sites).
+Writes benchmarks/results/linear_models.json and linear_models.png, and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rewriter import optimize
+from rewriter.gate import main_tensor, perplexity
+from rewriter.models import load_model
+from rewriter.report import N
+
+OUT = Path(__file__).parent / "results"
+
+
+@torch.no_grad()
+def side_by_side(a, b, batch, repeats):
+    a(**batch), b(**batch)
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter(); a(**batch); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); b(**batch); tb.append(time.perf_counter() - t)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def summarize(opt, wall):
+    recs = [r for r in opt.report.records if r.site is not None]
+    return {
+        "sites": [{"site": r.site, "status": r.status, "metric_after": r.metric_after, "reason": r.reason,
+                   "seconds": round(r.seconds, 1), "info": r.info} for r in recs],
+        "converted": sum(r.status == "applied" for r in recs), "of": len(opt.sites),
+        "heldout": opt.report.heldout, "wall_seconds": round(wall, 1),
+        "calibration_seconds": round(sum(r.seconds for r in recs), 1),
+        "flops_before": str(opt.report.flops_before), "flops_after": str(opt.report.flops_after)}
+
+
+def latency(loaded, opt, batch, seq_len, repeats):
+    inputs = loaded.example_inputs(batch=batch, seq_len=seq_len)
+    before, after = side_by_side(loaded.model, opt, inputs, repeats)
+    predicted = float((opt.report.flops_before / opt.report.flops_after).subs(N, seq_len))
+    return {"batch": batch, "seq_len": seq_len, "before_ms": round(before, 1), "after_ms": round(after, 1),
+            "measured_speedup": round(before / after, 3), "predicted_attention_flops_ratio": round(predicted, 3)}
+
+
+def minilm(repeats):
+    loaded = load_model("minilm")
+    calib = {"samples": 256, "seq_len": 128, "batch_size": 16, "heldout": 64}
+    gate = {"metric": "embedding_cosine", "min": 0.97}
+    out = {}
+    for label, step in (("hedgehog", {"feature_map": "hedgehog", "feature_dim": 64, "steps": 300}),
+                        ("elu1", {"feature_map": "elu1"})):
+        t = time.perf_counter()
+        opt = optimize(loaded, {"calibration": calib, "gate": gate, "steps": [{"linear_attention": step}]},
+                       progress=True, measure_latency=False)
+        out[label] = summarize(opt, time.perf_counter() - t) | {"options": step}
+        if label == "hedgehog":
+            out[label]["latency"] = latency(loaded, opt, 4, 512, repeats)   # MiniLM: 512 positions
+        print(opt.report)
+    return out
+
+
+def smollm2(repeats):
+    loaded = load_model("smollm2")
+    calib = {"samples": 16, "seq_len": 256, "batch_size": 4, "heldout": 16}
+    step = {"feature_map": "hedgehog", "feature_dim": 64, "window": 64, "layers": "auto", "steps": 60}
+    t = time.perf_counter()
+    opt = optimize(loaded, {"calibration": calib, "gate": {"metric": "perplexity_ratio", "max": 1.05},
+                            "steps": [{"linear_attention": step}]}, progress=True, measure_latency=False)
+    res = summarize(opt, time.perf_counter() - t) | {"options": step}
+    from rewriter.calibrate import make_calibration
+    held = make_calibration(loaded, **calib).heldout
+    with torch.no_grad():
+        ppl0 = perplexity(held, [main_tensor(loaded.model(**b)) for b in held])
+        ppl1 = perplexity(held, [main_tensor(opt(**b)) for b in held])
+    res["heldout_perplexity"] = {"before": round(ppl0, 3), "after": round(ppl1, 3), "ratio": round(ppl1 / ppl0, 4)}
+    res["latency"] = latency(loaded, opt, 1, 2048, repeats)
+    print(opt.report)
+    return res
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if "minilm" in results:
+        for label, style in (("hedgehog", "o-"), ("elu1", "s--")):
+            sites = results["minilm"][label]["sites"]
+            a.plot([s["site"] for s in sites], [s["metric_after"] for s in sites], style,
+                   label=f"{label}: {results['minilm'][label]['converted']}/6 kept")
+        a.axhline(0.97, color="grey", lw=0.8)
+        a.set(title="MiniLM: embedding cosine after each site's rewrite", xlabel="site", ylabel="cosine vs original")
+        a.legend()
+    names, meas, pred = [], [], []
+    for model in ("minilm", "smollm2"):
+        r = results.get(model, {})
+        lat = (r.get("hedgehog") or r).get("latency") if r else None
+        if lat:
+            names.append(f"{model}\nN={lat['seq_len']}")
+            meas.append(lat["measured_speedup"])
+            pred.append(lat["predicted_attention_flops_ratio"])
+    x = range(len(names))
+    b.bar([i - 0.2 for i in x], meas, 0.4, label="measured end-to-end speedup")
+    b.bar([i + 0.2 for i in x], pred, 0.4, label="predicted attention-FLOPs ratio")
+    b.axhline(1.0, color="grey", lw=0.8)
+    b.set_xticks(list(x), names)
+    b.set(title="original / rewritten (CPU)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["minilm", "smollm2"])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / (f"linear_models_{args.only}.json" if args.only else "linear_models.json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["threads"] = torch.get_num_threads()
+    if args.only in (None, "minilm"):
+        results["minilm"] = minilm(args.repeats)
+    if args.only in (None, "smollm2"):
+        results["smollm2"] = smollm2(args.repeats)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    plot(results, path.with_suffix(".png"))
+    print(f"\n{'model / map':<22}{'converted':>10}{'held-out':>22}{'calib s':>9}{'latency ms':>22}{'speedup':>9}{'predicted':>10}")
+    rows = [("minilm hedgehog", results.get("minilm", {}).get("hedgehog")),
+            ("minilm elu1", results.get("minilm", {}).get("elu1")), ("smollm2 hedgehog+w64", results.get("smollm2"))]
+    for name, r in rows:
+        if not r:
+            continue
+        h = r.get("heldout_perplexity")
+        held = f"ppl {h['before']}→{h['after']}" if h else f"cos {r['heldout'].get('value', float('nan')):.4f}"
+        lat = r.get("latency")
+        lat_s = f"{lat['before_ms']}→{lat['after_ms']}" if lat else "-"
+        print(f"{name:<22}{r['converted']:>6}/{r['of']:<3}{held:>22}{r['calibration_seconds']:>9}{lat_s:>22}"
+              f"{(lat or {}).get('measured_speedup', '-'):>9}{(lat or {}).get('predicted_attention_flops_ratio', '-'):>10}")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

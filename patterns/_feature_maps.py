@@ -1,0 +1,191 @@
+"""Feature maps for linear attention, and attention transfer: fitting them to a layer's softmax.
+
+Feature maps φ (applied per head to the SDPA's q and k; [B, H, T, d] -> [B, H, T, F]):
+
+  elu1      φ(x) = elu(x) + 1                                   F = d
+            Katharopoulos et al., "Transformers are RNNs", ICML 2020, arXiv:2006.16236, §3.2.1.
+  hedgehog  φ(x) = [softmax(xW + b), softmax(−(xW + b))]        F = 2f, W ∈ ℝ^{H×d×f}, b ∈ ℝ^{H×f}
+            Zhang et al., "The Hedgehog & the Porcupine", ICLR 2024, arXiv:2402.04347, §4.1
+            (softmax over the feature dimension of both signs, W initialized to the identity), as
+            used by LoLCATs (Zhang et al., arXiv:2410.10254; code: HazyResearch/lolcats
+            src/model/feature_map.py, `SoftmaxDim` + `FeatureMapMLP`). q and k have separate maps.
+
+Attention transfer (Hedgehog §4.2; LoLCATs §3.1, "attention transfer"): the model stays frozen;
+for one layer, given its SDPA inputs q, k, v (and key padding) on calibration batches and its
+softmax output y = softmax(s·qkᵀ)v, fit the feature maps' W, b (and, with a sliding window, the
+per-head mixing weight) with Adam to minimize the relative squared error over real query tokens
+
+    L = Σ ‖ŷ − y‖² / Σ ‖y‖²,     ŷ = linear_attention(φ_q(q), φ_k(k), v)   (or the window hybrid).
+
+LoLCATs uses the MSE on the outputs with lr 1e-2; the relative form only rescales it per layer so
+one learning rate suits every layer. One calibration batch per Adam step, cycling.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rewriter.kernels.linear_attention import hybrid_window_attention_torch, linear_attention_torch
+
+
+# ---- the feature maps (eager; patterns/linear.py emits the same math as aten graph nodes) ---------
+
+def elu1(x: Tensor) -> Tensor:
+    """φ(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, training-free."""
+    return F.elu(x) + 1
+
+
+def hedgehog(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """φ(x) = [softmax(xW + b), softmax(−(xW + b))] over features; x [B, H, T, d], w [H, d, f], b [H, 1, f]."""
+    z = torch.matmul(x, w) + b                                          # [B, H, T, f]
+    return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)         # [B, H, T, 2f]
+
+
+def hedgehog_init(heads: int, head_dim: int, feature_dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """W = identity ([d, f]; columns beyond d get N(0, 1/d) entries from a seeded generator so tied
+    features can separate), b = 0. Deterministic in (shape, seed)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(heads, head_dim, feature_dim)
+    n = min(head_dim, feature_dim)
+    w[:, :n, :n] = torch.eye(n)
+    if feature_dim > head_dim:
+        w[:, :, head_dim:] = torch.randn(heads, head_dim, feature_dim - head_dim, generator=g) / math.sqrt(head_dim)
+    return w, torch.zeros(heads, 1, feature_dim)
+
+
+# ---- masks ---------------------------------------------------------------------------------------
+
+def key_mask_from_sdpa_mask(mask: Tensor | None, batch: int) -> Tensor | None:
+    """[B, Tk] bool, True = a real key, from an SDPA attn_mask broadcastable to [B, H, Tq, Tk].
+
+    Key j is real iff some query row may attend to it: for a padding mask every row is the same,
+    and for a causal(+padding) mask the last row allows every real key, so the reduction is exact
+    for the mask kinds the rule accepts. Float (additive) masks allow an entry iff it is above the
+    dtype's lowest value (HF writes finfo.min or −inf for "masked"). Head 0 stands for all heads."""
+    if mask is None:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed.any(dim=-2).select(1, 0).expand(batch, -1)       # [B, Tk]
+
+
+# ---- attention transfer --------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One calibration batch at one attention site: the SDPA's inputs and its softmax output."""
+    q: Tensor                  # [B, H, T, d]
+    k: Tensor                  # [B, Hk, T, d]   (Hk = H when k arrives repeated)
+    v: Tensor                  # [B, Hk, T, Dv]
+    key_mask: Tensor | None    # [B, T] bool
+    target: Tensor             # [B, H, T, Dv]  softmax attention output
+
+    @property
+    def query_valid(self) -> Tensor:
+        """[B, T] bool: the real query rows (a self-attention's real keys), or all rows."""
+        B, _, T, _ = self.q.shape
+        if self.key_mask is not None and self.key_mask.shape[-1] == T:
+            return self.key_mask
+        return torch.ones(B, T, dtype=torch.bool)
+
+
+def predict(s: Sample, params: dict[str, Tensor], *, feature_map: str, causal: bool,
+            window: int | None, scale: float, eps: float) -> Tensor:
+    """The rewritten attention's output on one sample, with the PyTorch math the custom ops run."""
+    if feature_map == "elu1":
+        fq, fk = elu1(s.q), elu1(s.k)
+    else:
+        fq, fk = hedgehog(s.q, params["wq"], params["bq"]), hedgehog(s.k, params["wk"], params["bk"])
+    if window is not None:
+        return hybrid_window_attention_torch(s.q, s.k, s.v, fq, fk, window, scale, params["mix"],
+                                             s.key_mask, eps)
+    return linear_attention_torch(fq, fk, s.v, s.key_mask, causal, eps)
+
+
+def relative_error(s: Sample, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ ‖ŷ − y‖², Σ ‖y‖²) over the real query rows of one sample."""
+    rows = s.query_valid[:, None, :].expand(-1, y.shape[1], -1)     # [B, H, T]
+    return (y - s.target).pow(2).sum(-1)[rows].sum(), s.target.pow(2).sum(-1)[rows].sum()
+
+
+def evaluate(samples: list[Sample], params: dict[str, Tensor], **how) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for s in samples:
+            n, d = relative_error(s, predict(s, params, **how))
+            num, den = num + n.item(), den + d.item()
+    return num / max(den, 1e-30)
+
+
+def transfer(samples: list[Sample], *, feature_map: str, feature_dim: int, causal: bool,
+             window: int | None, scale: float, eps: float, steps: int, lr: float, seed: int,
+             label: str = "attention transfer") -> tuple[dict[str, Tensor], dict]:
+    """Fit the feature maps (and the window's mixing weights) of one site; returns (params, info).
+
+    params (fp32): hedgehog → wq [H, d, f], bq [H, 1, f], wk [Hk, d, f], bk [Hk, 1, f]; with a
+    window → mix [H] (= exp θ, kept positive; θ = 0 at the start: both parts weighted equally).
+    info: relative error before and after, steps, seconds."""
+    if not samples:
+        raise ValueError(f"{label}: no calibration samples to fit on")
+    H, d = samples[0].q.shape[1], samples[0].q.shape[3]
+    Hk = samples[0].k.shape[1]
+    leaves: dict[str, Tensor] = {}
+    if feature_map == "hedgehog":
+        leaves["wq"], leaves["bq"] = hedgehog_init(H, d, feature_dim, seed)
+        leaves["wk"], leaves["bk"] = hedgehog_init(Hk, d, feature_dim, seed + 1)
+    if window is not None:
+        leaves["theta"] = torch.zeros(H)
+    how = dict(feature_map=feature_map, causal=causal, window=window, scale=scale, eps=eps)
+
+    def params() -> dict[str, Tensor]:
+        p = {k: v for k, v in leaves.items() if k != "theta"}
+        if "theta" in leaves:
+            p["mix"] = leaves["theta"].exp()
+        return p
+
+    t0 = time.perf_counter()
+    before = evaluate(samples, params(), **how)
+    if leaves and steps > 0:
+        for v in leaves.values():
+            v.requires_grad_(True)
+        opt = torch.optim.Adam(list(leaves.values()), lr=lr)
+        with _bar(label, steps) as advance:
+            for i in range(steps):
+                s = samples[i % len(samples)]
+                num, den = relative_error(s, predict(s, params(), **how))
+                loss = num / den.clamp_min(1e-30)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                advance()
+        for v in leaves.values():
+            v.requires_grad_(False)
+    out = {k: v.detach() for k, v in params().items()}
+    after = evaluate(samples, out, **how) if leaves and steps > 0 else before
+    return out, {"transfer_error_before": round(before, 5), "transfer_error_after": round(after, 5),
+                 "steps": steps if leaves else 0, "transfer_seconds": round(time.perf_counter() - t0, 2)}
+
+
+class _bar:
+    """A transient rich progress bar (drawn only on a terminal; nests under optimize's own bar)."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), transient=True)
+        self.p.start()
+        task = self.p.add_task(self.label, total=self.total)
+        return lambda: self.p.advance(task)
+
+    def __exit__(self, *exc):
+        self.p.stop()
+        return False

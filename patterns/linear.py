@@ -1,0 +1,219 @@
+"""Linear attention by attention transfer: softmax(s·QKᵀ)V → φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1).
+
+Katharopoulos et al., "Transformers are RNNs", ICML 2020, arXiv:2006.16236 (linear attention,
+φ = elu + 1); Zhang et al., "The Hedgehog & the Porcupine", ICLR 2024, arXiv:2402.04347 (learned
+softmax feature maps, attention transfer); Zhang et al., "LoLCATs", arXiv:2410.10254 (sliding
+window of exact softmax beside the linear part, one shared normalizer, learned mixing weight).
+
+The model stays frozen. For each site, in graph order (each calibrated on the outputs of the sites
+already converted), `build` captures the SDPA's q, k, v and its output on the calibration batches
+and fits the per-head feature maps (and the window's mixing weight) so that the new attention
+reproduces that layer's softmax output (patterns/_feature_maps.py). `elu1` has nothing to fit and is
+the training-free swap. `layers: auto` first fits every site on the current model, measures the
+damage each does alone, and converts them least damaging first; every site is gated.
+
+Before:  o = sdpa(q, k, v, mask, scale)
+After:   fq = cat(softmax(q·Wq + bq), softmax(−(q·Wq + bq)))        (hedgehog; elu1: elu(q) + 1)
+         fk = cat(softmax(k·Wk + bk), softmax(−(k·Wk + bk)))
+         km = any(mask, over query rows)[:, head 0]                  (real keys, [B, Tk])
+         o  = rewriter::linear_attention(fq, fk, v, km, causal, eps)
+           or rewriter::hybrid_window_attention(q, k, v, fq, fk, window, scale, mix, km, eps)
+Exact setting: `window` ≥ the sequence length (causal models): the linear part is empty and the
+hybrid is exact softmax attention. Otherwise approximate: the gate decides.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import sympy
+import torch
+from pydantic import Field
+
+from rewriter import graph as G
+from rewriter.gate import main_tensor
+from rewriter.report import projection_flops_per_token
+from rewriter.rule import Rule, StepOptions, register
+from rewriter.site import AttentionSite
+from rewriter.trace import restore, snapshot
+
+from ._feature_maps import Sample, key_mask_from_sdpa_mask, transfer
+
+aten = torch.ops.aten
+NAME = "linear_attention"
+
+
+class LinearOptions(StepOptions):
+    feature_map: Literal["hedgehog", "elu1"] = Field(
+        default="hedgehog", description='"hedgehog": learned [softmax(xW+b), softmax(−(xW+b))] per head, '
+        'fitted by attention transfer; "elu1": elu(x)+1, training-free.')
+    feature_dim: int | None = Field(
+        default=None, ge=1, description="hedgehog projection width f per head (φ has 2f features); "
+        "default: the head dim.")
+    window: int | None = Field(
+        default=None, ge=1, description="causal models only: exact softmax over the last `window` keys "
+        "plus linear attention over the earlier ones, one normalizer, learned mixing weight (LoLCATs: 64).")
+    steps: int = Field(default=300, ge=0, description="Adam steps of attention transfer per site "
+                       "(one calibration batch per step).")
+    lr: float = Field(default=1e-2, gt=0, description="Adam learning rate (LoLCATs: 1e-2).")
+    eps: float = Field(default=1e-6, gt=0, description="added to the linear attention normalizer.")
+
+
+# ---- check ---------------------------------------------------------------------------------------
+
+def check(site: AttentionSite, opts: LinearOptions) -> str | None:
+    if site.mask == "arbitrary":
+        return ("the attention mask is neither padding nor causal; linear attention can only drop padded "
+                "keys and apply causality by prefix sums")
+    causal = site.mask in ("causal", "causal+padding")
+    if opts.window is not None and not causal:
+        return f"window={opts.window} needs a causal model (the softmax window looks back only); this site's mask is {site.mask!r}"
+    return None
+
+
+# ---- build: attention transfer on captured activations -------------------------------------------
+
+def _samples(ctx, site: AttentionSite) -> list[Sample]:
+    a = G.sdpa_args(G.node(ctx.gm, site.node))
+    names = [a["query"].name, a["key"].name, a["value"].name, site.node]
+    if a["attn_mask"] is not None:
+        names.append(a["attn_mask"].name)
+    acts = ctx.capture(names)
+    out = []
+    for i in range(len(ctx.batches)):
+        q, k, v, y = (acts[n][i].float() for n in names[:4])
+        mask = acts[names[4]][i] if len(names) > 4 else None
+        out.append(Sample(q, k, v, key_mask_from_sdpa_mask(mask, q.shape[0]), y))
+    return out
+
+
+def _fit(ctx, site: AttentionSite, opts: LinearOptions) -> tuple[dict, dict]:
+    samples = _samples(ctx, site)
+    d = samples[0].q.shape[-1]
+    params, info = transfer(
+        samples, feature_map=opts.feature_map, feature_dim=opts.feature_dim or d,
+        causal=site.mask in ("causal", "causal+padding"), window=opts.window, scale=site.scale,
+        eps=opts.eps, steps=opts.steps, lr=opts.lr, seed=site.index,
+        label=f"{NAME} site {site.index} ({site.module})")
+    return {k: v.to(_dtype(ctx, site)).contiguous() for k, v in params.items()}, info
+
+
+def _dtype(ctx, site: AttentionSite) -> torch.dtype:
+    val = G.sdpa_args(G.node(ctx.gm, site.node))["query"].meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else torch.float32
+
+
+def build(ctx, site: AttentionSite, opts: LinearOptions) -> dict:
+    built, info = _fit(ctx, site, opts)
+    ctx.info.setdefault(site.index, {}).update(info)
+    return built
+
+
+# ---- apply: the graph edit -----------------------------------------------------------------------
+
+def apply(gm, site: AttentionSite, built: dict, opts: LinearOptions) -> None:
+    sdpa = G.node(gm, site.node)
+    a = G.sdpa_args(sdpa)
+    q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
+    g = gm.graph
+    meta = {key: sdpa.meta[key] for key in ("nn_module_stack", "stack_trace") if key in sdpa.meta}
+
+    def op(target, *args):
+        with g.inserting_before(sdpa):
+            n = g.call_function(target, args)
+        n.meta.update(meta)
+        n.meta["rewriter"] = {"rule": NAME, "site": site.index}
+        return n
+
+    def buf(key):
+        return G.register_tensor(gm, G.buffer_name(NAME, site.index, key), built[key], before=sdpa)
+
+    def phi(x, side):
+        if opts.feature_map == "elu1":
+            return op(aten.add.Tensor, op(aten.elu.default, x), 1.0)
+        z = op(aten.add.Tensor, op(aten.matmul.default, x, buf(f"w{side}")), buf(f"b{side}"))   # [B, H, T, f]
+        return op(aten.cat.default, [op(aten.softmax.int, z, -1), op(aten.softmax.int, op(aten.neg.default, z), -1)], -1)
+
+    fq, fk = phi(q, "q"), phi(k, "k")
+    km = None
+    if mask is not None:          # key j is real iff some query row may attend to it (see key_mask_from_sdpa_mask)
+        mval = mask.meta.get("val")
+        allowed = mask
+        if isinstance(mval, torch.Tensor) and mval.dtype != torch.bool:
+            allowed = op(aten.gt.Scalar, mask, torch.finfo(mval.dtype).min)
+        for _ in range(4 - (mval.dim() if isinstance(mval, torch.Tensor) else 4)):
+            allowed = op(aten.unsqueeze.default, allowed, 0)
+        reduced = op(aten.select.int, op(aten.any.dim, allowed, -2), 1, 0)                    # [B | 1, Tk]
+        km = op(aten.expand.default, reduced, [op(aten.sym_size.int, q, 0), -1])             # [B, Tk]
+    causal = site.mask in ("causal", "causal+padding")
+    if opts.window is not None:
+        args = (q, k, v, fq, fk, opts.window, float(site.scale), buf("mix"), km, opts.eps)
+        G.replace_with_op(gm, sdpa, torch.ops.rewriter.hybrid_window_attention.default, args, rule=NAME, site=site.index)
+    else:
+        args = (fq, fk, v, km, causal, opts.eps)
+        G.replace_with_op(gm, sdpa, torch.ops.rewriter.linear_attention.default, args, rule=NAME, site=site.index)
+
+
+# ---- plan: `layers: auto` converts the least damaging sites first --------------------------------
+
+@torch.no_grad()
+def _outputs(gm, batches) -> list[torch.Tensor]:
+    return [main_tensor(gm(**b)).detach() for b in batches]
+
+
+def _damage(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
+    """Relative RMS change of the model's main output, ‖y − y₀‖ / ‖y₀‖ over all calibration batches."""
+    num = sum((y - y0).double().pow(2).sum().item() for y0, y in zip(ref, new))
+    den = sum(y0.double().pow(2).sum().item() for y0 in ref)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def plan(ctx, sites: list[AttentionSite], opts: LinearOptions) -> list[AttentionSite]:
+    if opts.layers != "auto":
+        return sites
+    usable = [s for s in sites if check(s, opts) is None]
+    ref = _outputs(ctx.gm, ctx.batches)
+    damage = {}
+    for s in usable:            # each site fitted and applied alone on the current model, then undone
+        snap = snapshot(ctx.gm)
+        try:
+            built, _ = _fit(ctx, s, opts)
+            apply(ctx.gm, s, built, opts)
+            G.clean(ctx.gm)
+            damage[s.index] = _damage(ref, _outputs(ctx.gm, ctx.batches))
+        finally:
+            restore(ctx.gm, snap)
+        ctx.info[s.index] = {"damage_alone": round(damage[s.index], 5)}
+    ranked = sorted(usable, key=lambda s: damage[s.index])
+    return ranked + [s for s in sites if s not in usable]
+
+
+# ---- cost: attention FLOPs per token after the rewrite (report.N-free: linear in N overall) --------
+
+CHUNK = 64   # the causal kernels' chunk length (kernels/linear_attention CHUNK)
+
+
+def cost(site: AttentionSite, opts: LinearOptions) -> sympy.Expr:
+    """Per token: the q/k/v/o projections (unchanged) + the feature maps (2·d·f per head for q and for
+    k) + the linear attention core: state update φ(k)ᵀv (2·F·Dv per kv head) and read-out φ(q)ᵀS,
+    φ(q)ᵀz (2·F·Dv + 2·F per head), F = 2f (hedgehog) or d (elu1). Causal adds the chunked form's
+    intra-chunk terms, 2·C·(F + Dv) per head with C = 64; a window adds the softmax over W keys,
+    4·W·d per head. None of it grows with N."""
+    H, d = site.heads, site.head_dim
+    Hk = H if site.extra.get("gqa_repeat") else site.kv_heads    # k/v reach the SDPA repeated (HF llama)
+    f = opts.feature_dim or d
+    F_ = 2 * f if opts.feature_map == "hedgehog" else d
+    maps = 2 * d * f * (H + Hk) if opts.feature_map == "hedgehog" else 0
+    core = 2 * F_ * d * Hk + (2 * F_ * d + 2 * F_) * H
+    if site.mask in ("causal", "causal+padding"):
+        core += 2 * CHUNK * (F_ + d) * H
+    if opts.window is not None:
+        core += 4 * opts.window * d * H
+    return projection_flops_per_token(site) + sympy.Integer(maps + core)
+
+
+register(Rule(
+    name=NAME, paper='Katharopoulos et al., arXiv:2006.16236; Zhang et al. "Hedgehog", arXiv:2402.04347; '
+    'Zhang et al. "LoLCATs", arXiv:2410.10254', exact=False, options=LinearOptions,
+    summary="softmax attention → linear attention with feature maps fitted by attention transfer "
+            "(optionally + a sliding softmax window)",
+    check=check, build=build, apply=apply, plan=plan, cost=cost))
