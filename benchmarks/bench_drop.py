@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from rewriter import optimize
+from rewriter.api import latency_ms
 from rewriter.models import load_model
 
 OUT = Path(__file__).parent / "results"
 
 
-@torch.no_grad()
-def side_by_side(a, b, batch, repeats):
-    a(**batch), b(**batch)
-    ta, tb = [], []
-    for _ in range(repeats):
-        t = time.perf_counter(); a(**batch); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); b(**batch); tb.append(time.perf_counter() - t)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
 def run(name, drops, lengths, gate, calib, repeats, options=None):
@@ -49,7 +40,7 @@ def run(name, drops, lengths, gate, calib, repeats, options=None):
         h = opt.report.heldout
         for n in lengths:
             batch = loaded.example_inputs(batch=1, seq_len=n)
-            before, after = side_by_side(loaded.model.eval(), opt, batch, repeats)
+            before, after = latency_ms([loaded.model.eval(), opt], batch, repeats)
             rows.append({"model": name, "drops_asked": k, "dropped_sites": applied, "seq_len": n,
                          "before_ms": round(before, 2), "after_ms": round(after, 2),
                          "speedup": round(before / after, 3), "heldout_metric": h["metric"],

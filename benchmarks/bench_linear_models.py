@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from rewriter import optimize
+from rewriter.api import latency_ms
 from rewriter.gate import main_tensor, perplexity
 from rewriter.models import load_model
 from rewriter.report import N
@@ -31,14 +31,6 @@ from rewriter.report import N
 OUT = Path(__file__).parent / "results"
 
 
-@torch.no_grad()
-def side_by_side(a, b, batch, repeats):
-    a(**batch), b(**batch)
-    ta, tb = [], []
-    for _ in range(repeats):
-        t = time.perf_counter(); a(**batch); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); b(**batch); tb.append(time.perf_counter() - t)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
 def summarize(opt, wall):
@@ -54,7 +46,7 @@ def summarize(opt, wall):
 
 def latency(loaded, opt, batch, seq_len, repeats):
     inputs = loaded.example_inputs(batch=batch, seq_len=seq_len)
-    before, after = side_by_side(loaded.model, opt, inputs, repeats)
+    before, after = latency_ms([loaded.model, opt], inputs, repeats)
     predicted = float((opt.report.flops_before / opt.report.flops_after).subs(N, seq_len))
     return {"batch": batch, "seq_len": seq_len, "before_ms": round(before, 1), "after_ms": round(after, 1),
             "measured_speedup": round(before / after, 3), "predicted_attention_flops_ratio": round(predicted, 3)}

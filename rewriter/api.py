@@ -132,8 +132,9 @@ def _unique_numel(module: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def _latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
-    """Median wall time per call of each model, interleaved in one process so load drifts cancel."""
+def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
+    """Median wall time (ms) per call of each model on `batch`, after one warm-up call each, the calls
+    interleaved in one process so that load drifts hit all models alike. Benchmarks use it too."""
     for m in models:
         m(**batch)
     times = [[] for _ in models]
@@ -206,7 +207,7 @@ def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, 
     latency = {}
     if measure_latency:
         b = calib.batches[0]
-        before_ms, after_ms = _latency_ms([original, gm], b)
+        before_ms, after_ms = latency_ms([original, gm], b)
         latency = {"seq_len": int(next(iter(b.values())).shape[-1]) if b else None,
                    "batch": int(next(iter(b.values())).shape[0]) if b else None,
                    "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}

@@ -23,6 +23,20 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
+def bert():
+    """Tiny seeded BERT (4 layers, hidden 64): for engine promises that do not depend on model size."""
+    from rewriter.models import load_model
+    return load_model("bert")
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """Tiny seeded Llama (GQA 4/2 heads, RoPE, causal)."""
+    from rewriter.models import load_model
+    return load_model("llama")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     from rewriter.models import load_model
     return load_model("smollm2")

@@ -12,16 +12,6 @@ from rewriter.models import Loaded, digit_indices, load_model
 
 
 @pytest.fixture(scope="module")
-def bert():
-    return load_model("bert")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("llama")
-
-
-@pytest.fixture(scope="module")
 def vit():
     return load_model("vit")
 

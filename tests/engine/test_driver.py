@@ -1,10 +1,8 @@
 """The driver's promises: the user's model is never modified; a failed gate or a failing rule
 restores the snapshot exactly; decisions are recorded; save → load reproduces outputs."""
-import copy
 
 import pytest
 import torch
-import torch.fx as fx
 
 from rewriter import graph as G
 from rewriter import load, optimize
@@ -31,13 +29,6 @@ for _name, _apply in (("_damage", _zero_attention), ("_boom", _half_edit_then_ra
     if _name not in RULES:
         register(Rule(_name, paper="test", summary="test rule", exact=False, options=_Opts,
                       check=lambda s, o: None, build=lambda c, s, o: {}, apply=_apply))
-
-
-@pytest.fixture(scope="module")
-def bert():
-    """A tiny seeded BERT: the engine's promises do not depend on the model's size."""
-    from rewriter.models import load_model
-    return load_model("bert")
 
 
 def _recipe(step, metric="embedding_cosine", **bound):

@@ -2,7 +2,6 @@
 replaces SDPA, the window ≥ T setting is exact, the rewritten graph computes what attention transfer
 fitted, refuses with reasons, the gate rolls back damage bit-identically, auto ranks by damage, and
 save → load / torch.compile reproduce outputs."""
-import pytest
 import torch
 
 from rewriter import graph as G
@@ -13,18 +12,6 @@ from rewriter.patterns._feature_maps import Sample, elu1, hedgehog, key_mask_fro
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.rewriter.linear_attention.default
 HYBRID = torch.ops.rewriter.hybrid_window_attention.default
-
-
-@pytest.fixture(scope="module")
-def bert():
-    from rewriter.models import load_model
-    return load_model("bert")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from rewriter.models import load_model
-    return load_model("llama")
 
 
 def _recipe(step, seq_len=32, **gate):

@@ -45,12 +45,6 @@ def _state_bytes(m: torch.nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def llama():
-    from rewriter.models import load_model
-    return load_model("llama")
-
-
-@pytest.fixture(scope="module")
 def batch(llama):
     return llama.example_inputs(batch=3, seq_len=11)
 
