@@ -259,8 +259,11 @@ class OptimizedModel(torch.nn.Module):
         save_file(tensors, str(path / "tensors.safetensors"))
         return path
 
-    def export_onnx(self, path: str | Path, example_inputs: dict | None = None) -> Path:
-        """Export through torch.onnx (dynamo) with the custom ops' onnxscript translations."""
+    def export_onnx(self, path: str | Path, example_inputs: dict | None = None, *, dynamic: bool = True) -> Path:
+        """Export through torch.onnx (dynamo) with the custom ops' onnxscript translations. `dynamic`
+        keeps batch and sequence symbolic (tested for linear attention); models rewritten with agent or
+        routed attention must be exported with dynamic=False at the length they serve: the agent count
+        min(agents, T) and the routing tables depend on T, and their dynamic ONNX graphs are not right yet."""
         import rewriter.kernels as K
         args, kwargs = self.example
         if example_inputs is not None:
@@ -272,9 +275,10 @@ class OptimizedModel(torch.nn.Module):
 
         from .trace import _dynamic_shapes
         dyn_args, dyn_kwargs = _dynamic_shapes(self.graph_module, tuple(args), kwargs)
-        dynamic = dict(zip(_inspect.signature(self.graph_module.forward).parameters, dyn_args)) | dyn_kwargs
+        shapes = dict(zip(_inspect.signature(self.graph_module.forward).parameters, dyn_args)) | dyn_kwargs
         torch.onnx.export(self.graph_module, tuple(args), str(path), kwargs=kwargs, dynamo=True,
-                          dynamic_shapes=dynamic, custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
+                          dynamic_shapes=shapes if dynamic else None,
+                          custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
         return Path(path)
 
 
