@@ -59,6 +59,18 @@ def _cycled(pool: list, n: int, rng: random.Random) -> tuple[list, int]:
     return out, passes
 
 
+def _draw(pool: list, n: int, seed: int, notes: list, *, source: str, unit: str,
+          heldout: bool = False) -> list:
+    """n items drawn from `pool` (cycled when it is short, with a note saying so); the held-out draw
+    has its own random stream so it never depends on the calibration draw."""
+    picked, passes = _cycled(pool, n, random.Random(f"heldout-{seed}" if heldout else seed))
+    if passes > 1:
+        have = f"only {len(pool)} exist" if heldout else f"only {len(pool)} calibration {unit} exist"
+        _note(notes, f"{source}: {n} {'held-out ' if heldout else ''}{unit} requested but {have}; "
+                     f"repeating them ({passes} passes)")
+    return picked
+
+
 def _batched(items: list, batch_size: int) -> list[list]:
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
@@ -107,14 +119,8 @@ def make_calibration(loaded: Loaded, text: str = "bundled", samples: int = 64, s
         cal_pool, held_pool = src.samples, src.heldout_samples
         if heldout and not held_pool:
             raise ValueError(f"make_calibration: {src.name} has no held-out samples")
-        picked, passes = _cycled(cal_pool, samples, random.Random(seed))
-        if passes > 1:
-            _note(notes, f"{src.name}: {samples} samples requested but only {len(cal_pool)} "
-                         f"calibration samples exist; repeating them ({passes} passes)")
-        held, held_passes = _cycled(held_pool, heldout, random.Random(f"heldout-{seed}"))
-        if held_passes > 1:
-            _note(notes, f"{src.name}: {heldout} held-out samples requested but only "
-                         f"{len(held_pool)} exist; repeating them ({held_passes} passes)")
+        picked = _draw(cal_pool, samples, seed, notes, source=src.name, unit="samples")
+        held = _draw(held_pool, heldout, seed, notes, source=src.name, unit="samples", heldout=True)
         batches = [_encode_encoder(loaded, b, seq_len) for b in _batched(picked, batch_size)]
         held_batches = [_encode_encoder(loaded, b, seq_len) for b in _batched(held, batch_size)]
     else:                                                   # causal_lm
@@ -144,14 +150,8 @@ def _vision(loaded: Loaded, text: str, samples: int, batch_size: int, heldout: i
                          f"{text!r} does not apply (use 'bundled' or 'digits' for the bundled "
                          f"scikit-learn digits images)")
     cal_pool, held_pool = digit_indices()
-    picked, passes = _cycled(cal_pool, samples, random.Random(seed))
-    if passes > 1:
-        _note(notes, f"digits: {samples} images requested but only {len(cal_pool)} calibration "
-                     f"images exist; repeating them ({passes} passes)")
-    held, held_passes = _cycled(held_pool, heldout, random.Random(f"heldout-{seed}"))
-    if held_passes > 1:
-        _note(notes, f"digits: {heldout} held-out images requested but only {len(held_pool)} "
-                     f"exist; repeating them ({held_passes} passes)")
+    picked = _draw(cal_pool, samples, seed, notes, source="digits", unit="images")
+    held = _draw(held_pool, heldout, seed, notes, source="digits", unit="images", heldout=True)
 
     def pixels(idx: list[int]) -> dict:
         return {"pixel_values": digits_pixel_values(idx, loaded.image_size, loaded.num_channels,
