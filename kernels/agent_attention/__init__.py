@@ -7,7 +7,7 @@ arXiv:2312.08874 (code: LeapLabTHU/Agent-Attention); training-free form from Age
     agent_attention(q [B,H,N,D], k [B,Hkv,N,D], v [B,Hkv,N,Dv], agents [B,H,n,D],
                     key_mask bool [B,N] | None  (True = real token; padded keys get no weight),
                     scale1 [H], scale2 [H]      (per-head temperatures, fp32, differentiable),
-                    bias1 [H,n,N] | None, bias2 [H,N,n] | None   (additive position biases),
+                    bias1 [(B,) H,n,N] | None, bias2 [(B,) H,N,n] | None   (additive biases, per sample or shared),
                     shortcut [H]                (per-head weight c of the c·V term))
         -> O [B,H,N,Dv] in q.dtype
 
@@ -32,7 +32,7 @@ from rewriter.kernels import register_onnx
 
 from .reference import agent_attention_ref
 
-__all__ = ["agent_attention", "pool_agents", "agent_attention_ref"]
+__all__ = ["agent_attention", "agent_attention_ref", "agent_bias", "agent_windows", "pool_agents"]
 
 _OP = "rewriter::agent_attention"
 
@@ -54,10 +54,11 @@ def _check_inputs(q, k, v, agents, key_mask, scale1, scale2, bias1, bias2, short
     for name, t in (("scale1", scale1), ("scale2", scale2), ("shortcut", shortcut)):
         if tuple(t.shape) != (H,):
             raise ValueError(f"{_OP}: {name} must be a [H={H}] tensor, got shape {tuple(t.shape)}")
-    if bias1 is not None and tuple(bias1.shape) != (H, n, N):
-        raise ValueError(f"{_OP}: bias1 must be [H={H}, n={n}, N={N}], got {tuple(bias1.shape)}")
-    if bias2 is not None and tuple(bias2.shape) != (H, N, n):
-        raise ValueError(f"{_OP}: bias2 must be [H={H}, N={N}, n={n}], got {tuple(bias2.shape)}")
+    for name, bias, tail in (("bias1", bias1, (H, n, N)), ("bias2", bias2, (H, N, n))):
+        if bias is not None and tuple(bias.shape) not in (tail, (B, *tail), (1, *tail)):
+            raise ValueError(f"{_OP}: {name} must be [H={H}, {'n' if name == 'bias1' else 'N'}={tail[1]}, "
+                             f"{'N' if name == 'bias1' else 'n'}={tail[2]}] or with a leading batch dim "
+                             f"[B={B}, ...], got {tuple(bias.shape)}")
 
 
 def _math(q, k, v, agents, key_mask, scale1, scale2, bias1, bias2, shortcut):
@@ -157,36 +158,64 @@ def agent_attention(q, k, v, agents, *, key_mask: torch.Tensor | None = None,
     return torch.ops.rewriter.agent_attention(q, k, v, agents, key_mask, s1, s2, bias1, bias2, c)
 
 
-def pool_agents(q: torch.Tensor, n: int, key_mask: torch.Tensor | None = None, prefix: int = 0) -> torch.Tensor:
-    """Agent tokens by adaptive average pooling of q [B, H, N, D] over the VALID tokens.
+def agent_windows(key_mask: torch.Tensor | None, batch: int, tokens, n: int, prefix: int = 0,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each agent pools from, per sample: adaptive-average-pooling windows over the VALID
+    tokens (key_mask [B, N] True; all when None) after the first `prefix` of them (e.g. CLS).
 
-    Per sample, the valid tokens (key_mask [B, N] True; all when None) are ranked in order;
-    the first `prefix` of them (e.g. CLS) stay out of the pooling, and the remaining L_b are
-    cut into n windows the way adaptive_avg_pool1d does (window i covers ranks
-    [⌊i·L/n⌋, ⌈(i+1)·L/n⌉)), so padding never enters an agent and left or right padding
-    both work. n is capped at N − prefix (the static token count); a sample with L_b < n
-    valid tokens repeats them (adaptive pooling's rule), and one with L_b = 0 gets zeros.
-    Pure tensor math, no data-dependent shapes: it traces under torch.export.
-    Returns [B, H, min(n, N − prefix), D] in q.dtype.
-    """
-    B, H, N, D = q.shape
+    n is capped at N − prefix (the static token count). A sample with L_b valid pooled tokens
+    gets n_b = min(n, L_b) live agents, window i covering ranks [⌊i·L/n_b⌋, ⌈(i+1)·L/n_b⌉) (the
+    adaptive_avg_pool1d rule); its agents n_b … n−1 are dead (zero weights) and must get no
+    weight in stage 2 (`agent_bias` puts −inf there). So a sample's agents — and the op's
+    output — do not depend on how much padding its batch adds: batch-invariant. Pure tensor
+    math, no data-dependent shapes: it traces under torch.export.
+
+    Returns weights [B, n, N] (each live row averages its window), live [B, n] bool, and
+    distance [B, N, n]: token j's distance to agent i's window centre in units of the window
+    width L_b/n_b (0 for tokens that are not pooled: padding and the prefix)."""
     if n < 1 or prefix < 0:
         raise ValueError(f"pool_agents: need n ≥ 1 and prefix ≥ 0, got n={n}, prefix={prefix}")
-    if key_mask is not None and tuple(key_mask.shape) != (B, N):
-        raise ValueError(f"pool_agents: key_mask must be [B={B}, N={N}], got {tuple(key_mask.shape)}")
-    n_out = torch.sym_min(n, N - prefix) if isinstance(N, torch.SymInt) else min(n, N - prefix)
+    if key_mask is not None and tuple(key_mask.shape) != (batch, tokens):
+        raise ValueError(f"pool_agents: key_mask must be [B={batch}, N={tokens}], got {tuple(key_mask.shape)}")
+    n_out = torch.sym_min(n, tokens - prefix) if isinstance(tokens, torch.SymInt) else min(n, tokens - prefix)
     if isinstance(n_out, int) and n_out < 1:
-        raise ValueError(f"pool_agents: prefix={prefix} leaves no token to pool out of N={N}")
-    valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+        raise ValueError(f"pool_agents: prefix={prefix} leaves no token to pool out of N={tokens}")
+    valid = (torch.ones(batch, tokens, dtype=torch.bool, device=device) if key_mask is None
+             else key_mask.bool())
     rank = valid.long().cumsum(-1) - 1 - prefix                   # rank among pooled tokens, [B, N]
     pooled = valid & (rank >= 0)
     length = pooled.sum(-1, keepdim=True)                         # L_b, [B, 1]
-    i = torch.arange(n_out, device=q.device)                      # [n]
-    start = (i * length) // n_out                                 # [B, n]
-    end = ((i + 1) * length + n_out - 1) // n_out
-    window = pooled[:, None, :] & (rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < end[..., None])
-    weights = window.to(q.dtype) / (end - start).clamp(min=1)[..., None].to(q.dtype)    # [B, n, N]
-    return torch.einsum("bnt,bhtd->bhnd", weights, q)
+    live_n = length.clamp(min=1, max=n_out)                       # n_b, [B, 1]
+    i = torch.arange(n_out, device=valid.device)                  # [n]
+    live = i < live_n                                             # [B, n]
+    start = (i * length) // live_n                                # [B, n]
+    end = ((i + 1) * length + live_n - 1) // live_n
+    window = (pooled[:, None, :] & live[..., None]
+              & (rank[:, None, :] >= start[..., None]) & (rank[:, None, :] < end[..., None]))
+    weights = window.float() / (end - start).clamp(min=1)[..., None].float()          # [B, n, N]
+    centre = (start + end - 1).float() / 2                                            # [B, n]
+    width = (length.float() / live_n.float()).clamp(min=1.0)                          # [B, 1]
+    distance = (rank[:, :, None].float() - centre[:, None, :]).abs() / width[..., None]
+    distance = distance * pooled[:, :, None]                                          # [B, N, n]
+    return weights, live, distance
+
+
+def pool_agents(q: torch.Tensor, n: int, key_mask: torch.Tensor | None = None, prefix: int = 0) -> torch.Tensor:
+    """Agent tokens [B, H, min(n, N − prefix), D] in q.dtype: adaptive average pooling of
+    q [B, H, N, D] over the valid tokens (`agent_windows`; dead agents of short samples are 0)."""
+    B, H, N, D = q.shape
+    weights, _, _ = agent_windows(key_mask, B, N, n, prefix, q.device)
+    return torch.einsum("bnt,bhtd->bhnd", weights.to(q.dtype), q)
+
+
+def agent_bias(live: torch.Tensor, distance: torch.Tensor, beta1: torch.Tensor | None,
+               beta2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The agent biases from `agent_windows`: B₂ [B, H, N, n] = −β₂,h · distance, −inf at dead
+    agents; B₁ [B, H, n, N] = −β₁,h · distanceᵀ (None when beta1 is None). β per head, [H]."""
+    b2 = -beta2.float()[None, :, None, None] * distance[:, None]
+    b2 = b2.masked_fill(~live[:, None, None, :], float("-inf"))
+    b1 = None if beta1 is None else -beta1.float()[None, :, None, None] * distance.transpose(1, 2)[:, None]
+    return b1, b2
 
 
 # --------------------------------------------------------------------------- ONNX

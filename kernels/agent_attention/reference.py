@@ -7,7 +7,7 @@ the values, then broadcast them back to every query:
     V_A = softmax(A Kᵀ · s₁ + B₁) V          agents as queries   [n, Dv]   (padded keys excluded)
     O   = softmax(Q Aᵀ · s₂ + B₂) V_A + c·V  agents as keys      [N, Dv]
 
-s₁, s₂ are per-head temperatures, B₁ [H, n, N] / B₂ [H, N, n] optional additive position
+s₁, s₂ are per-head temperatures, B₁ [(B,) H, n, N] / B₂ [(B,) H, N, n] optional additive
 biases, c a per-head shortcut weight (AgentSD's training-free form uses c = 0.075). Cost
 O(N·n·d) instead of O(N²·d). Agents are usually the average-pooled queries (`pool_agents`).
 """
@@ -24,8 +24,8 @@ def agent_attention_ref(
     key_mask: torch.Tensor | None,      # bool [B, N], True = real token
     scale1: torch.Tensor,               # [H]
     scale2: torch.Tensor,               # [H]
-    bias1: torch.Tensor | None,         # [H, n, N]
-    bias2: torch.Tensor | None,         # [H, N, n]
+    bias1: torch.Tensor | None,         # [(B,) H, n, N]
+    bias2: torch.Tensor | None,         # [(B,) H, N, n]
     shortcut: torch.Tensor,             # [H]
 ) -> torch.Tensor:
     """Returns O in fp32, [B, H, N, Dv]. An agent that sees no valid key aggregates 0."""

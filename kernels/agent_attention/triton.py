@@ -13,8 +13,8 @@ Han et al., "Agent Attention", ECCV 2024, arXiv:2312.08874.
      adds the shortcut c·V. Traffic: read N·(D + Dv) of Q/V and n·(D + Dv) per query block.
 
 Scores live in base 2 (scale · log2 e, exp2), as in the Triton fused-attention tutorial.
-Position biases B₁ [H, n, N] / B₂ [H, N, n] are supported (any strides, so broadcast
-views work); per-head temperatures and shortcut are read from [H] tensors.
+Biases B₁ [(B,) H, n, N] / B₂ [(B,) H, N, n] are supported (any strides, so broadcast
+views work; −inf entries mask agents in stage 2 as long as agent 0 stays finite); per-head temperatures and shortcut are read from [H] tensors.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def agent_attention_agents_fwd_kernel(
     s_kb, s_kh, s_kt, s_kd,
     s_vb, s_vh, s_vt, s_vd,
     s_mb, s_mt,
-    s_bh, s_ba, s_bt,
+    s_bb, s_bh, s_ba, s_bt,
     N, N_AG, SPLIT_LEN,
     H: tl.constexpr, GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -82,7 +82,7 @@ def agent_attention_agents_fwd_kernel(
 
         b_s = tl.dot(b_a, tl.trans(b_k), input_precision=DOT_PRECISION) * b_scale   # [BLOCK_A, BLOCK_N]
         if HAS_BIAS:
-            p_b = bias1 + i_h * s_bh + o_a[:, None].to(tl.int64) * s_ba + o_n[None, :] * s_bt
+            p_b = bias1 + i_b * s_bb + i_h * s_bh + o_a[:, None].to(tl.int64) * s_ba + o_n[None, :] * s_bt
             b_s += tl.load(p_b, mask=m_a[:, None] & m_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
 
@@ -139,7 +139,7 @@ def agent_attention_fwd_kernel(
     s_qb, s_qh, s_qt, s_qd,
     s_ab, s_ah, s_an, s_ad,
     s_vb, s_vh, s_vt, s_vd,
-    s_bh, s_bt, s_ba,
+    s_bb, s_bh, s_bt, s_ba,
     s_ob, s_oh, s_ot, s_od,
     N, N_AG,
     H: tl.constexpr, GROUP: tl.constexpr,
@@ -182,11 +182,11 @@ def agent_attention_fwd_kernel(
 
         b_s = tl.dot(b_q, tl.trans(b_a), input_precision=DOT_PRECISION) * b_scale   # [BLOCK_N, BLOCK_A]
         if HAS_BIAS:
-            p_b = bias2 + i_h * s_bh + o_n[:, None] * s_bt + o_a[None, :] * s_ba
+            p_b = bias2 + i_b * s_bb + i_h * s_bh + o_n[:, None] * s_bt + o_a[None, :] * s_ba
             b_s += tl.load(p_b, mask=m_n[:, None] & m_a[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         b_s = tl.where(m_a[None, :], b_s, float("-inf"))
 
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))               # finite: n ≥ 1 agents, none masked
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))               # finite: agent 0 is never masked
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
@@ -213,6 +213,12 @@ def dot_f32(dtype: torch.dtype) -> bool:
     return _interpreting() and dtype in (torch.bfloat16, torch.float16)
 
 
+def _batched_bias(bias: torch.Tensor, batch: int) -> torch.Tensor:
+    """A [H, ·, ·] (shared) or [1 | B, H, ·, ·] bias as a [B, H, ·, ·] view: stride 0 over the batch
+    when shared, so the kernels index every bias the same way."""
+    return (bias[None] if bias.dim() == 3 else bias).expand(batch, *bias.shape[-3:])
+
+
 def _pad(x: int) -> int:
     return max(16, triton.next_power_of_2(x))          # 16: tl.dot's smallest tile side
 
@@ -225,8 +231,8 @@ def agent_attention_triton(
     key_mask: torch.Tensor | None,      # bool [B, N]
     scale1: torch.Tensor,               # [H]
     scale2: torch.Tensor,               # [H]
-    bias1: torch.Tensor | None,         # [H, n, N]
-    bias2: torch.Tensor | None,         # [H, N, n]
+    bias1: torch.Tensor | None,         # [(B,) H, n, N]
+    bias2: torch.Tensor | None,         # [(B,) H, N, n]
     shortcut: torch.Tensor,             # [H]
     *,
     num_splits: int | None = None,
@@ -265,8 +271,8 @@ def agent_attention_triton(
     ws_acc = torch.empty(B * H, num_splits, n_ag, dv_pad, dtype=f32, device=dev)
     ws_m = torch.empty(B * H, num_splits, n_ag, dtype=f32, device=dev)
     ws_l = torch.empty(B * H, num_splits, n_ag, dtype=f32, device=dev)
-    b1 = bias1 if bias1 is not None else q
-    s_b1 = bias1.stride() if bias1 is not None else (0, 0, 0)
+    b1 = _batched_bias(bias1, B) if bias1 is not None else q
+    s_b1 = b1.stride() if bias1 is not None else (0, 0, 0, 0)
     agent_attention_agents_fwd_kernel[(n_ablocks, num_splits, B * H)](
         agents, k, v, key_mask, b1, scale1, ws_acc, ws_m, ws_l,
         *agents.stride(), *k.stride(), *v.stride(), *s_m, *s_b1,
@@ -287,8 +293,8 @@ def agent_attention_triton(
     block_n2 = 64 if block_a2 <= 128 else 32
     if out is None:
         out = torch.empty(B, H, N, d_v, dtype=q.dtype, device=dev)
-    b2 = bias2 if bias2 is not None else q
-    s_b2 = bias2.stride() if bias2 is not None else (0, 0, 0)
+    b2 = _batched_bias(bias2, B) if bias2 is not None else q
+    s_b2 = b2.stride() if bias2 is not None else (0, 0, 0, 0)
     agent_attention_fwd_kernel[(triton.cdiv(N, block_n2), B * H)](
         q, agents, v_agents, v, b2, scale2, shortcut, out,
         *q.stride(), *agents.stride(), *v.stride(), *s_b2, *out.stride(),

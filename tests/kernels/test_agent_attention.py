@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import rewriter.kernels as K
-from rewriter.kernels.agent_attention import agent_attention, agent_attention_ref, pool_agents
+from rewriter.kernels.agent_attention import (agent_attention, agent_attention_ref, agent_bias, agent_windows,
+                                              pool_agents)
 from rewriter.kernels.agent_attention.triton import agent_attention_triton
 
 # Relative RMS error bounds. fp32: only the order of fp32 sums differs (split-K merge, online
@@ -37,6 +38,9 @@ def make_args(B, H, Hkv, N, D, n, *, dtype=torch.float32, masked=False, bias=Fal
     scale2 = (0.5 + torch.rand(H, generator=g)) * D ** -0.5
     bias1 = 0.5 * torch.randn(H, n, N, generator=g) if bias else None
     bias2 = 0.5 * torch.randn(H, N, n, generator=g) if bias else None
+    if bias == "per_sample":    # what the rule passes: [B, H, ...] agent biases, −inf on dead agents
+        _, live, dist = agent_windows(key_mask, B, N, n)
+        bias1, bias2 = agent_bias(live, dist, torch.rand(H, generator=g), 1 + torch.rand(H, generator=g))
     shortcut = 0.1 * torch.rand(H, generator=g)
     cast = lambda t: t.to(dtype)                  # noqa: E731
     return [cast(q), cast(k), cast(v), cast(agents), key_mask, scale1, scale2, bias1, bias2, shortcut]
@@ -45,6 +49,7 @@ def make_args(B, H, Hkv, N, D, n, *, dtype=torch.float32, masked=False, bias=Fal
 CASES = [  # (B, H, Hkv, N, D, n, masked, bias, num_splits, block_n)
     pytest.param(1, 4, 4, 63, 60, 7, False, False, None, 64, id="B1-N63-H4-D60-n7"),
     pytest.param(3, 4, 2, 63, 60, 9, True, True, 3, 16, id="B3-N63-H4-HKV2-D60-n9-pad-bias-split2"),
+    pytest.param(3, 2, 1, 13, 16, 12, True, "per_sample", 2, 16, id="B3-N13-n12-short-samples-per-sample-bias"),
 ]
 
 
@@ -112,7 +117,13 @@ def test_pool_agents_is_adaptive_average_pooling_over_valid_tokens():
     assert agents.shape == (B, H, n, D)
     for b in range(B):
         tokens = q[b][:, key_mask[b]][:, prefix:]  # valid tokens, CLS-like prefix left out
-        torch.testing.assert_close(agents[b], pool(tokens, n))   # L < n: tokens repeat, as pooling does
+        live = min(n, tokens.shape[1])             # L < n: one agent per token, the rest dead (zero)
+        torch.testing.assert_close(agents[b, :, :live], pool(tokens, live))
+        assert (agents[b, :, live:] == 0).all()
+    _, live, dist = agent_windows(key_mask, B, N, n, prefix)
+    assert live.tolist() == [[True] * n, [True] * n, [True, True] + [False] * (n - 2)]
+    assert (dist[2, 28:, :2] == torch.tensor([[0.0, 1.0], [1.0, 0.0]])).all()   # one token per window
+    assert (dist[:, 0] == 0).all()                 # the prefix token is not pooled: no distance
     assert pool_agents(q, 100).shape[2] == N       # n capped at the token count
     assert pool_agents(q, 100, prefix=2).shape[2] == N - 2
     empty = torch.zeros(B, N, dtype=torch.bool)

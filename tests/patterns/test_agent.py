@@ -8,7 +8,7 @@ from rewriter import load, optimize
 from rewriter import graph as G
 from rewriter.driver import Context
 from rewriter.gate import main_tensor
-from rewriter.kernels.agent_attention import agent_attention_ref, pool_agents
+from rewriter.kernels.agent_attention import agent_attention_ref, agent_bias, agent_windows, pool_agents
 from rewriter.patterns.agent import agent_block
 
 CAL = {"samples": 16, "seq_len": 32, "batch_size": 8, "heldout": 8}
@@ -32,6 +32,7 @@ def test_fires_on_minilm_within_gate(minilm):
     for r in recs:   # training-free: s₁ = s₂ = the site's scale, no shortcut
         assert torch.allclose(r.built["scale1"], torch.full((12,), 32 ** -0.5))
         assert torch.equal(r.built["shortcut"], torch.zeros(12))
+        assert torch.equal(r.built["beta"], torch.tensor([[0.0, 2.0]]).repeat(12, 1))   # β₁ = 0, β₂ = 2
     assert str(opt.report.flops_after) != str(opt.report.flops_before)
 
 
@@ -51,7 +52,9 @@ def test_rewritten_site_is_the_agent_formula(minilm):
     agents = pool_agents(q, 5, km, prefix=1)
     assert torch.allclose(agents[2, :, 0], q[2, :, 1:3].mean(1), atol=1e-6)   # ranks 1..2 of 8 pooled tokens
     s = torch.full((12,), 32 ** -0.5)
-    ref = agent_attention_ref(q, k, v, agents, km, s, s, None, None, torch.full((12,), 0.1))
+    _, live, dist = agent_windows(km, 3, 20, 5, prefix=1)
+    _, b2 = agent_bias(live, dist, None, torch.full((12,), 2.0))
+    ref = agent_attention_ref(q, k, v, agents, km, s, s, None, b2, torch.full((12,), 0.1))
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -90,3 +93,34 @@ def test_save_load_reproduces_calibrated(minilm, tmp_path):
     b = minilm.example_inputs(batch=3, seq_len=30)
     with torch.no_grad():
         assert torch.equal(main_tensor(opt(**b)), main_tensor(again(**b)))
+
+
+def _agent_site_inputs(B=2, H=4, T=12, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    return q, k, v, torch.full((H,), D ** -0.5), torch.zeros(H)
+
+
+def test_output_of_a_sentence_does_not_depend_on_its_batch():
+    """A 7-token sample gives the same agent-attention output alone and padded to 12 beside a
+    longer one (its dead agents are masked, not repeated)."""
+    q, k, v, s, c = _agent_site_inputs()
+    beta = torch.tensor([[0.0, 2.0]]).repeat(4, 1)
+    km = torch.ones(2, 12, dtype=torch.bool)
+    km[1, 7:] = False
+    batched = agent_block(q, k, v, km, s, s, c, beta, agents=10, prefix=1)
+    alone = agent_block(q[1:, :, :7], k[1:, :, :7], v[1:, :, :7], km[1:, :7], s, s, c, beta, agents=10, prefix=1)
+    torch.testing.assert_close(batched[1:, :, :7], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_per_agent_with_a_strong_bias_is_exact_attention():
+    """n ≥ tokens puts one token in each window; a large β₂ then sends every token to its own
+    agent, whose stage-1 row is that token's exact attention."""
+    q, k, v, s, c = _agent_site_inputs()
+    km = torch.ones(2, 12, dtype=torch.bool)
+    km[1, 9:] = False
+    beta = torch.tensor([[0.0, 60.0]]).repeat(4, 1)
+    out = agent_block(q, k, v, km, s, s, c, beta, agents=16, prefix=0)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=km[:, None, None, :])
+    torch.testing.assert_close(out[0], exact[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1, :, :9], exact[1, :, :9], rtol=1e-4, atol=1e-5)
