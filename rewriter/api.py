@@ -178,7 +178,7 @@ def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, 
         raise ValueError(f"{loaded.name}: no attention sites to rewrite. " + " ".join(explain_unmatched(gm) or [_what_it_saw(gm)]))
     gate_spec = rec.gate or default_gate(loaded.kind)
     original = copy.deepcopy(loaded.model).eval()   # the user's module stays untouched (and in its mode)
-    gate = Gate.from_model(gate_spec, original, calib.batches)
+    gate = Gate.from_model(gate_spec, original, calib.gate_batches)
 
     progress_cb, log, bar = None, None, None
     if progress:   # one line per decision on stderr, plus a live bar, so long runs show where they are
@@ -218,7 +218,7 @@ def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, 
         flops_before=fb, flops_after=fa, latency=latency, heldout=heldout,
         gate=gate_spec.model_dump(exclude_none=True),
         calibration={"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,
-                     "heldout_batches": len(calib.heldout)},
+                     "heldout_batches": len(calib.heldout), "validation_batches": len(calib.validation)},
         stop_reason=result.stop_reason, canonicalized=canon, notes=explain_unmatched(gm),
         seconds=time.perf_counter() - t_start)
     return OptimizedModel(gm, report, rec, sites, (args, kwargs), base=loaded.name)

@@ -2,8 +2,10 @@
 held-out set that never shares text with them.
 
 Rules that fit weights (MASA's whitened residual, agent/linear attention transfer, LLM-Drop's
-importance scores) read ``Calibration.batches``; the gate's final check reads
-``Calibration.heldout``. The sample count follows LLM-Drop's recipe of one forward pass over a
+importance scores) read ``Calibration.batches``; the gate judges each rewrite on
+``Calibration.gate_batches`` — the ``validation`` samples when asked for (drawn like the
+calibration samples but never fitted on, so a fit that only memorized its data is caught),
+else the calibration batches themselves; the final check reads ``Calibration.heldout``. The sample count follows LLM-Drop's recipe of one forward pass over a
 fixed calibration set (He et al., "What Matters in Transformers? Not All Attention is Needed",
 arXiv:2406.15786, 256 x 2048 tokens of C4); the defaults here are smaller for CPU runs.
 
@@ -39,6 +41,12 @@ class Calibration:
     heldout_samples: int = 0
     kind: str = ""
     notes: list[str] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)   # drawn with batches, never fitted on
+
+    @property
+    def gate_batches(self) -> list[dict]:
+        """What the per-rewrite gate judges on: the validation batches, else the calibration ones."""
+        return self.validation or self.batches
 
     @property
     def tokens(self) -> int:
@@ -87,50 +95,57 @@ def _note(notes: list[str], msg: str) -> None:
 
 
 def make_calibration(loaded: Loaded, text: str = "bundled", samples: int = 64, seq_len: int = 128,
-                     batch_size: int = 8, heldout: int = 16, seed: int = 0) -> Calibration:
+                     batch_size: int = 8, heldout: int = 16, seed: int = 0,
+                     validation: int = 0) -> Calibration:
     """Build calibration batches and disjoint held-out batches for ``loaded``.
 
     ``text`` is "bundled", "pydoc", a ``.txt`` path or a ``.jsonl`` path (vision models use
     the digits images and accept "bundled" or "digits"). ``seed`` picks and orders the
-    calibration samples; it never moves text across the held-out boundary."""
+    calibration samples; it never moves text across the held-out boundary. ``validation`` more
+    samples are drawn from the calibration side (disjoint from the ``samples`` unless the text
+    is too short, which is noted) and kept out of ``batches`` for the gate."""
     for key, value, low in (("samples", samples, 1), ("seq_len", seq_len, 1),
-                            ("batch_size", batch_size, 1), ("heldout", heldout, 0)):
+                            ("batch_size", batch_size, 1), ("heldout", heldout, 0),
+                            ("validation", validation, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"make_calibration: {key} must be an integer >= {low}, got {value!r}")
+    return _make(loaded, text, samples, seq_len, batch_size, heldout, seed, validation)
+
+
+def _make(loaded: Loaded, text: str, samples: int, seq_len: int, batch_size: int, heldout: int,
+          seed: int, validation: int) -> Calibration:
     name, kind, notes = loaded.name, loaded.kind, []
     if kind == "vision":
-        return _vision(loaded, text, samples, batch_size, heldout, seed, notes)
+        return _vision(loaded, text, samples, batch_size, heldout, seed, notes, validation)
     if kind == "generic":
         if loaded.inputs_fn is None:
             raise ValueError(f"make_calibration: model {name!r} is 'generic' with no tokenizer or "
                              f"inputs_fn; return a Loaded with a kind and tokenizer (or an "
                              f"inputs_fn) from its loader")
         _note(notes, f"{name}: 'generic' model calibrated on inputs_fn samples, not on text")
-        sizes = [len(b) for b in _batched(list(range(samples)), batch_size)]
-        held_sizes = [len(b) for b in _batched(list(range(heldout)), batch_size)]
-        seeds = [seed * 100_003 + i for i in range(len(sizes) + len(held_sizes))]
-        return Calibration([loaded.inputs_fn(s, seq_len, k) for s, k in zip(sizes, seeds)],
-                           [loaded.inputs_fn(s, seq_len, k)
-                            for s, k in zip(held_sizes, seeds[len(sizes):])],
-                           "inputs_fn", samples, seq_len, heldout, kind, notes)
+        parts = [[len(b) for b in _batched(list(range(n)), batch_size)] for n in (samples, heldout, validation)]
+        seeds = iter(range(seed * 100_003, seed * 100_003 + sum(map(len, parts))))
+        made = [[loaded.inputs_fn(size, seq_len, next(seeds)) for size in sizes] for sizes in parts]
+        return Calibration(made[0], made[1], "inputs_fn", samples, seq_len, heldout, kind, notes, made[2])
     loaded.check_text_inputs(seq_len)
     src = load_source(text)
     if kind == "encoder":
         cal_pool, held_pool = src.samples, src.heldout_samples
         if heldout and not held_pool:
             raise ValueError(f"make_calibration: {src.name} has no held-out samples")
-        picked = _draw(cal_pool, samples, seed, notes, source=src.name, unit="samples")
+        picked = _draw(cal_pool, samples + validation, seed, notes, source=src.name, unit="samples")
         held = _draw(held_pool, heldout, seed, notes, source=src.name, unit="samples", heldout=True)
-        batches = [_encode_encoder(loaded, b, seq_len) for b in _batched(picked, batch_size)]
-        held_batches = [_encode_encoder(loaded, b, seq_len) for b in _batched(held, batch_size)]
+        batches, val_batches, held_batches = (
+            [_encode_encoder(loaded, b, seq_len) for b in _batched(part, batch_size)]
+            for part in (picked[:samples], picked[samples:], held))
     else:                                                   # causal_lm
-        ids, passes = token_chunks(loaded.tokenizer, src.documents, samples, seq_len,
+        ids, passes = token_chunks(loaded.tokenizer, src.documents, samples + validation, seq_len,
                                    random.Random(seed))
         if passes > 1:
-            _note(notes, f"{src.name}: {samples} x {seq_len} tokens requested but the calibration "
-                         f"text is shorter; repeating it ({passes} passes)")
-        batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)}
-                   for c in ids.split(batch_size)]
+            _note(notes, f"{src.name}: {samples + validation} x {seq_len} tokens requested but the "
+                         f"calibration text is shorter; repeating it ({passes} passes)")
+        batches, val_batches = ([{"input_ids": c, "attention_mask": torch.ones_like(c)}
+                                 for c in part.split(batch_size) if len(c)] for part in (ids[:samples], ids[samples:]))
         held_batches = []
         if heldout:
             held_ids, held_passes = token_chunks(loaded.tokenizer, src.heldout_documents, heldout,
@@ -140,22 +155,22 @@ def make_calibration(loaded: Loaded, text: str = "bundled", samples: int = 64, s
                              f"held-out text is shorter; repeating it ({held_passes} passes)")
             held_batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)}
                             for c in held_ids.split(batch_size)]
-    return Calibration(batches, held_batches, src.name, samples, seq_len, heldout, kind, notes)
+    return Calibration(batches, held_batches, src.name, samples, seq_len, heldout, kind, notes, val_batches)
 
 
 def _vision(loaded: Loaded, text: str, samples: int, batch_size: int, heldout: int, seed: int,
-            notes: list[str]) -> Calibration:
+            notes: list[str], validation: int) -> Calibration:
     if text not in ("bundled", "digits"):
         raise ValueError(f"make_calibration: {loaded.name!r} is a vision model; calibration text "
                          f"{text!r} does not apply (use 'bundled' or 'digits' for the bundled "
                          f"scikit-learn digits images)")
     cal_pool, held_pool = digit_indices()
-    picked = _draw(cal_pool, samples, seed, notes, source="digits", unit="images")
+    picked = _draw(cal_pool, samples + validation, seed, notes, source="digits", unit="images")
     held = _draw(held_pool, heldout, seed, notes, source="digits", unit="images", heldout=True)
 
     def pixels(idx: list[int]) -> dict:
         return {"pixel_values": digits_pixel_values(idx, loaded.image_size, loaded.num_channels,
                                                     loaded.image_mean, loaded.image_std)}
-    return Calibration([pixels(b) for b in _batched(picked, batch_size)],
-                       [pixels(b) for b in _batched(held, batch_size)], "digits", samples,
-                       loaded.max_length, heldout, "vision", notes)
+    batches, val, held = ([pixels(b) for b in _batched(part, batch_size)]
+                          for part in (picked[:samples], picked[samples:], held))
+    return Calibration(batches, held, "digits", samples, loaded.max_length, heldout, "vision", notes, val)

@@ -97,6 +97,10 @@ class CalibrationSpec(_Spec):
     batch_size: int = Field(8, gt=0, description="samples per forward pass")
     heldout: int = Field(16, ge=0, description="extra samples, never used for calibration, for the "
                          "final held-out accuracy check (0 skips it)")
+    validation: int = Field(0, ge=0, description="samples drawn like the calibration samples but never "
+                            "fitted on; the gate judges every rewrite on them instead of on the "
+                            "calibration samples (0). Use it with rules that fit (linear_attention, masa, "
+                            "normlin, agent calibrate) so the gate catches a fit that only memorized")
 
 
 class GateSpec(_Spec):

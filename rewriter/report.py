@@ -108,6 +108,12 @@ class Report:
             h = self.heldout
             worst = f", worst {h['worst']:.4f}" if h.get("worst") is not None else ""
             s.add_row(f"held-out {h['metric']}", f"{h['value']:.4f}{worst} ({'ok' if h.get('ok') else 'OUT OF BOUND'})")
+        c = self.calibration
+        if c:
+            judged = (f"{c['validation_batches']} validation batches (never fitted on)"
+                      if c.get("validation_batches") else "the calibration batches")
+            s.add_row("calibration", f"{c.get('samples')} samples × ≤{c.get('seq_len')} tokens from "
+                                     f"{c.get('source')}; gate judged on {judged}")
         applied = sum(r["status"] == "applied" for r in d["records"])
         s.add_row("applied / decisions", f"{applied} / {len(d['records'])}")
         s.add_row("stopped because", self.stop_reason)

@@ -196,3 +196,26 @@ def test_generic_model_uses_inputs_fn():
     flat = torch.cat([b["input"] for b in cal.batches + cal.heldout])
     assert len({tuple(r.tolist()) for r in flat}) == flat.shape[0] == 13
     assert math.isclose(cal.tokens, 10 * cal.seq_len)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal_lm"])
+def test_validation_samples_are_new_and_leave_the_fit_data_alone(bert, llama, kind):
+    """validation draws extra calibration-side samples: the fitted batches stay exactly what they
+    were without it, the validation rows are different ones, and held-out text stays out."""
+    loaded = bert if kind == "encoder" else llama
+    plain = make_calibration(loaded, samples=12, seq_len=32, batch_size=4, heldout=4)
+    cal = make_calibration(loaded, samples=12, seq_len=32, batch_size=4, heldout=4, validation=6)
+    assert _rows(cal.batches) == _rows(plain.batches) and _rows(cal.heldout) == _rows(plain.heldout)
+    val = _rows(cal.validation)
+    assert len(val) == 6 and [len(b["input_ids"]) for b in cal.validation] == [4, 2]
+    assert set(val).isdisjoint(_rows(cal.batches)) and set(val).isdisjoint(_rows(cal.heldout))
+    assert cal.gate_batches is cal.validation and plain.gate_batches is plain.batches
+
+
+def test_validation_images_are_disjoint(vit):
+    cal = make_calibration(vit, samples=10, batch_size=4, heldout=3, validation=5)
+    assert [b["pixel_values"].shape[0] for b in cal.batches] == [4, 4, 2]
+    assert [b["pixel_values"].shape[0] for b in cal.validation] == [4, 1]
+    fitted = torch.cat([b["pixel_values"] for b in cal.batches]).flatten(1)
+    for row in torch.cat([b["pixel_values"] for b in cal.validation]).flatten(1):
+        assert not (fitted == row).all(1).any()

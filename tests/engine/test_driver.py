@@ -95,3 +95,22 @@ def test_torch_compile_runs_on_result(bert):
     batch = bert.example_inputs(batch=2, seq_len=16)
     compiled = torch.compile(opt, backend="inductor")
     torch.testing.assert_close(_outputs(compiled, batch), _outputs(opt, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_gate_judges_on_validation_samples_when_asked(bert):
+    """With calibration.validation, each record's gate metric is the one measured on the
+    validation batches (never fitted on), and the report says so."""
+    from rewriter.calibrate import make_calibration
+    from rewriter.gate import Gate
+    from rewriter.recipe import GateSpec
+    rec = _recipe({"drop_attention": {"max_layers": 1}}, min=0.0)
+    rec["calibration"]["validation"] = 8
+    calib = make_calibration(bert, **rec["calibration"])
+    opt = optimize(bert, rec, calibration=calib, measure_latency=False, progress=False)
+    (applied,) = [r for r in opt.report.records if r.status == "applied"]
+    spec = GateSpec(metric="embedding_cosine", min=0.0)
+    on_val = Gate.from_model(spec, bert.model, calib.validation).measure(opt)
+    on_cal = Gate.from_model(spec, bert.model, calib.batches).measure(opt)
+    assert applied.metric_after == pytest.approx(on_val.value, abs=1e-6)
+    assert on_val.value != pytest.approx(on_cal.value, abs=1e-6)
+    assert "gate judged on 1 validation batches" in str(opt.report)

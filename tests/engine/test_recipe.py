@@ -292,7 +292,7 @@ def test_steps_not_a_list():
 def test_section_not_a_mapping_and_model_not_a_string():
     e = error_of({"calibration": 64, **STEP})
     assert str(e) == ("<recipe>: calibration: expected a mapping, got 64 (integer); "
-                      "allowed: text, samples, seq_len, batch_size, heldout")
+                      "allowed: text, samples, seq_len, batch_size, heldout, validation")
     e = error_of({"model": ["minilm"], **STEP})
     assert str(e).startswith("<recipe>: model: expected a non-empty string, got a list ['minilm']")
 
