@@ -93,8 +93,8 @@ def weighted_error(W: Tensor, What: Tensor, M: Tensor, ridge: float = 0.0) -> Te
 
 
 def distill(W: Tensor, M: Tensor, D: Tensor, C: Tensor, U: Tensor | None, V: Tensor | None, *,
-            steps: int, lr: float, ridge: float,
-            energy: float = 0.999) -> tuple[dict[str, Tensor], dict]:
+            steps: int, lr: float, ridge: float, energy: float = 0.999,
+            rank_mask: Tensor | None = None) -> tuple[dict[str, Tensor], dict]:
     """Train atoms, coefficients (and residual factors) so that every layer's projection outputs on
     the calibration activations match the original ones, ridge-regularized:
 
@@ -119,14 +119,18 @@ def distill(W: Tensor, M: Tensor, D: Tensor, C: Tensor, U: Tensor | None, V: Ten
     rho = (ridge * M.diagonal(dim1=-2, dim2=-1).mean(-1)).to(torch.float32)[:, None, None]   # [L, 1, 1]
     Wf = W.float()
     den = ((Wf @ R).pow(2).sum((1, 2)) + (rho * Wf.pow(2)).sum((1, 2))).clamp_min(1e-30)
-    names = ["atoms", "coef"] + (["left", "right"] if U is not None and U.shape[-1] else [])
-    init = dict(zip(names, [D, C, U, V]))
+    init = {"atoms": D, "coef": C} if D.shape[0] else {}
+    if U is not None and U.shape[-1]:
+        init.update(left=U, right=V)
+    mask = None if rank_mask is None or "left" not in init else rank_mask.to(torch.float32)
     unit = {k: v.float().pow(2).mean().sqrt().clamp_min(1e-12) for k, v in init.items()}
     params = {k: (v.float() / unit[k]).clone().requires_grad_(True) for k, v in init.items()}
 
     def loss_of(p):
         t = {k: p[k] * unit[k] for k in p}
-        What = reconstruct(t["atoms"], t["coef"], t.get("left"), t.get("right"))
+        if mask is not None:
+            t["left"], t["right"] = t["left"] * mask[:, None, :], t["right"] * mask[:, :, None]
+        What = reconstruct(t.get("atoms", D.float()), t.get("coef", C.float()), t.get("left"), t.get("right"))
         E = Wf - What
         return (((E @ R).pow(2).sum((1, 2)) + (rho * E.pow(2)).sum((1, 2))) / den).mean()
 
@@ -147,6 +151,92 @@ def distill(W: Tensor, M: Tensor, D: Tensor, C: Tensor, U: Tensor | None, V: Ten
         if last < best_loss:
             best_loss, best = last, {k: v.detach().clone() for k, v in params.items()}
     out = {k: (best[k] * unit[k]).to(W.dtype) for k in best}
+    if mask is not None:
+        out["left"], out["right"] = out["left"] * mask[:, None, :], out["right"] * mask[:, :, None]
     if not math.isfinite(best_loss):
         raise FloatingPointError(f"distill: loss became {best_loss}; lower distill.lr (now {lr})")
     return out, {"loss_before": first, "loss_after": best_loss}
+
+
+# ---- data-aware (whitened) fit: ours, after MASA's PCA and SVD-LLM's whitening --------------------
+
+def _layer_weights(W: Tensor, M: Tensor) -> Tensor:
+    """wₗ = 1 / tr(Wₗ Mₗ Wₗᵀ): each layer's output error counts relative to its output energy."""
+    den = torch.einsum("loi,lij,loj->l", W.double(), M.double(), W.double())
+    return 1.0 / den.clamp_min(1e-300)
+
+
+def fit_coefficients(W: Tensor, M: Tensor, D: Tensor, damp: float = 1e-4) -> Tensor:
+    """Per-layer least squares for the coefficients with the atoms fixed, in each layer's own output
+    error: cₗ = argmin tr(Eₗ Aₗ Eₗᵀ), Eₗ = Wₗ − Σₛ cₗₛ D_s, Aₗ = Mₗ + damp. One S×S solve per layer
+    (Gₗ cₗ = bₗ, G_st = tr(D_s Aₗ D_tᵀ), b_s = tr(D_s Aₗ Wₗᵀ)); pseudo-inverse when atoms are 0."""
+    A = _damped(M.double(), damp)
+    Dd, Wd = D.double(), W.double()
+    DA = torch.einsum("soi,lij->lsoj", Dd, A)                                     # [L, S, out, in]
+    G = torch.einsum("lsoj,toj->lst", DA, Dd)
+    b = torch.einsum("lsoj,loj->ls", DA, Wd)
+    return torch.linalg.lstsq(G, b[..., None], driver="gelsd").solution[..., 0].to(W.dtype) \
+        if G.device.type == "cpu" else (torch.linalg.pinv(G) @ b[..., None])[..., 0].to(W.dtype)
+
+
+def whitened_pca(W: Tensor, M: Tensor, atoms: int, damp: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Atoms for the output error instead of ‖W − Ŵ‖_F: min Σₗ wₗ tr(Eₗ Mₗ Eₗᵀ) (wₗ as in
+    `_layer_weights`). Atoms cannot depend on the layer, so they are the matrix PCA of the layers
+    in one shared whitened space: M̄ = Σ wₗ Mₗ / Σ wₗ (+ damp), R Rᵀ = M̄ (Cholesky), D̃ = PCA of
+    √wₗ Wₗ R, D = D̃ R⁻¹; then each layer's coefficients are re-solved in its own Mₗ
+    (`fit_coefficients`). D̃ lies in the span of the Wₗ R, so D lies in the span of the Wₗ: R⁻¹
+    never amplifies an unused input direction, and S = L is still exact."""
+    w = _layer_weights(W, M)
+    Mbar = _damped((w[:, None, None] * M.double()).sum(0) / w.sum(), damp)
+    R = torch.linalg.cholesky(Mbar)
+    Wt = (W.double() @ R) * w.sqrt()[:, None, None] / w.sqrt().mean()
+    Dt, _ = matrix_pca(Wt, atoms)
+    D = torch.linalg.solve_triangular(R, Dt, upper=False, left=False)            # D R = D̃
+    return D.to(W.dtype), fit_coefficients(W.double(), M, D, damp).to(W.dtype)
+
+
+def whitened_spectrum(E: Tensor, M: Tensor, damp: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Per layer, the SVD of the whitened residual Eₗ R (R Rᵀ = Mₗ + damp): left singular vectors
+    A [L, out, k] and the squared singular values σ² [L, k] (descending): keeping rank r removes
+    σ₁² + … + σ_r² of tr(Eₗ Aₗ Eₗᵀ) (SVD-LLM). Used to spend a parameter budget on ranks."""
+    R = torch.linalg.cholesky(_damped(M.double(), damp))
+    A, s, _ = torch.linalg.svd(E.double() @ R, full_matrices=False)
+    return A, s.pow(2)
+
+
+def allocate_ranks(gains: dict[str, Tensor], costs: dict[str, int], caps: dict[str, int],
+                   budget: int, dense: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Spend `budget` parameters on residual ranks where they remove the most weighted output error
+    per parameter (ours). gains[label] [L, k]: the error each further rank of each layer removes,
+    descending along k (`whitened_spectrum`'s σ², scaled by the layer's and the label's weight);
+    costs[label]: parameters per rank (out + in); caps[label]: the largest useful rank (beyond
+    out·in / (out + in) a factorization stores more than the dense matrix, so a layer that reaches
+    its cap keeps its dense weight: that last step removes all the layer's remaining error). Greedy
+    over the merged list sorted by gain / cost; each layer's list is made non-increasing (the cap step
+    is clamped to the step before it), and a layer's ranks all cost the same, so its ranks are taken
+    in order. dense[label]: parameters of the dense matrix (out·in; default caps·costs): reaching the
+    cap costs dense − (cap − 1)·cost, so the budget holds exactly. Returns the rank per layer for each
+    label (rank == cap: keep dense)."""
+    dense = dense or {label: caps[label] * costs[label] for label in gains}
+    cands = []
+    for label, g in gains.items():
+        k = min(caps[label], g.shape[1])
+        if k == 0:
+            continue
+        step = g[:, :k].double().clone()
+        step[:, k - 1] = g[:, k - 1:].double().sum(1)                   # at the cap: all that is left
+        cost = torch.full((k,), float(costs[label]), dtype=torch.float64)
+        if k == caps[label]:
+            cost[k - 1] = dense[label] - (k - 1) * costs[label]
+        step = (step / cost).cummin(1).values
+        for layer in range(g.shape[0]):
+            for j in range(k):
+                if step[layer, j] > 0:
+                    cands.append((step[layer, j].item(), label, layer, int(cost[j].item())))
+    cands.sort(key=lambda c: -c[0])
+    ranks = {label: [0] * g.shape[0] for label, g in gains.items()}
+    for _, label, layer, cost in cands:
+        if budget >= cost:
+            ranks[label][layer] += 1
+            budget -= cost
+    return ranks

@@ -100,6 +100,53 @@ def test_distill_lowers_output_error_and_ridge_stops_blow_up():
     assert (W - fit[0.05])[..., 12:].norm() < 0.5 * (W - fit[0.0])[..., 12:].norm()
 
 
+def _anisotropic_moments(L, n, g):
+    """Per-layer input second moments with a few strong directions (shared) and a layer-specific tilt."""
+    base = torch.logspace(0, -3, n, dtype=torch.float64)
+    Ms = []
+    for _ in range(L):
+        X = torch.randn(400, n, generator=g, dtype=torch.float64) * base * (1 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64))
+        Ms.append(X.T @ X / 400)
+    return torch.stack(Ms)
+
+
+def test_whitened_pca_beats_plain_pca_in_output_error_and_is_exact_at_S_equals_L():
+    g = torch.Generator().manual_seed(3)
+    # layers mix 4 shared matrices: 2 read the inputs that carry the signal, 2 (10x larger) read inputs
+    # that are nearly silent. Plain PCA spends its atoms on the large pair; the whitened fit on the used pair.
+    B = torch.randn(4, 12, 10, generator=g, dtype=torch.float64)
+    B[:2, :, 5:] = 0
+    B[2:, :, :5] = 0
+    B[2:] *= 10
+    W = torch.einsum("lk,koi->loi", torch.randn(5, 4, generator=g, dtype=torch.float64), B)
+    W += 0.01 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    M = _anisotropic_moments(5, 10, g)
+    for S in (1, 2):
+        plain = MM.reconstruct(*MM.matrix_pca(W, S))
+        white = MM.reconstruct(*MM.whitened_pca(W, M, S))
+        assert MM.weighted_error(W, white, M).mean() < 0.8 * MM.weighted_error(W, plain, M).mean()
+        # the coefficients are the per-layer least-squares optimum for these atoms
+        D, C = MM.whitened_pca(W, M, S)
+        assert torch.allclose(MM.fit_coefficients(W, M, D), C, atol=1e-9)
+    D, C = MM.whitened_pca(W, M, 5)
+    assert torch.allclose(MM.reconstruct(D, C), W, atol=1e-8)
+
+
+def test_allocate_ranks_greedy_within_budget_and_cap():
+    gains = {"a": torch.tensor([[8.0, 4.0, 2.0, 1.0], [3.0, 0.5, 0.1, 0.0]]),
+             "b": torch.tensor([[30.0, 1.0, 0.5, 0.1], [2.0, 1.5, 1.0, 0.5]])}
+    costs, caps = {"a": 1, "b": 2}, {"a": 3, "b": 4}
+    # gain per parameter: a0 8, 4, 3 (cap 3: 2 + 1 left); a1 3, 0.5, 0.1; b0 15, 0.5, 0.25, 0.05;
+    # b1 1, 0.75, 0.5, 0.25 → b0 (7 → 5), a0, a0, a0 (cap), a1 (→ 1), b1 costs 2: skipped, a1 (→ 0)
+    ranks = MM.allocate_ranks(gains, costs, caps, budget=7)
+    assert ranks == {"a": [3, 2], "b": [1, 0]}
+    assert MM.allocate_ranks(gains, costs, caps, budget=0) == {"a": [0, 0], "b": [0, 0]}
+    # the step that reaches the cap removes the whole tail (the layer is then stored dense)
+    gains = {"a": torch.tensor([[2.0, 0.6, 0.6, 0.6]]), "b": torch.tensor([[1.5, 1.0]])}
+    ranks = MM.allocate_ranks(gains, {"a": 1, "b": 1}, {"a": 2, "b": 2}, budget=3)
+    assert ranks == {"a": [2], "b": [1]}          # a's 2nd rank is worth 1.8, more than b's 1.0
+
+
 # ---- the rule ------------------------------------------------------------------------------------
 
 def test_exact_at_S_equals_L_on_gqa_llama(llama, batch):
@@ -208,3 +255,51 @@ def test_gate_rolls_back_damaging_setting_bit_identically(llama, batch, frozen_s
         assert torch.equal(opt(**batch).logits, dense(**batch).logits)
     after = llama.model.state_dict()                                      # the user's model is untouched
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_reduction_allocates_ranks_to_the_budget_and_save_load_reproduces(llama, batch, tmp_path):
+    step = {"atoms": {"q": 2, "k": 2, "v": 3, "o": 3}, "reduction": 0.3, "distill": {"steps": 20}}
+    opt = _run(llama, step)
+    (r,) = _applied(opt)
+    info = r.info
+    before, after = info["attn_proj_params_before"], info["attn_proj_params_after"]
+    assert before == 4 * (2 * 64 * 64 + 2 * 32 * 64)
+    assert after <= 0.7 * before and after > 0.7 * before - (64 + 64)     # the budget is spent, to one rank
+    assert set(info["ranks"]) == set("qkvo") and max(sum(v) for v in info["ranks"].values()) > 0
+    dense = _dense(llama, batch)
+    assert _unique_numel(dense) - _unique_numel(opt.graph_module) == before - after
+    err = info["relative_output_error"]
+    for p in "qkvo":
+        assert err[f"{p}.residual"] < err[f"{p}.pca"] and err[f"{p}.distill"] <= err[f"{p}.residual"]
+    for p in "qkvo":          # stored factors have exactly the allocated rank per layer (0: none stored)
+        for layer, rank in enumerate(info["ranks"][p]):
+            left = [v for k, v in r.built.items() if k.startswith(f"{p}.left.") and f"layers.{layer}." in k]
+            assert (left[0].shape[-1] if left else 0) == (0 if layer in info["dense_layers"][p] else rank)
+    path = opt.save(tmp_path / "masa")
+    back = rewriter.load(path, model=llama)
+    with torch.no_grad():
+        assert torch.equal(back(**batch).logits, opt(**batch).logits)
+
+
+def test_reduction_without_atoms_keeps_full_rank_layers_dense(llama, batch):
+    opt = _run(llama, {"atoms": {"q": 0, "k": 0, "v": 0, "o": 0}, "reduction": 0.05})
+    (r,) = _applied(opt)
+    dense_layers = r.info["dense_layers"]
+    assert any(dense_layers.values())
+    kept = {n for n, _ in opt.graph_module.named_parameters()}
+    site = {s.layer: s for s in rewriter.inspect(llama)}
+    for p, layers in dense_layers.items():
+        for layer in layers:                  # untouched: still the model's own weight
+            assert getattr(site[layer], f"{p}_weight") in kept
+    assert not any(k.endswith(".atoms") for k in r.built)
+    assert r.info["attn_proj_params_after"] <= 0.95 * r.info["attn_proj_params_before"]
+
+
+def test_option_conflicts_are_refused():
+    from rewriter.patterns.masa import MasaOptions
+    with pytest.raises(ValueError, match="not both"):
+        MasaOptions(atoms=2, residual_rank=4, reduction=0.2)
+    with pytest.raises(ValueError, match="needs `reduction`"):
+        MasaOptions(atoms={"q": 0, "k": 2, "v": 2, "o": 2})
+    with pytest.raises(ValueError, match="missing"):
+        MasaOptions(atoms={"q": 2}, reduction=0.2)
