@@ -75,11 +75,44 @@ def _valid_blocks(t: int, block_size: int, key_mask: torch.Tensor | None, batch:
     return ok.view(batch, n_blocks, block_size).any(-1)
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
-                 causal: bool, sinks: tuple[str, ...], route_by: str):
-    """BiFormer region affinity Qʳ·Kʳᵀ of block means (padding excluded), with forced blocks at
-    +inf and disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
+def _pooled_mass(q_r: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 causal: bool, scale: float) -> torch.Tensor:
+    """Estimated attention mass of each key block for each query block, fp32 [B, H, nb, nb]:
+    the block's mean query attends (softmax, the site's scale) to EVERY key it may see, and the
+    probabilities are summed per key block (the pooled-query estimate of training-free sparse
+    prefill attention: FlexPrefill arXiv:2502.20766, MInference arXiv:2407.02490). It sees a
+    block holding one strongly attended key, which the block-mean key of `means` averages away.
+    Causal: query block i sees keys before the end of block i. Cost nb·T·d per head."""
+    B, H, nb, D = q_r.shape
+    t, h_kv = k.shape[2], k.shape[1]
+    pad = nb * block_size - t
+    s = (q_r.reshape(B, h_kv, (H // h_kv) * nb, D) @ k.float().transpose(-1, -2)) * scale      # [B, Hkv, G·nb, T]
+    s = s.view(B, H, nb, t)
+    pos = torch.arange(t, device=q_r.device)
+    vis = torch.ones(B, 1, 1, t, dtype=torch.bool, device=q_r.device) if key_mask is None \
+        else key_mask.bool().view(B, 1, 1, t)
+    if causal:
+        end = (torch.arange(nb, device=q_r.device) + 1) * block_size
+        vis = vis & (pos.view(1, 1, 1, t) < end.view(1, 1, nb, 1))
+    p = torch.softmax(s.masked_fill(~vis, NEG_INF), dim=-1).nan_to_num(0.0)                # no visible key: 0
+    return F.pad(p, (0, pad)).view(B, H, nb, nb, block_size).sum(-1)
 
+
+def default_sinks(causal: bool) -> tuple[str, ...]:
+    """Causal (LLM) sites: the first block (attention sink, BOS) and the previous block (local
+    context); encoders: the first and the last real token's blocks (CLS, SEP)."""
+    return ("first", "previous") if causal else ("first", "last")
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 causal: bool, sinks: tuple[str, ...], route_by: str, affinity: str = "means",
+                 scale: float | None = None):
+    """Routing scores of key blocks for each query block, with forced blocks at +inf and
+    disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
+
+    `affinity="means"`: BiFormer region affinity Qʳ·Kʳᵀ of block means (padding excluded);
+    `"pooled"`: the estimated attention mass of each key block under the block's mean query
+    (`_pooled_mass`; `scale` defaults to 1/√d).
     Forced: the query block's own block and the sink blocks holding the first and/or the last
     real key (CLS / BOS, and SEP for right-padded BERT inputs; per sample, from key_mask), and
     with "previous" the block just before the query block (local context).
@@ -91,10 +124,16 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     q_r = block_means(q, block_size, key_mask).float()                             # [B, H, nb, D]
     if route_by == "previous":
         q_r = torch.cat([q_r[:, :, :1], q_r[:, :, :-1]], dim=2)
-    k_r = block_means(k, block_size, key_mask).float()
-    if k.shape[1] != H:
-        k_r = k_r.repeat_interleave(H // k.shape[1], dim=1)
-    affinity = q_r @ k_r.transpose(-1, -2)                                         # [B, H, nb, nb]
+    if affinity == "pooled":
+        affinity = _pooled_mass(q_r, k, key_mask, block_size=block_size, causal=causal,
+                                scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    elif affinity == "means":
+        k_r = block_means(k, block_size, key_mask).float()
+        if k.shape[1] != H:
+            k_r = k_r.repeat_interleave(H // k.shape[1], dim=1)
+        affinity = q_r @ k_r.transpose(-1, -2)                                     # [B, H, nb, nb]
+    else:
+        raise ValueError(f"block_scores: affinity must be 'means' or 'pooled', got {affinity!r}")
 
     blocks = torch.arange(n_b, device=q.device)
     qb, kb = blocks.view(1, 1, -1, 1), blocks.view(1, 1, 1, -1)
@@ -117,21 +156,32 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     return score, forced.sum(-1, keepdim=True)
 
 
+def causal_row_permille(keep_permille: int) -> int:
+    """Blocks per row (per mille of the row count n) that keep `keep_permille` of a causal
+    triangle's (query, key) pairs when every query block lists the same number K of blocks:
+    K²/2 + (n − K)·K ≈ keep·n²/2  ⇒  K = n·(1 − √(1 − keep))."""
+    return round(1000 * (1 - (1 - keep_permille / 1000) ** 0.5))
+
+
 def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
-                 sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own") -> torch.Tensor:
+                 sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own", affinity: str = "means",
+                 scale: float | None = None) -> torch.Tensor:
     """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
     each query block lists its forced blocks (see `block_scores`) plus either `topk` further
-    blocks of highest affinity, or as many as make the row hold ⌈keep_permille/1000 · n_blocks⌉
-    blocks in all (resolved at run time from the length). Only allowed blocks are listed."""
+    blocks of highest score, or as many as make the row hold ⌈keep·n_blocks⌉ blocks in all
+    (resolved at run time from the length; keep = keep_permille/1000). Causal sites: `keep` is
+    the fraction of the causal (query, key) pairs, so every row holds ⌈n_blocks·(1 − √(1 − keep))⌉
+    blocks (rows near the start hold all they may see). Only allowed blocks are listed."""
     n_b = -(-q.shape[2] // block_size)
     score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
-                                   route_by=route_by)
+                                   route_by=route_by, affinity=affinity, scale=scale)
     if topk is not None:
         width = torch.sym_min(n_b, topk + 1 + len(sinks))
         count = n_forced + topk
     else:
-        total = torch.sym_max((n_b * keep_permille + 999) // 1000, 1)
+        per_row = causal_row_permille(keep_permille) if causal else keep_permille
+        total = torch.sym_max((n_b * per_row + 999) // 1000, 1)
         width = torch.sym_min(n_b, torch.sym_max(total, 1 + len(sinks)))
         count = n_forced.clamp(min=total)
     top = score.topk(width, dim=-1)                                                # forced ones first
@@ -142,10 +192,11 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
 
 
 def block_routed_attention(q, k, v, key_mask, *, block_size: int, topk: int | None, keep_permille: int | None,
-                           causal: bool, sinks: tuple[str, ...], route_by: str, scale: float) -> torch.Tensor:
+                           causal: bool, sinks: tuple[str, ...], route_by: str, scale: float,
+                           affinity: str = "means") -> torch.Tensor:
     """Routing table from q/k, then exact attention over the listed blocks (the custom op)."""
     table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
-                         causal=causal, sinks=sinks, route_by=route_by)
+                         causal=causal, sinks=sinks, route_by=route_by, affinity=affinity, scale=scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
     return torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
 

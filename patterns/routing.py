@@ -9,7 +9,17 @@ softmax attention over the gathered blocks (`rewriter::block_sparse_attention`, 
 materializing the gathered K/V). Causal sites list only blocks at or before the query block.
 top-k is fixed, a fraction of the blocks (`keep`), or chosen on calibration data as the
 smallest k whose blocks hold `mass` of the exact attention probability (the training-free
-cumulative-mass selection). Exact setting: top-k ≥ number of blocks.
+cumulative-mass selection). Exact setting: top-k ≥ number of blocks, or keep = 1.
+
+Causal (LLM) sites default to what training-free sparse prefill attention does instead of the
+block-mean affinity: key blocks are ranked by their attention mass under the query block's mean
+query, softmax over all keys it may see (`affinity: pooled`; the pooled-query estimate of
+FlexPrefill, Lai et al., ICLR 2025, arXiv:2502.20766, and MInference, Jiang et al., NeurIPS 2024,
+arXiv:2407.02490 — cost T·T/b·d per head), the sinks are the first block (attention sink /
+BOS) and the previous block (local context), and `keep` is the fraction of the causal
+(query, key) pairs: every query block lists ⌈n·(1 − √(1 − keep))⌉ blocks. On SmolLM2 at 2048
+tokens (b = 64, keep 0.25 → 26 % of the causal pairs) this ranking holds as much attention mass
+as ranking by the exact block mass (0.871 vs 0.872 on calibration text; block means: 0.851).
 
 kmeans_routing — Routing Transformer (Roy et al., "Efficient Content-Based Sparse Attention
 with Routing Transformers", TACL 2021, arXiv:2003.05997), post hoc: q and k normalized;
@@ -56,11 +66,16 @@ class BlockRoutingOptions(StepOptions):
                                "(sinks and own block included), resolved at run time from the length; default 0.25")
     mass: float | None = Field(None, gt=0, le=1, description="choose top-k on calibration data: the smallest k whose "
                                "blocks hold this fraction of the exact attention probability, on average")
-    sinks: list[Literal["first", "last", "previous"]] = Field(
-        ["first", "last"], description="always-kept blocks besides the query's own: the one holding the first real "
-        'token (CLS/BOS), the one holding the last (SEP), and "previous", the block just before the query block')
+    sinks: list[Literal["first", "last", "previous"]] | None = Field(
+        None, description="always-kept blocks besides the query's own: the one holding the first real "
+        'token (CLS/BOS), the one holding the last (SEP), and "previous", the block just before the query block; '
+        'default ["first", "previous"] on causal sites, ["first", "last"] otherwise')
     route_by: Literal["own", "previous"] = Field("own", description='"own": route a query block by its mean query '
                                                  '(BiFormer); "previous": by the previous block\'s (strictly causal)')
+    affinity: Literal["auto", "means", "pooled"] = Field(
+        "auto", description='how key blocks are ranked: "means" = BiFormer region affinity (mean q · mean k); '
+        '"pooled" = attention mass of each key block under the block\'s mean query, softmax over all its keys '
+        '(FlexPrefill / MInference pooled estimate); "auto" = pooled on causal sites, means otherwise')
 
     @model_validator(mode="after")
     def _one_budget(self):
@@ -74,14 +89,22 @@ def check_block(site, opts) -> str | None:
     return R.common_refusal(site)
 
 
+def _resolved(opts, causal: bool) -> tuple[tuple[str, ...], str]:
+    """(sinks, affinity) after the causal-dependent defaults."""
+    sinks = R.default_sinks(causal) if opts.sinks is None else tuple(opts.sinks)
+    affinity = opts.affinity if opts.affinity != "auto" else ("pooled" if causal else "means")
+    return sinks, affinity
+
+
 @torch.no_grad()
 def _captured_mass(q, k, key_mask, causal, scale, opts) -> torch.Tensor:
     """Mean (over heads and real query blocks) attention probability held by the forced blocks
     plus the top-k routed ones, for k = 0 … n_blocks − 1: fp64 [n_blocks]."""
     B, H, t, _ = q.shape
     bs, n_b = opts.block_size, -(-t // opts.block_size)
-    score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=tuple(opts.sinks),
-                                     route_by=opts.route_by)
+    sinks, affinity = _resolved(opts, causal)
+    score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
+                                     route_by=opts.route_by, affinity=affinity, scale=scale)
     order = score.sort(dim=-1, descending=True).indices                             # [B, H, nb, nb]
     real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
     k = k.repeat_interleave(H // k.shape[1], dim=1) if k.shape[1] != H else k
@@ -138,19 +161,24 @@ def _budget(built, opts) -> tuple[int | None, int | None]:
 def apply_block(gm, site, built, opts) -> None:
     sd, q, k, v, key_mask, causal = R.site_tensors(gm, site)
     topk, keep = _budget(built, opts)
+    sinks, affinity = _resolved(opts, causal)
     G.replace_with_op(gm, sd, R.block_routed_attention, (q, k, v, key_mask), dict(
-        block_size=opts.block_size, topk=topk, keep_permille=keep, causal=causal, sinks=tuple(opts.sinks),
-        route_by=opts.route_by, scale=site.scale), rule="block_routing", site=site.index)
+        block_size=opts.block_size, topk=topk, keep_permille=keep, causal=causal, sinks=sinks,
+        route_by=opts.route_by, scale=site.scale, affinity=affinity), rule="block_routing", site=site.index)
 
 
 def cost_block(site, opts):
-    """Attention FLOPs/token: exact attention over the kept keys + region affinity (N/b)²·2d / N."""
+    """Attention FLOPs/token: exact attention over the kept keys + routing scores: region affinity
+    (N/b)²·2d / N ("means"), or each block's mean query against every key, (N/b)·N·2d / N ("pooled")."""
     b, hd = opts.block_size, site.heads * site.head_dim
+    causal = site.mask in ("causal", "causal+padding")
+    sinks, affinity = _resolved(opts, causal)
     if opts.topk is not None:
-        kept = sympy.Min(N, (opts.topk + 1 + len(opts.sinks)) * b)
+        kept = sympy.Min(N, (opts.topk + 1 + len(sinks)) * b)
     else:   # keep fraction (mass-chosen top-k is per site; the default fraction stands in for it)
         kept = sympy.Min(N, sympy.Rational(round(1000 * (opts.keep or 0.25)), 1000) * N + b)
-    return projection_flops_per_token(site) + 4 * hd * kept + 2 * hd * N / b**2
+    route = 2 * hd * N / b**2 if affinity == "means" else 2 * hd * N / b
+    return projection_flops_per_token(site) + 4 * hd * kept + route
 
 
 register(Rule(

@@ -172,3 +172,79 @@ def test_save_load_reproduces(minilm, tmp_path):
     b = minilm.example_inputs(batch=3, seq_len=30)
     with torch.no_grad():
         assert torch.equal(main_tensor(opt(**b)), main_tensor(again(**b)))
+
+
+# ---- causal defaults: pooled affinity, first + previous sinks, keep = fraction of causal pairs ----
+
+def _causal_pairs_listed(table, bs, t):
+    nb = table.shape[2]
+    qb = torch.arange(nb).view(1, 1, nb, 1)
+    pairs = torch.where(table == qb, bs * (bs + 1) / 2, float(bs * bs))
+    return float((pairs * (table >= 0) * (table <= qb)).sum()) / (table.shape[0] * table.shape[1] * t * (t + 1) / 2)
+
+
+def test_causal_keep_lists_own_previous_first_and_respects_budget():
+    """On a causal site the default (keep 0.25) lists, in every query block, its own block, the previous
+    one and the first (attention sink), each row the same count, and about 25 % of the causal pairs."""
+    torch.manual_seed(0)
+    bs, nb = 16, 32
+    q, k = torch.randn(1, 3, bs * nb, 8), torch.randn(1, 3, bs * nb, 8)
+    table = R.route_blocks(q, k, None, block_size=bs, keep_permille=250, causal=True,
+                           sinks=R.default_sinks(True), affinity="pooled", scale=8 ** -0.5)
+    per_row = -(-nb * R.causal_row_permille(250) // 1000)
+    assert per_row == 5
+    for h in range(3):
+        for i, r in enumerate(table[0, h]):
+            listed = set(r.tolist()) - {-1}
+            assert {0, max(i - 1, 0), i} <= listed and max(listed) == i
+            assert len(listed) == min(i + 1, per_row)
+    assert abs(_causal_pairs_listed(table, bs, bs * nb) - 0.25) < 0.02
+    for keep in (400, 600):                         # the budget follows keep (the 3 forced blocks are a floor)
+        t = R.route_blocks(q, k, None, block_size=bs, keep_permille=keep, causal=True,
+                           sinks=R.default_sinks(True), affinity="pooled")
+        assert abs(_causal_pairs_listed(t, bs, bs * nb) - keep / 1000) < 0.04
+
+
+def test_pooled_affinity_finds_a_single_strong_key():
+    """One key aligned with the queries, in a block of otherwise opposing keys: the block's mean key
+    hides it (BiFormer means rank it last), the pooled estimate ranks it first."""
+    torch.manual_seed(0)
+    bs, D = 8, 16
+    u = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    q = (u * 3 + 0.1 * torch.randn(1, 1, 4 * bs, D))
+    k = 0.1 * torch.randn(1, 1, 4 * bs, D)
+    k[0, 0, bs:2 * bs] -= u                          # block 1: all keys point away ...
+    k[0, 0, bs + 3] = 4 * u                          # ... but one, which every query attends to
+    args = dict(block_size=bs, topk=1, causal=True, sinks=())
+    pooled = R.route_blocks(q, k, None, affinity="pooled", scale=1.0, **args)
+    means = R.route_blocks(q, k, None, affinity="means", **args)
+    assert set(pooled[0, 0, 3].tolist()) == {1, 3}
+    assert 1 not in set(means[0, 0, 3].tolist())
+
+
+@pytest.mark.parametrize("affinity", ["pooled", "means"])
+def test_keep_one_is_sdpa_causal_gqa_padded(affinity):
+    """keep = 1 lists every allowed block: the routed op equals SDPA (causal, GQA, right padding)."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 37, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    km = torch.ones(B, T, dtype=torch.bool)
+    km[1, 29:] = False
+    out = R.block_routed_attention(q, k, v, km, block_size=4, topk=None, keep_permille=1000, causal=True,
+                                   sinks=R.default_sinks(True), route_by="own", scale=D ** -0.5, affinity=affinity)
+    mask = torch.ones(T, T, dtype=torch.bool).tril() & km[:, None, None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=mask)
+    real = km[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_block_routing_causal_default_fires_on_llama():
+    """The rule's defaults on a causal GQA model: pooled routing with first + previous sinks, keep 0.25."""
+    from rewriter.models import load_model
+    llama = load_model("llama")
+    opt = _run(llama, {"block_routing": {"block_size": 4}})
+    assert len(_applied(opt, "block_routing")) == 4
+    routed = [n for n in opt.graph_module.graph.nodes if n.target is R.block_routed_attention]
+    assert routed and all(n.kwargs["affinity"] == "pooled" and n.kwargs["sinks"] == ("first", "previous")
+                          for n in routed)
