@@ -10,7 +10,8 @@ MiniLM-L6 (pretrained, 6 sites, padding masks): agent_attention n=16 training-fr
   on 32 calibration samples at up to 256 tokens), on the 64 held-out bundled sentences and on
   32 held-out samples (sentences and paragraphs) at up to 256 tokens; block_routing (b=8) and
   kmeans_routing curves on the latter: mean embedding cosine vs the fraction of attention kept.
-SmolLM2-135M (30 causal GQA sites) at 2048-token inputs: block_routing (b=64) and
+SmolLM2-135M (30 causal GQA sites) at 2048-token inputs: block_routing (b=64; the rule's causal
+  defaults at keep 0.25 / 0.35, and the block-mean affinity at top-k 2 / 4) and
   kmeans_routing perplexity on held-out 2048-token chunks vs the original, and the attention
   core (one layer's shapes) timed against SDPA with the model's boolean causal mask and with
   is_causal=True.
@@ -49,11 +50,17 @@ from rewriter.gate import compare, perplexity, run         # noqa: E402
 from rewriter.kernels.block_sparse_attention import dense_block_mask  # noqa: E402
 from rewriter.models import load_model                     # noqa: E402
 from rewriter.patterns import _routing as R                # noqa: E402
+from rewriter.patterns.routing import _resolved            # noqa: E402
 from rewriter.rule import get_rule                         # noqa: E402
 from rewriter.trace import restore, snapshot               # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TOPKS = (1, 2, 4, 8)       # SmolLM2 block_routing: routed blocks besides own + sinks (2 ≈ 25 % kept at 2048)
+# SmolLM2 block_routing: the causal defaults (pooled affinity, first + previous sinks, keep = fraction
+# of the causal pairs) at two budgets, and BiFormer's block-mean affinity with first + last sinks
+# (the rule's earlier behaviour) at top-k 2 and 4 for comparison
+SMOLLM2_BLOCK = ({"keep": 0.25}, {"keep": 0.35},
+                 {"topk": 2, "affinity": "means", "sinks": ["first", "last"]},
+                 {"topk": 4, "affinity": "means", "sinks": ["first", "last"]})
 CLUSTERS = (8, 45)         # SmolLM2 kmeans_routing: 45 ≈ √2048 (the paper's default)
 
 
@@ -96,13 +103,15 @@ def apply_all(gm, snap, sites, rule_name, opts, calib, kind, cache) -> dict:
 def block_kept(acts, sites, names, opts, causal: bool) -> float:
     """Listed real (query, key) pairs / allowed pairs, over held-out batches and sites."""
     listed = allowed = 0.0
+    o = get_rule("block_routing").options(**opts)
+    sinks, affinity = _resolved(o, causal)
     for s in sites:
         n = names[s.index]
         for q, k, m in zip(acts[n["q"]], acts[n["k"]], acts[n["mask"]]):
             km = R.key_mask_from_attn_mask(m, q)
             table = R.route_blocks(q, k, km, block_size=opts["block_size"], topk=opts.get("topk"),
                                    keep_permille=None if "topk" in opts else round(1000 * opts["keep"]),
-                                   causal=causal, sinks=tuple(opts.get("sinks", ("first", "last"))))
+                                   causal=causal, sinks=sinks, affinity=affinity, scale=s.scale)
             bs, t = opts["block_size"], q.shape[2]
             vis = dense_block_mask(table, bs, t, t) & km[:, None, None, :]
             full = km[:, None, None, :].expand_as(vis) & km[:, None, :, None]
@@ -250,10 +259,14 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
         "sdpa_bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
         "sdpa_is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
-    for topk in TOPKS:
-        core[f"block_routing_top{topk}"] = lambda topk=topk: R.block_routed_attention(
+    for keep in (0.25, 0.35):
+        core[f"block_routing_keep{keep}"] = lambda keep=keep: R.block_routed_attention(
+            q, k, v, km, block_size=64, topk=None, keep_permille=round(1000 * keep), causal=True,
+            sinks=R.default_sinks(True), route_by="own", scale=s0.scale, affinity="pooled")
+    for topk in (2, 4):
+        core[f"block_routing_means_top{topk}"] = lambda topk=topk: R.block_routed_attention(
             q, k, v, km, block_size=64, topk=topk, keep_permille=None, causal=True, sinks=("first", "last"),
-            route_by="own", scale=s0.scale)
+            route_by="own", scale=s0.scale, affinity="means")
     core["kmeans_45"] = lambda: R.kmeans_routed_attention(q, k, v, km, cents, window=46, causal=True,
                                                           scale=s0.scale, local_block=46)
     ms = {name: timed(fn) for name, fn in core.items()}
@@ -284,8 +297,9 @@ def plot(res: dict, path: Path) -> None:
         series: dict = {}
         for rule in ("block_routing", "kmeans_routing"):
             for r in s.get(rule, []):
-                sinks = r["options"].get("sinks")
-                label = rule + (f" (sinks {'+'.join(sinks)})" if sinks else "")
+                o = r["options"]
+                label = rule if rule == "kmeans_routing" else (
+                    f"{rule} ({o.get('affinity', 'pooled')}, sinks {'+'.join(o.get('sinks', ['first', 'previous']))})")
                 series.setdefault(label, []).append((r["kept"], 100 * r["ppl_change"]))
         for label, pts in series.items():
             ax.plot(*zip(*sorted(pts)), "s-" if label.startswith("kmeans") else "o-", label=label)
@@ -303,7 +317,7 @@ def main() -> None:
     ap.add_argument("--ppl-chunks", type=int, default=2)
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
-    ap.add_argument("--smollm2-block", type=json.loads, default=[{"topk": t} for t in TOPKS],
+    ap.add_argument("--smollm2-block", type=json.loads, default=list(SMOLLM2_BLOCK),
                     help='JSON list of block_routing settings (block_size 64), e.g. \'[{"topk": 2, "sinks": ["first", "previous"]}]\'')
     ap.add_argument("--smollm2-clusters", type=json.loads, default=list(CLUSTERS), help="JSON list of cluster counts")
     ap.add_argument("--tag", default="", help="suffix of the output files (extra SmolLM2 runs merge into the main file)")
