@@ -3,6 +3,9 @@
     python benchmarks/bench_masa.py --model minilm     # S = 5, 4, 3, 2 of 6, with and without refinements
     python benchmarks/bench_masa.py --model smollm2    # 20 % and 33 % fewer attention parameters
 
+Rows with `reduction` cut all attention-projection parameters (atoms + coefficients + residual factors)
+by that fraction; the rule spends what the atoms leave on per-layer whitened residual ranks.
+
 Every configuration is one `optimize` run with a permissive gate (so it is measured, not rejected);
 the numbers are the held-out check (texts never used for calibration): mean embedding cosine for
 MiniLM, perplexity ratio for SmolLM2. Parameter counts are the attention projection weights (q, k, v,
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -29,35 +31,45 @@ from rewriter.models import load_model
 from rewriter.trace import trace
 
 OUT = Path(__file__).parent / "results"
-DISTILL = {"steps": 100, "ridge": 0.05}   # the ridge these rows ran with; the rule's default is now 0.5
+DISTILL = {"steps": 100}                 # the rule's defaults: lr 3e-2, ridge 0.5
+PCA, ALLOC, DIST = "matrix PCA (paper, training-free)", "+ whitened residual, allocated", "+ allocated residual + distill"
+NODICT = "no dictionary: allocated whitened low-rank only (SVD-LLM)"
 
-MINILM = [  # (label, masa steps)
-    *[(f"S={s}/6 pca", [{"atoms": s}]) for s in (5, 4, 3, 2)],
-    *[(f"S={s}/6 +residual16 +distill", [{"atoms": s, "residual_rank": 16, "distill": DISTILL}]) for s in (5, 4, 3, 2)],
-    ("S=4/6 +residual16", [{"atoms": 4, "residual_rank": 16}]),
-    ("S=4/6 +distill", [{"atoms": 4, "distill": DISTILL}]),
-    ("S=4/6 +residual24 +distill", [{"atoms": 4, "residual_rank": 24, "distill": DISTILL}]),
-    ("S=3/6 +residual48 +distill", [{"atoms": 3, "residual_rank": 48, "distill": DISTILL}]),
-    ("S=4/6 +residual24", [{"atoms": 4, "residual_rank": 24}]),
-    ("S=4/6 +residual16 +distill(ridge 0.5)", [{"atoms": 4, "residual_rank": 16,
-                                               "distill": {"steps": 100, "ridge": 0.5}}]),
-    # q and k only (half of the attention weights): v and o keep the largest error after the residual
-    ("q,k S=3/6 +residual16", [{"atoms": 3, "residual_rank": 16, "projections": ["q", "k"]}]),   # 20.8 %
-    ("q,k S=2/6 +residual16", [{"atoms": 2, "residual_rank": 16, "projections": ["q", "k"]}]),   # 29.2 %
+MINILM = [  # (label, family, masa step); 6 layers x 4 types x 384²; `reduction` cuts ALL attention-projection params
+    *[(f"S={s}/6 pca", PCA, {"atoms": s}) for s in (5, 4, 3, 2)],
+    ("S=5/6 +residual →10%", ALLOC, {"atoms": 5, "reduction": 0.1}),
+    *[(f"S={s}/6 +residual →20%", ALLOC, {"atoms": s, "reduction": 0.2}) for s in (4, 3, 2)],
+    *[(f"S={s}/6 +residual →33%", ALLOC, {"atoms": s, "reduction": 0.33}) for s in (3, 2)],
+    ("S=q3k3v4o4/6 +residual →20%", ALLOC, {"atoms": {"q": 3, "k": 3, "v": 4, "o": 4}, "reduction": 0.2}),
+    ("S=q2k2v3o3/6 +residual →33%", ALLOC, {"atoms": {"q": 2, "k": 2, "v": 3, "o": 3}, "reduction": 0.33}),
+    ("S=4/6 +residual →20% +distill", DIST, {"atoms": 4, "reduction": 0.2, "distill": DISTILL}),
+    ("S=q3k3v4o4/6 +residual →20% +distill", DIST,
+     {"atoms": {"q": 3, "k": 3, "v": 4, "o": 4}, "reduction": 0.2, "distill": DISTILL}),
+    ("S=q2k2v3o3/6 +residual →33% +distill", DIST,
+     {"atoms": {"q": 2, "k": 2, "v": 3, "o": 3}, "reduction": 0.33, "distill": DISTILL}),
+    # ablations at 20 %: uniform rank (the previous recipe), whitened atoms, no dictionary
+    ("S=4/6 +residual24 (uniform rank)", "ablation: uniform rank 24", {"atoms": 4, "residual_rank": 24}),
+    ("S=4/6 whitened atoms +residual →20%", "ablation: whitened atoms", {"atoms": 4, "fit": "whitened", "reduction": 0.2}),
+    ("S=0 →20%", NODICT, {"atoms": {"q": 0, "k": 0, "v": 0, "o": 0}, "reduction": 0.2}),
+    ("S=0 →33%", NODICT, {"atoms": {"q": 0, "k": 0, "v": 0, "o": 0}, "reduction": 0.33}),
 ]
-SMOLLM2 = [  # attention projections: 30 x (2 x 576² + 2 x 192·576); a rank-r residual costs 115,200·r
-    ("S=24/30 pca", [{"atoms": 24}]),                                      # 20 %
-    ("S=20/30 pca", [{"atoms": 20}]),                                      # 33 %
-    ("S=20/30 +residual24", [{"atoms": 20, "residual_rank": 24}]),         # 22.9 %
-    ("S=16/30 +residual24", [{"atoms": 16, "residual_rank": 24}]),         # 36.2 %
-    # q and k only (k is GQA-narrow: 50 % of the attention weights): v and o keep the largest error
-    ("q,k S=18/30 +residual24", [{"atoms": 18, "residual_rank": 24, "projections": ["q", "k"]}]),   # 14.8 %
-    ("q,k S=12/30 +residual24", [{"atoms": 12, "residual_rank": 24, "projections": ["q", "k"]}]),   # 24.8 %
+QKO4 = {"q": 4, "k": 4, "v": 0, "o": 4}   # v (GQA-narrow, least low-rank in the whitened space) keeps no dictionary
+SMOLLM2 = [  # attention projections: 30 x (2 x 576² + 2 x 192·576) = 26.5 M
+    ("S=24/30 pca", PCA, {"atoms": 24}),                                      # 20 %
+    ("S=20/30 pca", PCA, {"atoms": 20}),                                      # 33 %
+    ("S=q4k4v0o4/30 +residual →20%", ALLOC, {"atoms": QKO4, "reduction": 0.2}),
+    ("S=q4k4v0o4/30 +residual →33%", ALLOC, {"atoms": QKO4, "reduction": 0.33}),
+    ("S=q4k4v0o4/30 +residual →20% +distill", DIST, {"atoms": QKO4, "reduction": 0.2, "distill": DISTILL}),
+    ("S=q4k4v0o4/30 +residual →33% +distill", DIST, {"atoms": QKO4, "reduction": 0.33, "distill": DISTILL}),
+    ("S=12/30 +residual →20%", "ablation: S=12 all types", {"atoms": 12, "reduction": 0.2}),
+    ("S=20/30 +residual24 (uniform rank)", "ablation: uniform rank 24", {"atoms": 20, "residual_rank": 24}),
+    ("S=0 →20%", NODICT, {"atoms": {"q": 0, "k": 0, "v": 0, "o": 0}, "reduction": 0.2}),
+    ("S=0 →33%", NODICT, {"atoms": {"q": 0, "k": 0, "v": 0, "o": 0}, "reduction": 0.33}),
 ]
 SETUP = {
     "minilm": dict(configs=MINILM, calibration={"samples": 128, "seq_len": 64, "batch_size": 16, "heldout": 64},
                    gate={"metric": "embedding_cosine", "min": 0.0}, target=("≥", 0.97)),
-    "smollm2": dict(configs=SMOLLM2, calibration={"samples": 16, "seq_len": 128, "batch_size": 4, "heldout": 8},
+    "smollm2": dict(configs=SMOLLM2, calibration={"samples": 16, "seq_len": 256, "batch_size": 4, "heldout": 8},
                     gate={"metric": "perplexity_ratio", "max": 1e9}, target=("≤", 1.05)),
 }
 
@@ -72,10 +84,10 @@ def run(name: str, only: list[str] | None) -> list[dict]:
     setup = SETUP[name]
     loaded = load_model(name)
     rows, dense = [], None
-    for label, steps in setup["configs"]:
+    for label, family, step in setup["configs"]:
         if only and label not in only:
             continue
-        recipe = {"calibration": setup["calibration"], "gate": setup["gate"], "steps": [{"masa": s} for s in steps]}
+        recipe = {"calibration": setup["calibration"], "gate": setup["gate"], "steps": [{"masa": step}]}
         t = time.perf_counter()
         opt = optimize(loaded, recipe, progress=False, measure_latency=False)
         seconds = time.perf_counter() - t
@@ -90,7 +102,7 @@ def run(name: str, only: list[str] | None) -> list[dict]:
             art = (opt.save(tmp) / "tensors.safetensors").stat().st_size
         h = opt.report.heldout
         rows.append({
-            "model": name, "config": label, "steps": steps, "applied": len(applied),
+            "model": name, "config": label, "family": family, "step": step, "applied": len(applied),
             "attn_params_before": before, "attn_params_after": after,
             "attn_reduction": round(1 - after / before, 4) if before else 0.0,
             "model_params_before": _unique_numel(dense), "model_params_after": _unique_numel(opt.graph_module),
@@ -100,6 +112,8 @@ def run(name: str, only: list[str] | None) -> list[dict]:
             "calibration_seconds": round(sum(r.seconds for r in opt.report.records), 1),
             "total_seconds": round(seconds, 1),
             "fit": {k: v for r in applied for k, v in r.info.get("relative_output_error", {}).items()},
+            "ranks": {k: sum(v) for r in applied for k, v in r.info.get("ranks", {}).items()},
+            "dense_layers": {k: len(v) for r in applied for k, v in r.info.get("dense_layers", {}).items()},
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -108,12 +122,12 @@ def run(name: str, only: list[str] | None) -> list[dict]:
 def table(rows: list[dict], target) -> str:
     op, bound = target
     ok = (lambda v: v >= bound) if op == "≥" else (lambda v: v <= bound)
-    head = (f"{'config':34} {'attn params':>21} {'cut':>6} {'model params':>23} {'state MB':>13} "
+    head = (f"{'config':40} {'attn params':>21} {'cut':>6} {'model params':>23} {'state MB':>13} "
             f"{rows[0]['heldout_metric'] if rows else '':>17} {'target':>6} {'calib s':>7}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['config']:34} {r['attn_params_before']:>10,}→{r['attn_params_after']:>10,} {r['attn_reduction']:>6.1%} "
+            f"{r['config']:40} {r['attn_params_before']:>10,}→{r['attn_params_after']:>10,} {r['attn_reduction']:>6.1%} "
             f"{r['model_params_before']:>11,}→{r['model_params_after']:>11,} "
             f"{r['state_bytes_before'] / 1e6:>6.2f}→{r['state_bytes_after'] / 1e6:>6.2f} "
             f"{r['heldout_value']:>17.4f} {'yes' if ok(r['heldout_value']) else 'no':>6} {r['calibration_seconds']:>7.1f}")
@@ -127,11 +141,16 @@ def plot(rows: list[dict], name: str, target) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = {}
     for r in rows:
-        fam = re.sub(r"S=\d+/\d+\s*", "", r["config"]).strip() or r["config"]   # one line per variant
-        families.setdefault(fam, []).append(r)
+        families.setdefault(r["family"], []).append(r)
     for fam, rs in families.items():
         rs = sorted(rs, key=lambda r: r["attn_reduction"])
-        ax.plot([100 * r["attn_reduction"] for r in rs], [r["heldout_value"] for r in rs], "o-", label=fam)
+        ax.plot([100 * r["attn_reduction"] for r in rs], [r["heldout_value"] for r in rs], "o-" if len(rs) > 1 else "s",
+                label=fam)
+        for r in rs:
+            ax.annotate(r["config"].split()[0], (100 * r["attn_reduction"], r["heldout_value"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    if rows and rows[0]["heldout_metric"] == "perplexity_ratio":
+        ax.set_yscale("log")
     ax.axhline(target[1], color="grey", ls="--", lw=1, label=f"target {target[0]} {target[1]}")
     ax.axvline(20, color="grey", ls=":", lw=1)
     ax.set_xlabel("attention-projection parameters removed (%)")
@@ -160,7 +179,7 @@ def main():
     if a.only and path.exists():   # merge a partial run into earlier results
         old = [r for r in json.loads(path.read_text())["rows"] if r["config"] not in {r["config"] for r in rows}]
         rows = old + rows
-    order = [c for c, _ in SETUP[a.model]["configs"]]
+    order = [c for c, *_ in SETUP[a.model]["configs"]]
     rows.sort(key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
     path.write_text(json.dumps({"calibration": SETUP[a.model]["calibration"], "gate": SETUP[a.model]["gate"],
                                 "rows": rows}, indent=2))

@@ -301,7 +301,7 @@ def build(ctx, site, opts) -> dict:
                         U[l, :, :r], V[l, :r] = MM.whitened_residual(E[l], M[l], r)
         keep = torch.tensor([not d for d in dense])
         What = torch.where(keep[:, None, None], MM.reconstruct(D, C, U, V), W)
-        if U is not None:
+        if U is not None or any(dense):
             fit[f"{label}.residual"] = MM.weighted_error(W, What, M).mean().item()
         if opts.distill is not None and bool(keep.any()):
             d = opts.distill
