@@ -135,28 +135,36 @@ def table(rows: list[dict], target) -> str:
 
 
 def plot(rows: list[dict], name: str, target) -> None:
+    """Left: every row; right: the same, zoomed on the rows near the target (labels there)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ppl = bool(rows) and rows[0]["heldout_metric"] == "perplexity_ratio"
+    near = (lambda v: v <= 1.3) if ppl else (lambda v: v >= 0.88)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     families = {}
     for r in rows:
         families.setdefault(r["family"], []).append(r)
-    for fam, rs in families.items():
-        rs = sorted(rs, key=lambda r: r["attn_reduction"])
-        ax.plot([100 * r["attn_reduction"] for r in rs], [r["heldout_value"] for r in rs], "o-" if len(rs) > 1 else "s",
-                label=fam)
-        for r in rs:
-            ax.annotate(r["config"].split()[0], (100 * r["attn_reduction"], r["heldout_value"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
-    if rows and rows[0]["heldout_metric"] == "perplexity_ratio":
-        ax.set_yscale("log")
-    ax.axhline(target[1], color="grey", ls="--", lw=1, label=f"target {target[0]} {target[1]}")
-    ax.axvline(20, color="grey", ls=":", lw=1)
-    ax.set_xlabel("attention-projection parameters removed (%)")
-    ax.set_ylabel(f"held-out {rows[0]['heldout_metric']}")
-    ax.set_title(f"MASA on {name}")
-    ax.legend(fontsize=7)
+    for ax, zoom in zip(axes, (False, True)):
+        for i, (fam, rs) in enumerate(families.items()):
+            rs = sorted((r for r in rs if not zoom or near(r["heldout_value"])), key=lambda r: r["attn_reduction"])
+            if not rs:
+                ax.plot([], [], color=f"C{i}", label=fam)
+                continue
+            ax.plot([100 * r["attn_reduction"] for r in rs], [r["heldout_value"] for r in rs],
+                    # a line only where it is a curve (one point per cut); several S at one cut: markers
+                    "o-" if len({r["attn_reduction"] for r in rs}) == len(rs) > 1 else "o", color=f"C{i}", label=fam)
+            for r in rs if zoom else []:
+                ax.annotate(r["config"].split()[0], (100 * r["attn_reduction"], r["heldout_value"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        if ppl and not zoom:
+            ax.set_yscale("log")
+        ax.axhline(target[1], color="grey", ls="--", lw=1, label=f"target {target[0]} {target[1]}")
+        ax.axvline(20, color="grey", ls=":", lw=1)
+        ax.set_xlabel("attention-projection parameters removed (%)")
+        ax.set_ylabel(f"held-out {rows[0]['heldout_metric']}")
+        ax.set_title(f"MASA on {name}" + (" (zoom)" if zoom else ""))
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / f"masa_{name}.png", dpi=120)
 
