@@ -3,10 +3,18 @@
 Zhussip et al., "Share Your Attention: Transformer Weight Sharing via Matrix-based Dictionary
 Learning", arXiv:2508.04581. Per projection type P ∈ {q, k, v, o} and per group of layers, S shared
 matrix atoms D_s and per-layer coefficients: Ŵₗ = Σₛ cₗₛ D_s, fitted post hoc by matrix PCA (exact
-when S = the group's layer count). Optional refinements, each inside the same gated decision:
-a whitened rank-r residual per layer (Ŵₗ += Uₗ Vₗ, SVD-LLM, arXiv:2403.07378) and `distill`, which
-trains atoms, coefficients and residuals so every projection's outputs on the calibration
-activations match the original (ridge-regularized; see `_masa_math.distill`).
+when S = the group's layer count) — the paper's training-free variant. Optional refinements, each
+inside the same gated decision: a whitened rank-r residual per layer (Ŵₗ += Uₗ Vₗ, SVD-LLM,
+arXiv:2403.07378) and `distill`, which trains atoms, coefficients and residuals so every
+projection's outputs on the calibration activations match the original (ridge-regularized; see
+`_masa_math.distill`).
+
+Ours (not in the paper): `reduction` (a parameter budget for the whole group, spent greedily on
+residual ranks by relative output error removed per parameter across layers and types, with layers
+that would need a full-size factorization kept dense; `_masa_math.allocate_ranks`), per-type atom
+counts (0 = no dictionary, low-rank only), `fit: whitened` (`_masa_math.whitened_pca`), and the
+ridge in `distill`. Measured (benchmarks/bench_masa.py): the layers' weights are nearly orthogonal,
+so the allocation, not the sharing, carries the accuracy at a 20 % cut (README, MASA section).
 
 A group of layers is one decision: `plan` partitions the selected sites into groups (all, fixed
 size, or `auto`: consecutive layers whose attention inputs drift little on calibration data) and
@@ -14,7 +22,9 @@ returns the first site of each group; its record's info lists the group and the 
 
 Before (each layer l):   y = linear(x, W_l, b_l)                      W_l: L dense [out, in] tensors
 After:                   y = linear(x, view(mm(c_l, view(D, [S, out·in])), [out, in]) (+ mm(U_l, V_l)), b_l)
-                         D: one [S, out, in] buffer per group and type; c_l: [S]; U_l, V_l: rank r
+                         D: one [S, out, in] buffer per group and type; c_l: [S]; U_l, V_l: rank r_l
+                         (with `reduction`: r_l per layer and type; S = 0: Ŵ_l = U_l V_l; a layer kept
+                         dense is left as it was)
 The dense weights become unused and are dropped, so the state dict (and a saved model) is smaller.
 Exact setting: atoms = every layer of the group (1.0), residual_rank 0, no distill.
 Biases, GQA's narrower k/v projections and GPT-2's fused Conv1D c_attn ([in, out] layout) are handled.
