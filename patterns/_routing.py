@@ -66,7 +66,7 @@ def register_all(gm, sd, rule: str, site: int, tensors: dict) -> dict:
 
 def _valid_blocks(t: int, block_size: int, key_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     """bool [B, n_blocks]: the block holds at least one real key (ragged tail excluded)."""
-    n_blocks = -(-t // block_size)
+    n_blocks = (t + block_size - 1) // block_size
     ok = torch.arange(n_blocks * block_size, device=device) < t
     if key_mask is None:
         ok = ok.expand(batch, -1)
@@ -120,7 +120,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     `route_by="previous"` routes query block i by the mean query of block i−1, so no token's key
     set depends on later queries (strictly causal routing; block 0 sees only itself anyway)."""
     B, H, t, _ = q.shape
-    n_b = -(-t // block_size)
+    n_b = (t + block_size - 1) // block_size
     q_r = block_means(q, block_size, key_mask).float()                             # [B, H, nb, D]
     if route_by == "previous":
         q_r = torch.cat([q_r[:, :, :1], q_r[:, :, :-1]], dim=2)
@@ -173,7 +173,7 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     (resolved at run time from the length; keep = keep_permille/1000). Causal sites: `keep` is
     the fraction of the causal (query, key) pairs, so every row holds ⌈n_blocks·(1 − √(1 − keep))⌉
     blocks (rows near the start hold all they may see). Only allowed blocks are listed."""
-    n_b = -(-q.shape[2] // block_size)
+    n_b = (q.shape[2] + block_size - 1) // block_size
     score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
                                    route_by=route_by, affinity=affinity, scale=scale)
     if topk is not None:

@@ -101,7 +101,7 @@ def _captured_mass(q, k, key_mask, causal, scale, opts) -> torch.Tensor:
     """Mean (over heads and real query blocks) attention probability held by the forced blocks
     plus the top-k routed ones, for k = 0 … n_blocks − 1: fp64 [n_blocks]."""
     B, H, t, _ = q.shape
-    bs, n_b = opts.block_size, -(-t // opts.block_size)
+    bs, n_b = opts.block_size, (t + opts.block_size - 1) // opts.block_size
     sinks, affinity = _resolved(opts, causal)
     score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
                                      route_by=opts.route_by, affinity=affinity, scale=scale)
@@ -220,7 +220,7 @@ def build_kmeans(ctx, site, opts) -> dict:
         points.append(r.permute(1, 0, 2, 3)[:, real])                                # [H, M_i, D]
     x = torch.cat(points, dim=1)
     clusters = opts.clusters or max(1, round(math.sqrt(t_cal)))
-    window = opts.window or -(-t_cal // clusters)
+    window = opts.window or (t_cal + clusters - 1) // clusters
     g = torch.Generator().manual_seed(site.index)
     keep = torch.randperm(x.shape[1], generator=g)[:opts.max_points]
     cents = torch.stack([R.spherical_kmeans(x[h, keep], clusters, opts.iters, seed=h) for h in range(x.shape[0])])

@@ -261,9 +261,8 @@ class OptimizedModel(torch.nn.Module):
 
     def export_onnx(self, path: str | Path, example_inputs: dict | None = None, *, dynamic: bool = True) -> Path:
         """Export through torch.onnx (dynamo) with the custom ops' onnxscript translations. `dynamic`
-        keeps batch and sequence symbolic (tested for linear attention); models rewritten with agent or
-        routed attention must be exported with dynamic=False at the length they serve: the agent count
-        min(agents, T) and the routing tables depend on T, and their dynamic ONNX graphs are not right yet."""
+        keeps batch and sequence symbolic (tested for every rule at other batch sizes and lengths);
+        dynamic=False fixes them to the example's shapes."""
         import rewriter.kernels as K
         args, kwargs = self.example
         if example_inputs is not None:

@@ -224,9 +224,9 @@ def _onnx_agent_attention(q, k, v, agents, key_mask, scale1, scale2, bias1, bias
     """The two-softmax formula with MatMul/Softmax (opset 18); fully padded samples give 0."""
     from onnxscript import opset18 as op
 
-    heads, kv_heads, head_dim, d_v, n = q.shape[1], k.shape[1], q.shape[3], v.shape[3], agents.shape[2]
-    if not all(isinstance(x, int) for x in (heads, kv_heads, head_dim, d_v, n)):
-        raise ValueError("agent_attention ONNX translation: heads, head_dim and the agent count must be "
+    heads, kv_heads, head_dim, d_v = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+    if not all(isinstance(x, int) for x in (heads, kv_heads, head_dim, d_v)):       # n and N may be symbolic
+        raise ValueError("agent_attention ONNX translation: heads and head_dim must be "
                          f"static; got q {q.shape}, k {k.shape}, v {v.shape}, agents {agents.shape}")
     group = heads // kv_heads
     i64 = lambda vals: op.Constant(value_ints=list(vals))         # noqa: E731
@@ -234,7 +234,7 @@ def _onnx_agent_attention(q, k, v, agents, key_mask, scale1, scale2, bias1, bias
 
     # stage 1: [B, Hkv, G·n, D] @ [B, Hkv, D, N] -> [B, H, n, N]
     s1 = op.MatMul(op.Reshape(agents, i64([0, kv_heads, -1, head_dim])), op.Transpose(k, perm=[0, 1, 3, 2]))
-    s1 = op.Mul(op.Reshape(s1, i64([0, heads, n, -1])), per_head(scale1, [1, heads, 1, 1]))
+    s1 = op.Mul(op.Reshape(s1, i64([0, heads, -1, 0])), per_head(scale1, [1, heads, 1, 1]))
     if bias1 is not None:
         s1 = op.Add(s1, op.CastLike(bias1, s1))
     if key_mask is None:
@@ -248,7 +248,7 @@ def _onnx_agent_attention(q, k, v, agents, key_mask, scale1, scale2, bias1, bias
         l = op.ReduceSum(e, i64([-1]), keepdims=1)
         p1 = op.Div(e, op.Max(l, op.CastLike(op.Constant(value_float=1.0), l)))   # l ≥ 1 unless all masked
     v_agents = op.MatMul(op.Reshape(p1, i64([0, kv_heads, -1, 0])), v)          # [B, Hkv, G·n, Dv]
-    v_agents = op.Reshape(v_agents, i64([0, heads, n, d_v]))
+    v_agents = op.Reshape(v_agents, i64([0, heads, -1, d_v]))
 
     # stage 2: [B, H, N, n] softmax over agents
     s2 = op.Mul(op.MatMul(q, op.Transpose(agents, perm=[0, 1, 3, 2])), per_head(scale2, [1, heads, 1, 1]))

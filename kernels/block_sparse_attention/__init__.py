@@ -56,7 +56,7 @@ def _check_inputs(q, k, v, block_table, block_size, causal, key_mask) -> None:
         raise ValueError(f"{name}: {H} query heads are not a multiple of {k.shape[1]} kv heads")
     if block_size < 1:
         raise ValueError(f"{name}: block_size must be ≥ 1, got {block_size}")
-    n_qblocks = -(-t_q // block_size)
+    n_qblocks = (t_q + block_size - 1) // block_size
     if block_table.dim() != 4 or tuple(block_table.shape[:3]) != (B, H, n_qblocks):
         raise ValueError(f"{name}: block_table must be [B={B}, H={H}, n_qblocks={n_qblocks}, max_kblocks]; "
                          f"got {tuple(block_table.shape)}")
@@ -105,7 +105,7 @@ def _blockwise(q, k, v, block_table, block_size: int, causal: bool, key_mask, sc
     B, H, t_q, D = q.shape
     h_kv, t_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
     group, bs = H // h_kv, block_size
-    n_qb, n_kb = -(-t_q // bs), -(-t_k // bs)
+    n_qb, n_kb = (t_q + bs - 1) // bs, (t_k + bs - 1) // bs
     max_kb = block_table.shape[-1]
     acc = _acc_dtype(q.dtype)
     pad = torch.nn.functional.pad
@@ -154,7 +154,7 @@ def _blockwise(q, k, v, block_table, block_size: int, causal: bool, key_mask, sc
 
 def _forward_cpu(q, k, v, block_table, block_size, causal, key_mask, scale, want_lse=True):
     _check_inputs(q, k, v, block_table, block_size, causal, key_mask)
-    validate_block_table(block_table, -(-k.shape[2] // block_size))
+    validate_block_table(block_table, (k.shape[2] + block_size - 1) // block_size)
     with torch.no_grad():
         out, lse = _blockwise(q, k, v, block_table, block_size, causal, key_mask, scale, want_lse)
     return out.contiguous(), (lse.contiguous() if want_lse else None)
@@ -259,7 +259,7 @@ def block_sparse_attention_lse(q, k, v, block_table, block_size: int, *, causal:
 
 def _block_counts(t: int, block_size: int, key_mask: torch.Tensor | None, batch: int, device):
     """Valid tokens per block: [B, n_blocks] float, and the padded validity [B, n_blocks, bs]."""
-    n_blocks = -(-t // block_size)
+    n_blocks = (t + block_size - 1) // block_size
     ok = torch.arange(n_blocks * block_size, device=device) < t
     ok = ok.expand(batch, -1) if key_mask is None else ok & torch.nn.functional.pad(
         key_mask.bool(), (0, n_blocks * block_size - t))
@@ -296,7 +296,7 @@ def topk_block_table(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: in
         raise ValueError(f"topk_block_table: {H} query heads are not a multiple of {h_kv} kv heads")
     if causal and t_q != t_k:
         raise ValueError(f"topk_block_table: causal needs equal query and key lengths, got {t_q} and {t_k}")
-    n_qb, n_kb = -(-t_q // block_size), -(-t_k // block_size)
+    n_qb, n_kb = (t_q + block_size - 1) // block_size, (t_k + block_size - 1) // block_size
     sinks = sorted(set(sink_blocks or []))
     if sinks and (sinks[0] < 0 or sinks[-1] >= n_kb):
         raise ValueError(f"topk_block_table: sink_blocks {sinks} outside [0, {n_kb}) key blocks")
