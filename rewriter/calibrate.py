@@ -68,15 +68,19 @@ def _cycled(pool: list, n: int, rng: random.Random) -> tuple[list, int]:
 
 
 def _draw(pool: list, n: int, seed: int, notes: list, *, source: str, unit: str,
-          heldout: bool = False) -> list:
+          heldout: bool = False, validation: int = 0) -> list:
     """n items drawn from `pool` (cycled when it is short, with a note saying so); the held-out draw
     has its own random stream so it never depends on the calibration draw."""
     picked, passes = _cycled(pool, n, random.Random(f"heldout-{seed}" if heldout else seed))
     if passes > 1:
         have = f"only {len(pool)} exist" if heldout else f"only {len(pool)} calibration {unit} exist"
         _note(notes, f"{source}: {n} {'held-out ' if heldout else ''}{unit} requested but {have}; "
-                     f"repeating them ({passes} passes)")
+                     f"repeating them ({passes} passes){_VALIDATION_REPEATS if validation else ''}")
     return picked
+
+
+_VALIDATION_REPEATS = ("; the validation samples repeat calibration ones, so the gate no longer judges "
+                       "on unseen data (ask for fewer, or use a longer text such as 'pydoc')")
 
 
 def _batched(items: list, batch_size: int) -> list[list]:
@@ -133,7 +137,8 @@ def _make(loaded: Loaded, text: str, samples: int, seq_len: int, batch_size: int
         cal_pool, held_pool = src.samples, src.heldout_samples
         if heldout and not held_pool:
             raise ValueError(f"make_calibration: {src.name} has no held-out samples")
-        picked = _draw(cal_pool, samples + validation, seed, notes, source=src.name, unit="samples")
+        picked = _draw(cal_pool, samples + validation, seed, notes, source=src.name, unit="samples",
+                       validation=validation)
         held = _draw(held_pool, heldout, seed, notes, source=src.name, unit="samples", heldout=True)
         batches, val_batches, held_batches = (
             [_encode_encoder(loaded, b, seq_len) for b in _batched(part, batch_size)]
@@ -143,7 +148,8 @@ def _make(loaded: Loaded, text: str, samples: int, seq_len: int, batch_size: int
                                    random.Random(seed))
         if passes > 1:
             _note(notes, f"{src.name}: {samples + validation} x {seq_len} tokens requested but the "
-                         f"calibration text is shorter; repeating it ({passes} passes)")
+                         f"calibration text is shorter; repeating it ({passes} passes)"
+                         f"{_VALIDATION_REPEATS if validation else ''}")
         batches, val_batches = ([{"input_ids": c, "attention_mask": torch.ones_like(c)}
                                  for c in part.split(batch_size) if len(c)] for part in (ids[:samples], ids[samples:]))
         held_batches = []
@@ -165,7 +171,8 @@ def _vision(loaded: Loaded, text: str, samples: int, batch_size: int, heldout: i
                          f"{text!r} does not apply (use 'bundled' or 'digits' for the bundled "
                          f"scikit-learn digits images)")
     cal_pool, held_pool = digit_indices()
-    picked = _draw(cal_pool, samples + validation, seed, notes, source="digits", unit="images")
+    picked = _draw(cal_pool, samples + validation, seed, notes, source="digits", unit="images",
+                   validation=validation)
     held = _draw(held_pool, heldout, seed, notes, source="digits", unit="images", heldout=True)
 
     def pixels(idx: list[int]) -> dict:

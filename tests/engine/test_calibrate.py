@@ -131,6 +131,8 @@ def test_too_little_text_repeats_with_a_note(bert, llama, tmp_path):
     with pytest.warns(UserWarning, match="repeating it"):
         cal = make_calibration(llama, text=str(f), samples=8, seq_len=64, heldout=1)
     assert all(b["input_ids"].shape[1] == 64 for b in cal.batches)
+    with pytest.warns(UserWarning, match="validation samples repeat calibration ones"):
+        make_calibration(bert, text=str(f), samples=6, seq_len=32, heldout=2, validation=4)
 
 
 def test_txt_paragraphs_and_lines(bert, tmp_path):
