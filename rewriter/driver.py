@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from . import graph as G
 from .gate import Gate, Measurement
-from .rule import Rule, get_rule
+from .rule import Refused, Rule, get_rule
 from .site import AttentionSite
 from .trace import restore, snapshot
 
@@ -173,6 +173,11 @@ def _rewrite_site(ctx: Context, rule: Rule, site: AttentionSite, opts, opts_d, g
         rule.apply(gm, site, built, opts)
         G.clean(gm)
         m = gate.measure(gm)
+    except Refused as e:    # build found the site unsuitable: a reason, not a failure
+        restore(gm, snap)
+        rec.reason, rec.seconds = str(e), time.perf_counter() - t
+        rec.info.update(ctx.info.pop(site.index, {}))
+        return rec
     except Exception as e:  # a failing rule must never leave a half-edited graph behind
         restore(gm, snap)
         rec.status = "error"

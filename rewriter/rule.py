@@ -59,6 +59,12 @@ def parse_layers(v: str | list[int]) -> set[int]:
     return out
 
 
+class Refused(Exception):
+    """Raised by a rule's build when what it measured or found rules the site out (a refusal
+    `check` could not make from the site alone): the driver records the site as rejected with
+    this message, not as an error."""
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str

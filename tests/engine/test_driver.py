@@ -6,7 +6,7 @@ import torch
 
 from rewriter import graph as G
 from rewriter import load, optimize
-from rewriter.rule import RULES, Rule, StepOptions, register
+from rewriter.rule import RULES, Refused, Rule, StepOptions, register
 
 
 class _Opts(StepOptions):
@@ -29,6 +29,18 @@ for _name, _apply in (("_damage", _zero_attention), ("_boom", _half_edit_then_ra
     if _name not in RULES:
         register(Rule(_name, paper="test", summary="test rule", exact=False, options=_Opts,
                       check=lambda s, o: None, build=lambda c, s, o: {}, apply=_apply))
+
+
+def _refuse_odd_sites(ctx, site, opts):
+    ctx.info.setdefault(site.index, {})["measured"] = site.index
+    if site.index % 2:
+        raise Refused(f"site {site.index} measured unsuitable")
+    return {}
+
+
+if "_refuse" not in RULES:
+    register(Rule("_refuse", paper="test", summary="test rule", exact=False, options=_Opts,
+                  check=lambda s, o: None, build=_refuse_odd_sites, apply=_zero_attention))
 
 
 def _recipe(step, metric="embedding_cosine", **bound):
@@ -114,3 +126,13 @@ def test_gate_judges_on_validation_samples_when_asked(bert):
     assert applied.metric_after == pytest.approx(on_val.value, abs=1e-6)
     assert on_val.value != pytest.approx(on_cal.value, abs=1e-6)
     assert "gate judged on 1 validation batches" in str(opt.report)
+
+
+def test_build_can_refuse_a_site_with_a_reason(bert, frozen_state, state_equal):
+    """A Refused raised by build is a rejection (with the rule's reason and what it measured),
+    not an error, and leaves the graph as it was."""
+    opt = optimize(bert, _recipe({"_refuse": {"layers": "0-1"}}, min=0.0), measure_latency=False, progress=False)
+    r0, r1 = opt.report.records
+    assert (r0.status, r1.status) == ("applied", "rejected")
+    assert r1.reason == "site 1 measured unsuitable" and r1.info == {"measured": 1}
+    assert sum(n.target is G.SDPA for n in opt.graph_module.graph.nodes) == 3
