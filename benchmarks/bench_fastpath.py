@@ -1,0 +1,69 @@
+"""causal_fastpath on SmolLM2: HF eager vs the traced graph vs the traced graph with the exact
+fused-causal swap, and the same with LLM-Drop's 6 drops on top (the drop benchmark's layers).
+
+    python benchmarks/bench_fastpath.py [--threads 2] [--repeats 5] [--lengths 512 2048]
+
+All models interleaved in one process (rewriter.api.latency_ms: median of --repeats calls after
+a warm-up), batch 1, no padding. Writes benchmarks/results/fastpath_smollm2.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rewriter import optimize                                  # noqa: E402
+from rewriter.api import _prepare, latency_ms                  # noqa: E402
+from rewriter.gate import main_tensor                          # noqa: E402
+from rewriter.models import load_model                         # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+DROPS = [26, 25, 28, 29, 7, 6]          # bench_drop.py's SmolLM2 ranking, 6 attention drops
+CAL = {"samples": 4, "seq_len": 64, "batch_size": 4, "heldout": 0}
+EXACT = {"metric": "relative_rms", "max": 1e-4}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    L = load_model("smollm2")
+    traced, _, _, _ = _prepare(L, L.example_inputs(batch=1, seq_len=64))
+    fast = optimize(L, {"calibration": CAL, "gate": EXACT, "steps": [{"causal_fastpath": {}}]},
+                    progress=False, measure_latency=False)
+    loose = {"metric": "perplexity_ratio", "max": 100.0}        # the drops are chosen, not gated, here
+    drop = optimize(L, {"calibration": CAL, "gate": loose, "steps": [{"drop_attention": {"layers": DROPS}}]},
+                    progress=False, measure_latency=False)
+    drop_fast = optimize(L, {"calibration": CAL, "gate": loose,
+                             "steps": [{"drop_attention": {"layers": DROPS}}, {"causal_fastpath": {}}]},
+                         progress=False, measure_latency=False)
+    models = {"hf_eager": L.model, "traced": traced, "traced+fastpath": fast,
+              "drop6": drop, "drop6+fastpath": drop_fast}
+    res = {"threads": torch.get_num_threads(), "torch": torch.__version__, "drops": DROPS, "by_length": {}}
+    for n in args.lengths:
+        batch = L.example_inputs(batch=1, seq_len=n)
+        with torch.no_grad():
+            ref = main_tensor(L.model(**batch))
+            err = (main_tensor(fast(**batch)) - ref).abs().max().item()
+            ms = latency_ms(list(models.values()), batch, args.repeats)
+        row = {name: round(t, 1) for name, t in zip(models, ms)}
+        row["speedup_vs_hf_eager"] = {name: round(ms[0] / t, 3) for name, t in zip(models, ms)}
+        row["fastpath_max_abs_logit_diff"] = err
+        res["by_length"][n] = row
+        print(f"{n:>5} tokens: " + ", ".join(f"{k} {v:.0f} ms ({ms[0] / v:.2f}×)" for k, v in zip(models, ms)),
+              f"| fastpath max |Δlogit| {err:.1e}", flush=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "fastpath_smollm2.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

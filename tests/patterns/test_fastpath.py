@@ -1,0 +1,77 @@
+"""causal_fastpath (exact kernel swap): rewriter::causal_attention equals masked SDPA on every mask
+kind it can meet, takes the fused path only on a plain causal mask, and a rewritten decoder gives
+the original's outputs with and without padding, saves/loads, compiles and exports to ONNX."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rewriter import load, optimize
+from rewriter.gate import main_tensor
+from rewriter.kernels.causal_attention import plain_causal
+
+RECIPE = {"calibration": {"samples": 8, "seq_len": 32, "batch_size": 4, "heldout": 4},
+          "gate": {"metric": "relative_rms", "max": 1e-5}, "steps": [{"causal_fastpath": {}}]}
+
+
+def _masks(B=2, T=9):
+    tril = torch.ones(T, T, dtype=torch.bool).tril()
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :3] = False                                            # left padding in sample 1
+    padded = tril & pad[:, None, None, :]
+    additive = lambda m: torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)   # noqa: E731
+    return {"bool_plain": tril.expand(B, 1, T, T), "bool_padded": padded,
+            "float_plain": additive(tril.expand(B, 1, T, T)), "float_padded": additive(padded),
+            "float_biased": additive(tril.expand(B, 1, T, T)) + 0.5 * tril}   # not a pure mask: a bias
+
+
+@pytest.mark.parametrize("kind", list(_masks()))
+def test_op_equals_masked_sdpa(kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g) for _ in range(3))
+    mask = _masks()[kind]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    got = torch.ops.rewriter.causal_attention(q, k, v, mask, 0.3, False)
+    rows = mask.bool() if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    rows = rows.any(-1, keepdim=True).expand_as(want)                 # fully masked rows are undefined
+    torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
+    assert plain_causal(mask) == kind.endswith("plain")
+
+
+def test_plain_needs_a_square_triangle():
+    assert not plain_causal(torch.ones(3, 5, dtype=torch.bool).tril(2))
+
+
+def test_decoder_outputs_unchanged_with_and_without_padding(llama, tmp_path):
+    opt = optimize(llama, RECIPE, progress=False, measure_latency=False)
+    assert [r.status for r in opt.report.records] == ["applied"] * 4
+    assert str(opt.report.flops_after) == str(opt.report.flops_before)
+    b = llama.example_inputs(batch=2, seq_len=24)
+    with torch.no_grad():
+        torch.testing.assert_close(main_tensor(opt(**b)), main_tensor(llama.model(**b)), rtol=1e-5, atol=1e-5)
+        b["attention_mask"][1, :5] = 0                            # left padding: the masked branch
+        torch.testing.assert_close(main_tensor(opt(**b))[1, 5:], main_tensor(llama.model(**b))[1, 5:],
+                                   rtol=1e-5, atol=1e-5)
+        opt.save(tmp_path / "m")
+        again = load(tmp_path / "m", model=llama)
+        assert torch.equal(main_tensor(again(**b)), main_tensor(opt(**b)))
+        compiled = torch.compile(opt, backend="inductor")
+        torch.testing.assert_close(main_tensor(compiled(**b)), main_tensor(opt(**b)), rtol=1e-4, atol=1e-4)
+    path = opt.export_onnx(tmp_path / "m.onnx", b)
+    sess = ort.InferenceSession(str(path))
+    b2 = llama.example_inputs(batch=3, seq_len=17)               # another batch and length: dynamic axes
+    b2["attention_mask"][0, :4] = 0
+    for batch in (b, b2):
+        y_ort = sess.run(None, {i.name: batch[i.name].numpy() for i in sess.get_inputs()})[0]
+        with torch.no_grad():
+            y = main_tensor(opt(**batch)).numpy()
+        real = batch["attention_mask"].bool().numpy()
+        assert np.abs(y_ort - y)[real].max() < 1e-4
+
+
+def test_refuses_non_causal_sites_with_the_reason(bert):
+    opt = optimize(bert, {**RECIPE, "gate": {"metric": "relative_rms", "max": 1e-5}}, progress=False,
+                   measure_latency=False)
+    assert {r.status for r in opt.report.records} == {"rejected"}
+    assert all("not causal" in r.reason for r in opt.report.records)
