@@ -7,7 +7,8 @@
 MiniLM: hedgehog (feature_dim 64, 300 Adam steps per layer) on all 6 layers gated by embedding
 cosine ≥ 0.97 on calibration sentences, and the training-free elu1 swap under the same gate; the
 held-out sentences are never used for calibration. SmolLM2: hedgehog + a 64-token softmax window
-(LoLCATs) with `layers: auto`, gated by a 5 % perplexity budget; perplexity on held-out text.
+(LoLCATs) with `layers: auto`, gated by a 5 % perplexity budget judged on validation chunks the
+fit never sees; perplexity on held-out text.
 Latency: original and rewritten interleaved in one process (median of --repeats calls) at the
 model's longest useful length, beside the ratio the report's sympy cost model predicts for the
 attention FLOPs at that length (projections + attention core, summed over sites).
@@ -71,7 +72,10 @@ def minilm(repeats):
 
 def smollm2(repeats):
     loaded = load_model("smollm2")
-    calib = {"samples": 16, "seq_len": 256, "batch_size": 4, "heldout": 16}
+    # the gate judges on 8 validation chunks the fit never sees: gated on its own 16 fitting chunks,
+    # 22 layers passed the 5 % budget and held-out perplexity came out +12.3 %
+    # pydoc: the bundled text holds ~8.7k calibration tokens, too few for fitting + validation chunks
+    calib = {"text": "pydoc", "samples": 48, "seq_len": 256, "batch_size": 4, "heldout": 16, "validation": 16}
     step = {"feature_map": "hedgehog", "feature_dim": 64, "window": 64, "layers": "auto", "steps": 60}
     t = time.perf_counter()
     opt = optimize(loaded, {"calibration": calib, "gate": {"metric": "perplexity_ratio", "max": 1.05},
