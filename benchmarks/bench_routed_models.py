@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -53,6 +52,8 @@ from rewriter.patterns import _routing as R                # noqa: E402
 from rewriter.patterns.routing import _resolved            # noqa: E402
 from rewriter.rule import get_rule                         # noqa: E402
 from rewriter.trace import restore, snapshot               # noqa: E402
+
+from bench_routed_agent import timed                       # noqa: E402  (same folder)
 
 RESULTS = Path(__file__).parent / "results"
 # SmolLM2 block_routing: the causal defaults (pooled affinity, first + previous sinks, keep = fraction
@@ -131,16 +132,6 @@ def kmeans_kept(real: int, clusters: int, window: int, causal: bool) -> float:
     first = min(window, real)
     local = sum(pairs(min(window, real - i)) for i in range(0, real, window)) + (real - first) * first
     return min(1.0, (clusters * pairs(w) + local) / pairs(real))
-
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 # ---------------------------------------------------------------------------- MiniLM
@@ -269,7 +260,7 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
             route_by="own", scale=s0.scale, affinity="means")
     core["kmeans_45"] = lambda: R.kmeans_routed_attention(q, k, v, km, cents, window=46, causal=True,
                                                           scale=s0.scale, local_block=46)
-    ms = {name: timed(fn) for name, fn in core.items()}
+    ms = {name: timed(fn, 3) for name, fn in core.items()}
     out["core_ms"] = ms
     out["core_speedup_vs_sdpa_bool_mask"] = {n: ms["sdpa_bool_mask"] / t for n, t in ms.items()}
     out["core_speedup_vs_sdpa_is_causal"] = {n: ms["sdpa_is_causal"] / t for n, t in ms.items()}

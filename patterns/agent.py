@@ -85,7 +85,6 @@ def agent_block(q, k, v, key_mask, scale1, scale2, shortcut, beta, *, agents: in
 
 def _fit(acts, names, site, opts, init: dict) -> dict:
     """Adam on per-head log s₁, log s₂, c (and β) against the exact output, relative MSE over real tokens."""
-    H = site.heads
     params = {"log_s1": init["scale1"].log().clone(), "log_s2": init["scale2"].log().clone(),
               "shortcut": init["shortcut"].clone(), "beta": init["beta"].clone()}
     for name, p in params.items():

@@ -113,11 +113,6 @@ def make_calibration(loaded: Loaded, text: str = "bundled", samples: int = 64, s
                             ("validation", validation, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"make_calibration: {key} must be an integer >= {low}, got {value!r}")
-    return _make(loaded, text, samples, seq_len, batch_size, heldout, seed, validation)
-
-
-def _make(loaded: Loaded, text: str, samples: int, seq_len: int, batch_size: int, heldout: int,
-          seed: int, validation: int) -> Calibration:
     name, kind, notes = loaded.name, loaded.kind, []
     if kind == "vision":
         return _vision(loaded, text, samples, batch_size, heldout, seed, notes, validation)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from rewriter.kernels import register_onnx
+from rewriter.kernels import onnx_masked_softmax, register_onnx
 
 from .reference import agent_attention_ref
 
@@ -240,13 +240,7 @@ def _onnx_agent_attention(q, k, v, agents, key_mask, scale1, scale2, bias1, bias
     if key_mask is None:
         p1 = op.Softmax(s1, axis=-1)
     else:
-        visible = op.Unsqueeze(op.Cast(key_mask, to=9), i64([1, 2]))           # [B, 1, 1, N]
-        s1 = op.Where(visible, s1, op.CastLike(op.Constant(value_float=float("-inf")), s1))
-        m = op.ReduceMax(s1, i64([-1]), keepdims=1)
-        m = op.Where(op.IsInf(m), op.CastLike(op.Constant(value_float=0.0), m), m)
-        e = op.Exp(op.Sub(s1, m))
-        l = op.ReduceSum(e, i64([-1]), keepdims=1)
-        p1 = op.Div(e, op.Max(l, op.CastLike(op.Constant(value_float=1.0), l)))   # l ≥ 1 unless all masked
+        p1 = onnx_masked_softmax(s1, op.Unsqueeze(op.Cast(key_mask, to=9), i64([1, 2])))   # mask [B, 1, 1, N]
     v_agents = op.MatMul(op.Reshape(p1, i64([0, kv_heads, -1, 0])), v)          # [B, Hkv, G·n, Dv]
     v_agents = op.Reshape(v_agents, i64([0, heads, -1, d_v]))
 

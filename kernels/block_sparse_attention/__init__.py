@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from rewriter.kernels import register_onnx
+from rewriter.kernels import onnx_repeat_kv, register_onnx
 
 from .reference import block_sparse_attention_ref, dense_block_mask
 
@@ -337,14 +337,10 @@ def _onnx_dense_attention(q, k, v, block_table, block_size, causal, key_mask, sc
     if not all(isinstance(n, int) for n in (heads, kv_heads, head_dim)):
         raise ValueError("block_sparse_attention ONNX translation: heads and head_dim must be static, got "
                          f"q {q.shape}, k {k.shape}")
-    group = heads // kv_heads
     i64 = lambda vals: op.Constant(value_ints=list(vals))          # noqa: E731
     zero, one, bs = (op.Constant(value_int=x) for x in (0, 1, block_size))
 
-    if group > 1:                                                  # GQA: [B,Hkv,T,D] -> [B,H,T,D]
-        expand = lambda x, d: op.Reshape(op.Expand(op.Unsqueeze(x, i64([2])), i64([1, 1, group, 1, 1])),
-                                         i64([0, heads, -1, d]))  # noqa: E731
-        k, v = expand(k, head_dim), expand(v, v.shape[3])
+    k, v = onnx_repeat_kv(k, heads), onnx_repeat_kv(v, heads)     # GQA: [B,Hkv,T,D] -> [B,H,T,D]
     t_q = op.Squeeze(op.Slice(op.Shape(q), i64([2]), i64([3])))
     t_k = op.Squeeze(op.Slice(op.Shape(k), i64([2]), i64([3])))
     n_kb = op.Div(op.Sub(op.Add(t_k, bs), one), bs)

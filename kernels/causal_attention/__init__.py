@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewriter.kernels import register_onnx
+from rewriter.kernels import onnx_masked_softmax, onnx_repeat_kv, register_onnx
 
 __all__ = ["causal_attention", "plain_causal"]
 
@@ -67,25 +67,11 @@ def _onnx_causal_attention(q, k, v, attn_mask, scale: float, enable_gqa: bool):
     heads, kv_heads = q.shape[1], k.shape[1]
     if not isinstance(heads, int) or not isinstance(kv_heads, int):
         raise ValueError(f"causal_attention ONNX translation: head counts must be static; got q {q.shape}, k {k.shape}")
-    i64 = lambda vals: op.Constant(value_ints=list(vals))          # noqa: E731
-    if kv_heads != heads:
-        def repeat(x):
-            shape = op.Shape(x)
-            target = op.Concat(op.Slice(shape, i64([0]), i64([2])), i64([heads // kv_heads]),
-                               op.Slice(shape, i64([2]), i64([4])), axis=0)
-            return op.Reshape(op.Expand(op.Unsqueeze(x, i64([2])), target), i64([0, heads, -1, x.shape[3]]))
-        k, v = repeat(k), repeat(v)
+    k, v = onnx_repeat_kv(k, heads), onnx_repeat_kv(v, heads)
     s = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
     if attn_mask.dtype != 9:                                        # additive float mask (9: onnx BOOL)
         return op.MatMul(op.Softmax(op.Add(s, op.CastLike(attn_mask, s)), axis=-1), v)
-    # boolean mask: a query row with no visible key (a left-padded position) gives 0, as in PyTorch,
-    # not NaN — a NaN there would reach real rows through the next layer's 0·NaN products
-    s = op.Where(attn_mask, s, op.CastLike(op.Constant(value_float=float("-inf")), s))
-    m = op.ReduceMax(s, i64([-1]), keepdims=1)
-    m = op.Where(op.IsInf(m), op.CastLike(op.Constant(value_float=0.0), m), m)
-    e = op.Exp(op.Sub(s, m))
-    total = op.ReduceSum(e, i64([-1]), keepdims=1)                  # ≥ 1 unless the row is all masked
-    return op.MatMul(op.Div(e, op.Max(total, op.CastLike(op.Constant(value_float=1.0), total))), v)
+    return op.MatMul(onnx_masked_softmax(s, attn_mask), v)     # a left-padded row with no visible key → 0
 
 
 register_onnx(torch.ops.rewriter.causal_attention.default, _onnx_causal_attention)

@@ -75,3 +75,23 @@ def test_refuses_non_causal_sites_with_the_reason(bert):
                    measure_latency=False)
     assert {r.status for r in opt.report.records} == {"rejected"}
     assert all("not causal" in r.reason for r in opt.report.records)
+
+
+def test_op_exports_to_onnx_with_gqa_and_padding():
+    """The op alone, 4 query heads on 2 kv heads (enable_gqa) with a left-padded boolean mask."""
+    import rewriter.kernels as K
+
+    class Op(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.ops.rewriter.causal_attention(q, k, v, mask, 0.3, True)
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    mask = _masks()["bool_padded"]
+    prog = torch.onnx.export(Op(), (q, k, v, mask), dynamo=True, custom_translation_table=K.ONNX_TRANSLATIONS)
+    sess = ort.InferenceSession(prog.model_proto.SerializeToString())
+    (got,) = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), (q, k, v, mask))})
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True).numpy()
+    real = np.broadcast_to(mask.any(-1, keepdim=True).numpy(), want.shape)
+    assert np.abs(got - want)[real].max() < 1e-5
+    assert (got[~real] == 0).all()                  # rows with no visible key: 0, not NaN
