@@ -393,25 +393,37 @@ def norm_input(n: fx.Node) -> fx.Node | None:
     return found[1] if found else None
 
 
-def _norm_output_after(n: fx.Node, depth: int = 12) -> fx.Node | None:
-    """The output node of a normalization that reads `n` directly (through casts), if any: the
-    last node of that norm's pattern, e.g. layer_norm, or RMSNorm's final weight multiply."""
-    frontier, seen = [n], {n}
-    for _ in range(depth):
+def _first_user(start: fx.Node, hit, through, *, depth: int | None = None,
+                limit: float = float("inf")) -> fx.Node | None:
+    """Breadth-first over the users of `start`: the first node u, reached from m, with hit(u, m);
+    the walk goes on only through nodes whose op is in `through`, for at most `depth` levels and
+    `limit` nodes."""
+    frontier, seen, level = [start], {start}, 0
+    while frontier and len(seen) < limit and (depth is None or level < depth):
         nxt = []
         for m in frontier:
             for u in m.users:
                 if u in seen:
                     continue
                 seen.add(u)
-                inp = norm_input(u)
-                if inp is not None and _same(inp, n) and not _extends_norm(u):
+                if hit(u, m):
                     return u
-                if _packet(u) in _CASTS | _QK_NORM | {aten.mul, aten.add, aten.sub, aten.div, aten.var,
-                                                      aten.var_mean, operator.getitem}:
+                if _packet(u) in through:
                     nxt.append(u)
-        frontier = nxt
+        frontier, level = nxt, level + 1
     return None
+
+
+_NORM_WALK = _CASTS | _QK_NORM | {aten.mul, aten.add, aten.sub, aten.div, aten.var, aten.var_mean, operator.getitem}
+
+
+def _norm_output_after(n: fx.Node, depth: int = 12) -> fx.Node | None:
+    """The output node of a normalization that reads `n` directly (through casts), if any: the
+    last node of that norm's pattern, e.g. layer_norm, or RMSNorm's final weight multiply."""
+    def hit(u, _):
+        inp = norm_input(u)
+        return inp is not None and _same(inp, n) and not _extends_norm(u)
+    return _first_user(n, hit, _NORM_WALK, depth=depth)
 
 
 norm_output_after = _norm_output_after   # public name, used by rules that find a block's end
@@ -430,21 +442,10 @@ def _extends_norm(u: fx.Node) -> bool:
 # ---- output projection and residual --------------------------------------------------------------
 
 def _find_o_proj(sdpa: fx.Node) -> fx.Node | None:
-    seen, frontier = {sdpa}, [sdpa]
-    while frontier and len(seen) < _MAX_WALK:
-        nxt = []
-        for m in frontier:
-            for u in m.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                pr = _projection(u)
-                if pr is not None and pr[0] is m:
-                    return u
-                if _packet(u) in _WALK_TO_OPROJ:
-                    nxt.append(u)
-        frontier = nxt
-    return None
+    def hit(u, m):
+        pr = _projection(u)
+        return pr is not None and pr[0] is m
+    return _first_user(sdpa, hit, _WALK_TO_OPROJ, limit=_MAX_WALK)
 
 
 def _is_branch_passthrough(u: fx.Node, cur: fx.Node) -> bool:
