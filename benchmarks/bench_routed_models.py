@@ -1,7 +1,7 @@
 """Accuracy vs kept fraction of the routed-attention rules on real models, and the CPU
 attention-core speed-up of the rewritten attention against SDPA.
 
-    python benchmarks/bench_routed_models.py [--threads 1] [--ppl-chunks 3] [--skip-smollm2]
+    python benchmarks/bench_routed_models.py [--threads 1] [--ppl-chunks 4] [--text pydoc] [--skip-smollm2]
 
 Writes benchmarks/results/routed_models.json and routed_models.png, prints a table.
 
@@ -11,7 +11,8 @@ MiniLM-L6 (pretrained, 6 sites, padding masks): agent_attention n=16 training-fr
   32 held-out samples (sentences and paragraphs) at up to 256 tokens; block_routing (b=8) and
   kmeans_routing curves on the latter: mean embedding cosine vs the fraction of attention kept.
 SmolLM2-135M (30 causal GQA sites) at 2048-token inputs: block_routing (b=64; the rule's causal
-  defaults at keep 0.25 / 0.35, and the block-mean affinity at top-k 2 / 4) and
+  defaults at keep 0.25 / 0.35 / 0.5 and at top-k 5 (8 of 32 blocks per query block), the block-mean
+  affinity at top-k 2 / 4, and b=16 at keep 0.25) and
   kmeans_routing perplexity on held-out 2048-token chunks vs the original, and the attention
   core (one layer's shapes) timed against SDPA with the model's boolean causal mask and with
   is_causal=True.
@@ -21,7 +22,8 @@ the stress case; optimize() with a gate would stop at the first site that fails 
 For speed, k-means centroids and the agents' calibration read activations captured once from
 the ORIGINAL model (the driver captures the cumulatively rewritten model per site; the
 difference is the usual one-pass vs iterative calibration). SmolLM2 is scaled for a CPU:
-2 × 2048 calibration tokens for the centroids, `--ppl-chunks` held-out chunks (default 2).
+2 × 2048 calibration tokens for the centroids, `--ppl-chunks` held-out chunks (default 4) of `--text`
+(default pydoc: the bundled text holds only one 2048-token held-out chunk, which earlier runs repeated).
 
 Kept fraction = attention (query, key) pairs computed / pairs the exact model computes
 (padding and the causal triangle excluded), measured on the held-out inputs from the routing
@@ -59,9 +61,11 @@ RESULTS = Path(__file__).parent / "results"
 # SmolLM2 block_routing: the causal defaults (pooled affinity, first + previous sinks, keep = fraction
 # of the causal pairs) at two budgets, and BiFormer's block-mean affinity with first + last sinks
 # (the rule's earlier behaviour) at top-k 2 and 4 for comparison
-SMOLLM2_BLOCK = ({"keep": 0.25}, {"keep": 0.35},
+SMOLLM2_BLOCK = ({"keep": 0.25}, {"keep": 0.35}, {"keep": 0.5},
+                 {"topk": 5},                            # 8 of 32 blocks per query block: BiFormer's "25 % of blocks"
                  {"topk": 2, "affinity": "means", "sinks": ["first", "last"]},
-                 {"topk": 4, "affinity": "means", "sinks": ["first", "last"]})
+                 {"topk": 4, "affinity": "means", "sinks": ["first", "last"]},
+                 {"keep": 0.25, "block_size": 16})       # finer blocks, same budget
 CLUSTERS = (8, 45)         # SmolLM2 kmeans_routing: 45 ≈ √2048 (the paper's default)
 
 
@@ -195,14 +199,14 @@ def minilm(res: dict) -> None:
 
 # ---------------------------------------------------------------------------- SmolLM2
 
-def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: list[int]) -> None:
+def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: list[int], text: str) -> None:
     L = load_model("smollm2")
-    cal = make_calibration(L, samples=2, seq_len=2048, batch_size=1, heldout=chunks)
+    cal = make_calibration(L, text=text, samples=2, seq_len=2048, batch_size=1, heldout=chunks)
     gm, sites, _, _ = _prepare(L, {k: v[:, :64] for k, v in cal.batches[0].items()})
     snap = snapshot(gm)
     names = {s.index: sdpa_inputs(gm, s) for s in sites}
     ref_ppl = perplexity(cal.heldout, run(L.model, cal.heldout))
-    out = res["smollm2"] = {"seq_len": 2048, "heldout_chunks": chunks, "calibration_chunks": 2,
+    out = res["smollm2"] = {"seq_len": 2048, "text": text, "heldout_chunks": chunks, "calibration_chunks": 2,
                             "ppl_original": ref_ppl, "sites": len(sites)}
 
     def ppl(rule, opts, cache=None):
@@ -290,13 +294,15 @@ def plot(res: dict, path: Path) -> None:
             for r in s.get(rule, []):
                 o = r["options"]
                 label = rule if rule == "kmeans_routing" else (
-                    f"{rule} ({o.get('affinity', 'pooled')}, sinks {'+'.join(o.get('sinks', ['first', 'previous']))})")
+                    f"{rule} b={o.get('block_size', 64)} ({o.get('affinity', 'pooled')}, "
+                    f"sinks {'+'.join(o.get('sinks', ['first', 'previous']))})")
                 series.setdefault(label, []).append((r["kept"], 100 * r["ppl_change"]))
         for label, pts in series.items():
             ax.plot(*zip(*sorted(pts)), "s-" if label.startswith("kmeans") else "o-", label=label)
         ax.axhline(3, ls="--", c="r", label="+3 % bound")
         ax.set(xlabel="kept fraction of causal attention pairs", ylabel="perplexity change (%)",
-               title="SmolLM2-135M, all 30 sites, 2048 tokens", yscale="symlog")
+               title=f"SmolLM2-135M, all 30 sites, 2048 tokens ({s.get('text', 'bundled')} held-out)",
+               yscale="symlog")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -305,7 +311,9 @@ def plot(res: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ppl-chunks", type=int, default=2)
+    ap.add_argument("--ppl-chunks", type=int, default=4)
+    ap.add_argument("--text", default="pydoc", help="SmolLM2 calibration/held-out text (the bundled text holds "
+                    "one 2048-token held-out chunk; pydoc holds dozens)")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--smollm2-block", type=json.loads, default=list(SMOLLM2_BLOCK),
@@ -332,7 +340,7 @@ def main() -> None:
         for r in m["agent_curve"]:
             print(f"MiniLM agent n={r['agents']}: cos {r['cosine']:.4f} (worst {r['worst']:.4f})")
     if not args.skip_smollm2:
-        smollm2(res, args.ppl_chunks, args.smollm2_block, args.smollm2_clusters)
+        smollm2(res, args.ppl_chunks, args.smollm2_block, args.smollm2_clusters, args.text)
         s = res["smollm2"]
         print(f"SmolLM2 2048: original ppl {s['ppl_original']:.3f}")
         for name, ms in s["core_ms"].items():
