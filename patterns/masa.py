@@ -208,7 +208,7 @@ def _members(group: list[AttentionSite], projections) -> dict[str, list[str]]:
 def plan(ctx, sites, opts):
     usable = [s for s in sites if check(s, opts) is None]
     groups = _groups(ctx, usable, opts) if usable else []
-    state = ctx.__dict__.setdefault("masa_groups", {})   # plan → build, for this step's groups
+    state = ctx.planned.setdefault("masa_groups", {})   # plan → build, for this step's groups
     for g in groups:
         before = after = 0
         atoms = {}
@@ -236,7 +236,7 @@ def _cap(shape) -> int:
 
 
 def build(ctx, site, opts) -> dict:
-    planned = ctx.__dict__.get("masa_groups", {}).pop(site.index, None)
+    planned = ctx.planned.get("masa_groups", {}).pop(site.index, None)
     group, info = planned if planned else (next(g for g in _groups(
         ctx, [s for s in ctx.sites if opts.selects(s) and check(s, opts) is None], opts) if site in g), {})
     if len(group) < 2:

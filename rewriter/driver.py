@@ -58,6 +58,7 @@ class Context:
     def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, kind: str):
         self.gm, self.sites, self.calibration, self.kind = gm, sites, calibration, kind
         self.info: dict[int, dict] = {}   # per-site facts a plan found (e.g. LLM-Drop importance)
+        self.planned: dict = {}           # what a rule's plan computed for its build (e.g. MASA's groups)
 
     @property
     def batches(self) -> list[dict]:
