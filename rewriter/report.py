@@ -103,7 +103,8 @@ class Report:
         if self.latency:
             L = self.latency
             s.add_row(f"latency (batch {L.get('batch')}, {L.get('seq_len')} tokens)",
-                      f"{L['before_ms']:.1f} ms → {L['after_ms']:.1f} ms ({L['speedup']:.2f}× faster)")
+                      f"{L['before_ms']:.1f} ms → {L['after_ms']:.1f} ms ({L['speedup']:.2f}× the speed: "
+                      f"{'faster' if L['speedup'] >= 1 else 'SLOWER'})")
         if self.heldout:
             h = self.heldout
             worst = f", worst {h['worst']:.4f}" if h.get("worst") is not None else ""
