@@ -241,6 +241,13 @@ class OptimizedModel(torch.nn.Module):
     def records(self) -> list:
         return self.report.records
 
+    def materialize(self) -> "OptimizedModel":
+        """Compute once, in place, whatever the graph rebuilds from stored tensors on every call
+        (MASA's weights from atoms and coefficients, feature-map constants): exact and faster, but
+        the model then holds the dense weights in memory. `save` still writes the compact records."""
+        G.fold_constants(self.graph_module)
+        return self
+
     def save(self, path: str | Path) -> Path:
         """Write recipe.yaml, report.json, records.json, example inputs and built tensors (safetensors)."""
         import yaml
@@ -281,8 +288,9 @@ class OptimizedModel(torch.nn.Module):
         return Path(path)
 
 
-def load(path: str | Path, model=None) -> OptimizedModel:
-    """Rebuild a saved OptimizedModel from its base model by replaying the records (no calibration)."""
+def load(path: str | Path, model=None, *, materialize: bool = False) -> OptimizedModel:
+    """Rebuild a saved OptimizedModel from its base model by replaying the records (no calibration);
+    `materialize=True` then folds the stored factors into dense tensors (`OptimizedModel.materialize`)."""
     from safetensors.torch import load_file
 
     from .recipe import load_recipe
@@ -307,4 +315,5 @@ def load(path: str | Path, model=None) -> OptimizedModel:
                                                        "options", "worst_after", "info")}, built=built))
     report = Report.from_dict(json.loads((path / "report.json").read_text()))
     report.records, report.sites = records, sites
-    return OptimizedModel(gm, report, rec, sites, example, base=loaded.name)
+    out = OptimizedModel(gm, report, rec, sites, example, base=loaded.name)
+    return out.materialize() if materialize else out

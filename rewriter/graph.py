@@ -116,3 +116,43 @@ def clean(gm: fx.GraphModule) -> None:
                 delattr(owner, leaf)
     gm.graph.lint()
     gm.recompile()
+
+
+def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
+    """Evaluate once every subgraph that reads only parameters and buffers (no input), store each
+    result that an input-dependent node uses as a buffer, and drop what becomes dead. Exact (the
+    same ops, run once instead of per call); trades memory for speed, e.g. MASA's weights rebuilt
+    from atoms and coefficients become dense again. Returns the number of folded results."""
+    value: dict[fx.Node, object] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            value[n] = _attr(gm, n.target)
+        elif n.op == "call_function" and _removable(n) and not _symbolic(n):
+            inputs = n.all_input_nodes
+            if inputs and all(i in value for i in inputs):
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: value[a])
+                with torch.no_grad():
+                    value[n] = n.target(*args, **kwargs)
+    folded = 0
+    for n, v in value.items():
+        if n.op == "get_attr" or not isinstance(v, torch.Tensor) or all(u in value for u in n.users):
+            continue
+        name = f"{prefix}_{folded}"
+        while hasattr(gm, name):
+            name += "_"
+        n.replace_all_uses_with(register_tensor(gm, name, v, before=n))
+        folded += 1
+    clean(gm)
+    return folded
+
+
+def _attr(gm: fx.GraphModule, qual: str):
+    obj = gm
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _symbolic(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool))

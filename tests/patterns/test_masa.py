@@ -203,6 +203,24 @@ def test_storage_shrinks_refinements_help_and_save_load_reproduces(llama, batch,
     assert _unique_numel(back.graph_module) == _unique_numel(opt.graph_module)
 
 
+def test_materialize_folds_the_factors_into_dense_weights_exactly(llama, batch, tmp_path):
+    opt = _run(llama, {"atoms": 2, "residual_rank": 2})
+    with torch.no_grad():
+        before = opt(**batch).logits
+    compact = _unique_numel(opt.graph_module)
+    nodes = len(opt.graph_module.graph.nodes)
+    path = opt.save(tmp_path / "masa")
+    opt.materialize()
+    assert not [n for n, _ in opt.graph_module.named_buffers() if "rw_masa" in n]     # factors gone
+    assert _unique_numel(opt.graph_module) > compact                                 # dense weights back
+    assert len(opt.graph_module.graph.nodes) < nodes                                  # no per-call rebuild
+    with torch.no_grad():
+        assert torch.equal(opt(**batch).logits, before)
+    back = rewriter.load(path, model=llama, materialize=True)                       # the saved form stays compact
+    with torch.no_grad():
+        assert torch.equal(back(**batch).logits, before)
+
+
 def test_fixed_size_groups_and_one_layer_group_refused(llama):
     opt = _run(llama, {"atoms": 1, "groups": 3, "projections": ["v"]})
     recs = opt.report.records
