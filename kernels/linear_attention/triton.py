@@ -56,6 +56,13 @@ def _dot(a, b, DOT_UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee")
 
 
+@triton.jit
+def _tile(p_bh, o_rows, s_row, o_cols, m_rows, m_cols):
+    """Load the [rows, cols] tile p_bh[o_rows * s_row + o_cols] (last dim contiguous), 0 outside the masks."""
+    return tl.load(p_bh + o_rows[:, None] * s_row + o_cols[None, :],
+                   mask=m_rows[:, None] & m_cols[None, :], other=0.0)
+
+
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
@@ -110,10 +117,8 @@ def linear_attention_kv_fwd_kernel(
         m_j = o_j < T
         if HAS_MASK:
             m_j = m_j & (tl.load(p_mask + i_b * s_mb + o_j, mask=m_j, other=0) != 0)
-        b_fk = tl.load(p_fk_bh + o_j[:, None] * s_kt + o_f[None, :],
-                       mask=m_j[:, None] & m_f[None, :], other=0.0)        # [BLOCK_T, BLOCK_F]
-        b_v = tl.load(p_v_bh + o_j[:, None] * s_vt + o_d[None, :],
-                      mask=m_j[:, None] & m_d[None, :], other=0.0)         # [BLOCK_T, BLOCK_D]
+        b_fk = _tile(p_fk_bh, o_j, s_kt, o_f, m_j, m_f)  # [BLOCK_T, BLOCK_F]
+        b_v = _tile(p_v_bh, o_j, s_vt, o_d, m_j, m_d)  # [BLOCK_T, BLOCK_D]
         b_S += _dot(tl.trans(b_fk), b_v, DOT_UPCAST)
         b_z += tl.sum(b_fk.to(tl.float32), 0)
 
@@ -191,12 +196,9 @@ def linear_attention_chunk_fwd_kernel(
         m_j = m_i
         if HAS_MASK:
             m_j = m_j & (tl.load(p_mask + i_b * s_mb + o_i, mask=m_i, other=0) != 0)
-        b_fq = tl.load(p_fq_bh + o_i[:, None] * s_qt + o_f[None, :],
-                       mask=m_i[:, None] & m_f[None, :], other=0.0)        # [BLOCK_T, BLOCK_F]
-        b_fk = tl.load(p_fk_bh + o_i[:, None] * s_kt + o_f[None, :],
-                       mask=m_j[:, None] & m_f[None, :], other=0.0)        # [BLOCK_T, BLOCK_F]
-        b_v = tl.load(p_v_bh + o_i[:, None] * s_vt + o_d[None, :],
-                      mask=m_j[:, None] & m_d[None, :], other=0.0)         # [BLOCK_T, BLOCK_D]
+        b_fq = _tile(p_fq_bh, o_i, s_qt, o_f, m_i, m_f)  # [BLOCK_T, BLOCK_F]
+        b_fk = _tile(p_fk_bh, o_i, s_kt, o_f, m_j, m_f)  # [BLOCK_T, BLOCK_F]
+        b_v = _tile(p_v_bh, o_i, s_vt, o_d, m_j, m_d)  # [BLOCK_T, BLOCK_D]
 
         b_A = _dot(b_fq, tl.trans(b_fk), DOT_UPCAST)        # [BLOCK_T, BLOCK_T]
         b_A = tl.where(m_tril, b_A, 0.0)
@@ -285,10 +287,8 @@ def hybrid_window_attention_fwd_kernel(
         i0 = i_t * BLOCK_T
         o_i = (i0 + o_t).to(tl.int64)
         m_i = o_i < T
-        b_q = tl.load(p_q_bh + o_i[:, None] * s_qt + o_k[None, :],
-                      mask=m_i[:, None] & m_k[None, :], other=0.0)         # [BLOCK_T, BLOCK_K]
-        b_fq = tl.load(p_fq_bh + o_i[:, None] * s_fqt + o_f[None, :],
-                       mask=m_i[:, None] & m_f[None, :], other=0.0)        # [BLOCK_T, BLOCK_F]
+        b_q = _tile(p_q_bh, o_i, s_qt, o_k, m_i, m_k)  # [BLOCK_T, BLOCK_K]
+        b_fq = _tile(p_fq_bh, o_i, s_fqt, o_f, m_i, m_f)  # [BLOCK_T, BLOCK_F]
 
         # keys j ≤ i0 − window are linear for every query of the block: the carried state
         b_num_lin = _dot(b_fq, b_S.to(b_fq.dtype), DOT_UPCAST)   # [BLOCK_T, BLOCK_D]
@@ -302,12 +302,9 @@ def hybrid_window_attention_fwd_kernel(
             m_j = (o_j >= 0) & (o_j < T)
             if HAS_MASK:
                 m_j = m_j & (tl.load(p_mask + i_b * s_mb + o_j, mask=m_j, other=0) != 0)
-            b_k = tl.load(p_k_bh + o_j[:, None] * s_kt + o_k[None, :],
-                          mask=m_j[:, None] & m_k[None, :], other=0.0)     # [BLOCK_T, BLOCK_K]
-            b_fk = tl.load(p_fk_bh + o_j[:, None] * s_fkt + o_f[None, :],
-                           mask=m_j[:, None] & m_f[None, :], other=0.0)    # [BLOCK_T, BLOCK_F]
-            b_v = tl.load(p_v_bh + o_j[:, None] * s_vt + o_d[None, :],
-                          mask=m_j[:, None] & m_d[None, :], other=0.0)     # [BLOCK_T, BLOCK_D]
+            b_k = _tile(p_k_bh, o_j, s_kt, o_k, m_j, m_k)  # [BLOCK_T, BLOCK_K]
+            b_fk = _tile(p_fk_bh, o_j, s_fkt, o_f, m_j, m_f)  # [BLOCK_T, BLOCK_F]
+            b_v = _tile(p_v_bh, o_j, s_vt, o_d, m_j, m_d)  # [BLOCK_T, BLOCK_D]
             m_win = m_j[None, :] & (o_j[None, :] <= o_i[:, None]) & (o_j[None, :] > o_i[:, None] - window)
             m_lin = m_j[None, :] & (o_j[None, :] <= o_i[:, None] - window)
 
@@ -337,10 +334,8 @@ def hybrid_window_attention_fwd_kernel(
         m_j = (o_j >= 0) & (o_j < T)
         if HAS_MASK:
             m_j = m_j & (tl.load(p_mask + i_b * s_mb + o_j, mask=m_j, other=0) != 0)
-        b_fk = tl.load(p_fk_bh + o_j[:, None] * s_fkt + o_f[None, :],
-                       mask=m_j[:, None] & m_f[None, :], other=0.0)        # [BLOCK_T, BLOCK_F]
-        b_v = tl.load(p_v_bh + o_j[:, None] * s_vt + o_d[None, :],
-                      mask=m_j[:, None] & m_d[None, :], other=0.0)         # [BLOCK_T, BLOCK_D]
+        b_fk = _tile(p_fk_bh, o_j, s_fkt, o_f, m_j, m_f)  # [BLOCK_T, BLOCK_F]
+        b_v = _tile(p_v_bh, o_j, s_vt, o_d, m_j, m_d)  # [BLOCK_T, BLOCK_D]
         b_S += _dot(tl.trans(b_fk), b_v, DOT_UPCAST)
         b_z += tl.sum(b_fk.to(tl.float32), 0)
 
