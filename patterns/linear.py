@@ -8,7 +8,8 @@ window of exact softmax beside the linear part, one shared normalizer, learned m
 The model stays frozen. For each site, in graph order (each calibrated on the outputs of the sites
 already converted), `build` captures the SDPA's q, k, v and its output on the calibration batches
 and fits the per-head feature maps (and the window's mixing weight) so that the new attention
-reproduces that layer's softmax output (patterns/_feature_maps.py). `elu1` has nothing to fit and is
+reproduces that layer's softmax weights and output (`loss`: Hedgehog's attention-weight KL, LoLCATs'
+output MSE, or both; patterns/_feature_maps.py). `elu1` has nothing to fit and is
 the training-free swap. `layers: auto` first fits every site on the current model, measures the
 damage each does alone, and converts them least damaging first; every site is gated.
 
@@ -53,8 +54,12 @@ class LinearOptions(StepOptions):
         default=None, ge=1, description="causal models only: exact softmax over the last `window` keys "
         "plus linear attention over the earlier ones, one normalizer, learned mixing weight (LoLCATs: 64).")
     steps: int = Field(default=300, ge=0, description="Adam steps of attention transfer per site "
-                       "(one calibration batch per step).")
+                       "(one minibatch per step: about a calibration batch's real tokens, padding dropped).")
     lr: float = Field(default=1e-2, gt=0, description="Adam learning rate (LoLCATs: 1e-2).")
+    loss: Literal["output", "weights", "both"] = Field(
+        default="both", description='attention-transfer loss: "output": relative MSE of the attention '
+        'outputs (LoLCATs); "weights": KL between the softmax and the rewritten attention weights '
+        '(Hedgehog\'s soft-label cross-entropy); "both": their sum.')
     eps: float = Field(default=1e-6, gt=0, description="added to the linear attention normalizer.")
 
 
@@ -92,7 +97,7 @@ def _fit(ctx, site: AttentionSite, opts: LinearOptions) -> tuple[dict, dict]:
     params, info = transfer(
         samples, feature_map=opts.feature_map, feature_dim=opts.feature_dim or d,
         causal=site.mask in ("causal", "causal+padding"), window=opts.window, scale=site.scale,
-        eps=opts.eps, steps=opts.steps, lr=opts.lr, seed=site.index,
+        eps=opts.eps, steps=opts.steps, lr=opts.lr, seed=site.index, loss=opts.loss,
         label=f"{NAME} site {site.index} ({site.module})")
     return {k: v.to(_dtype(ctx, site)).contiguous() for k, v in params.items()}, info
 

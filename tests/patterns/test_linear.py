@@ -1,13 +1,15 @@
 """linear_attention (Katharopoulos 2020; Hedgehog arXiv:2402.04347; LoLCATs arXiv:2410.10254): fires and
 replaces SDPA, the window ≥ T setting is exact, the rewritten graph computes what attention transfer
-fitted, refuses with reasons, the gate rolls back damage bit-identically, auto ranks by damage, and
-save → load / torch.compile reproduce outputs."""
+fitted, the attention-weight loss fits on length-bucketed minibatches, refuses with reasons, the gate
+rolls back damage bit-identically, auto ranks by damage, and save → load / torch.compile reproduce
+outputs."""
 import torch
 
 from rewriter import graph as G
 from rewriter import load, optimize
 from rewriter.driver import Context
-from rewriter.patterns._feature_maps import Sample, elu1, hedgehog, key_mask_from_sdpa_mask, predict
+from rewriter.patterns._feature_maps import (Sample, elu1, evaluate, hedgehog, hedgehog_init, key_mask_from_sdpa_mask,
+                                             minibatches, predict, transfer, weights_and_output)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.rewriter.linear_attention.default
@@ -132,3 +134,57 @@ def test_save_load_and_compile_reproduce_outputs(llama, tmp_path):
     assert torch.equal(out, _run(again, batch))
     compiled = torch.compile(opt.graph_module, backend="inductor")
     torch.testing.assert_close(_run(compiled, batch), out, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_loss_fits_and_minibatches_keep_the_loss(bert):
+    """Hedgehog's attention-weight distillation (`loss: weights`) fits: each site's output error ends
+    below the unfitted maps' (the identity-initialized hedgehog). On synthetic samples `both` lowers
+    the output error and the weights' KL. Length-bucketed minibatches hold the same rows: the loss
+    over them equals the loss over the padded calibration batches."""
+    opt = optimize(bert, _recipe({"steps": 30, "loss": "weights", "layers": "0-1"}), progress=False,
+                   measure_latency=False)
+    recs = [r for r in opt.report.records if r.site is not None]
+    assert [r.status for r in recs] == ["applied"] * 2
+    assert all(r.info["transfer_error_after"] < r.info["transfer_error_before"] for r in recs)
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, d = 3, 2, 9, 4
+    q, k, v = (torch.randn(B, H, T, d, generator=g) for _ in range(3))
+    real = torch.arange(T)[None, :] < torch.tensor([9, 4, 6])[:, None]
+    y = torch.softmax((0.5 * q @ k.transpose(-1, -2)).masked_fill(~real[:, None, None, :], float("-inf")), -1) @ v
+    samples = [Sample(q, k, v, real, y), Sample(q[:2], k[:2], v[:2], real[:2], y[:2])]
+    how = dict(feature_map="hedgehog", causal=False, window=None, scale=0.5, eps=1e-6)
+    fitted, info = transfer(samples, feature_dim=5, steps=40, lr=1e-2, seed=0, loss="both", **how)
+    (wq, bq), (wk, bk) = hedgehog_init(H, d, 5, 0), hedgehog_init(H, d, 5, 1)    # transfer's start
+    p = {"wq": wq, "bq": bq, "wk": wk, "bk": bk}
+    kl = lambda params, ss: sum(weights_and_output(s, params, **how)[0].item() for s in ss)
+    assert info["transfer_error_after"] < info["transfer_error_before"]
+    assert kl(fitted, samples) < kl(p, samples)
+    packed = minibatches(samples, seed=0)
+    assert sum(int(s.key_mask.sum()) for s in packed) == int(real.sum() + real[:2].sum())
+    assert max(s.q.shape[2] for s in packed) == T and min(s.q.shape[2] for s in packed) < T
+    assert abs(evaluate(packed, p, **how) - evaluate(samples, p, **how)) < 1e-6
+    assert abs(kl(p, packed) - kl(p, samples)) < 1e-4 and kl(p, samples) > 0
+
+
+def test_weights_of_the_rewritten_attention_match_its_output():
+    """The quadratic weights the `weights` loss reads give the op's output (linear, causal, and the
+    LoLCATs hybrid with GQA), and a window covering the sequence has the softmax's weights (KL 0)."""
+    g = torch.Generator().manual_seed(1)
+    B, H, Hk, T, d = 2, 4, 2, 11, 6
+    q = torch.randn(B, H, T, d, generator=g)
+    k, v = torch.randn(B, Hk, T, d, generator=g), torch.randn(B, Hk, T, d, generator=g)
+    real = torch.arange(T)[None, :] < torch.tensor([11, 7])[:, None]
+    wq, bq = hedgehog_init(H, d, 8, 0)
+    wk, bk = hedgehog_init(Hk, d, 8, 1)
+    p = {"wq": wq + 0.3 * torch.randn(wq.shape, generator=g), "bq": bq, "wk": wk, "bk": bk,
+         "mix": torch.rand(H, generator=g) + 0.5}
+    s = Sample(q, k, v, real, torch.zeros(B, H, T, d))
+    rows = real[:, None, :, None]
+    for causal, window in ((False, None), (True, None), (True, 4)):
+        how = dict(feature_map="hedgehog", causal=causal, window=window, scale=0.4, eps=1e-6)
+        kl, y = weights_and_output(s, p, **how)
+        torch.testing.assert_close(y * rows, predict(s, p, **how) * rows, rtol=1e-5, atol=1e-5)
+        assert kl > 0.01
+    kl, _ = weights_and_output(s, p, feature_map="hedgehog", causal=True, window=T, scale=0.4, eps=1e-6)
+    assert abs(kl.item()) < 1e-3
