@@ -208,8 +208,10 @@ def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, 
     if measure_latency:
         b = calib.batches[0]
         before_ms, after_ms = latency_ms([original, gm], b)
-        latency = {"seq_len": int(next(iter(b.values())).shape[-1]) if b else None,
-                   "batch": int(next(iter(b.values())).shape[0]) if b else None,
+        first = next((v for v in b.values() if isinstance(v, torch.Tensor)), None)
+        latency = {"seq_len": int(first.shape[-1]) if first is not None else None,
+                   "batch": int(first.shape[0]) if first is not None else None,
+                   "input_shape": list(first.shape) if first is not None else None,
                    "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
     fb, fa = _flops(sites, result.records)
     report = Report(

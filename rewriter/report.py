@@ -102,7 +102,10 @@ class Report:
         s.add_row("attention FLOPs/token", f"{self.flops_before} → {self.flops_after}")
         if self.latency:
             L = self.latency
-            s.add_row(f"latency (batch {L.get('batch')}, {L.get('seq_len')} tokens)",
+            text = self.kind in ("encoder", "causal_lm") or not L.get("input_shape")
+            where = (f"batch {L.get('batch')}, {L.get('seq_len')} tokens" if text
+                     else f"input {'×'.join(map(str, L['input_shape']))}")
+            s.add_row(f"latency ({where})",
                       f"{L['before_ms']:.1f} ms → {L['after_ms']:.1f} ms ({L['speedup']:.2f}× the speed: "
                       f"{'faster' if L['speedup'] >= 1 else 'SLOWER'})")
         if self.heldout:
