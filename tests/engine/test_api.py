@@ -33,3 +33,25 @@ def test_trace_error_names_model_and_hints():
         trace(DataDependent(), (torch.randn(2, 3),), name="my-model")
     msg = str(e.value)
     assert "my-model" in msg and "torch.export" in msg and "hint:" in msg and "control flow" in msg
+
+
+@pytest.mark.parametrize("model, step", [
+    ("bert", {"linear_attention": {"steps": 5}}),
+    ("bert", {"agent_attention": {"agents": 4}}),
+    ("llama", {"block_routing": {"block_size": 4, "keep": 0.5}}),
+])
+def test_materialize_is_exact_with_input_dependent_rewrites(model, step, request):
+    """Folding constants must leave everything that reads the inputs (routing tables, agent pooling,
+    feature maps of q/k) computed per call: outputs stay bit-identical at a new shape."""
+    from rewriter import optimize
+    loaded = request.getfixturevalue(model)
+    opt = optimize(loaded, {"calibration": {"samples": 8, "seq_len": 16, "batch_size": 4, "heldout": 0},
+                            "gate": {"metric": "relative_rms", "max": 100.0}, "steps": [step]},
+                   progress=False, measure_latency=False)
+    assert [r.status for r in opt.report.records if r.status == "applied"]
+    batch = loaded.example_inputs(batch=2, seq_len=23)
+    main = (lambda o: o.logits) if model == "llama" else (lambda o: o.last_hidden_state)
+    with torch.no_grad():
+        before = main(opt(**batch))
+        after = main(opt.materialize()(**batch))
+    assert torch.equal(before, after)
