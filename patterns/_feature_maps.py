@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewriter.kernels.linear_attention import hybrid_window_attention_torch, linear_attention_torch
+from rewriter.kernels.linear_attention import hybrid_window_attention_torch, linear_attention_torch, reference
 
 
 # ---- the feature maps (eager; patterns/linear.py emits the same math as aten graph nodes) ---------
@@ -149,28 +149,21 @@ def _allowed(s: Sample, causal: bool) -> Tensor:
 def weights_and_output(s: Sample, params: dict[str, Tensor], *, feature_map: str, causal: bool,
                        window: int | None, scale: float, eps: float) -> tuple[Tensor, Tensor]:
     """(Σ over real rows of KL(a_i ‖ â_i), the rewritten output ŷ = Â v) on one sample, in the
-    quadratic form of kernels/linear_attention/reference.py (cheap at calibration lengths)."""
+    quadratic form of kernels/linear_attention/reference.py, whose weights it uses (cheap at
+    calibration lengths)."""
     fq, fk = _features(s, params, feature_map)
     H = s.q.shape[1]
-    k, v, fk = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (s.k, s.v, fk))    # GQA
     allowed = _allowed(s, causal)                                                       # [B, 1, T, Tk]
-    logits = (scale * (s.q @ k.transpose(-1, -2))).masked_fill(~allowed, float("-inf"))   # [B, H, T, Tk]
+    logits = (scale * (s.q @ reference.repeat_kv(s.k, H).transpose(-1, -2))).masked_fill(~allowed, float("-inf"))   # [B, H, T, Tk]
     log_a = logits.log_softmax(-1)
     if window is None:
-        A = (fq @ fk.transpose(-1, -2)).masked_fill(~allowed, 0.0)
-    else:                         # LoLCATs hybrid: e^{s − m} over the window, mix·φ(q)·φ(k) before it
-        i, j = torch.arange(s.q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
-        in_window = allowed & (j > i - window)
-        win = logits.masked_fill(~in_window, float("-inf"))
-        m = win.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        lin = (fq @ fk.transpose(-1, -2)).masked_fill(~(allowed & ~in_window), 0.0)
-        A = torch.exp(win - m) + params["mix"][None, :, None, None] * lin
-    a_hat = A / (A.sum(-1, keepdim=True) + eps)
+        a_hat = reference.linear_attention_weights(fq, fk, s.key_mask, causal, eps)
+    else:
+        a_hat = reference.hybrid_window_weights(s.q, s.k, fq, fk, window, scale, params["mix"], s.key_mask, eps)
     a = log_a.exp()
     kl = (a * (log_a - a_hat.clamp_min(1e-30).log())).masked_fill(~allowed, 0.0).sum(-1)  # [B, H, T]
     rows = s.query_valid[:, None, :].expand_as(kl)
-    return kl[rows].sum(), a_hat @ v
+    return kl[rows].sum(), a_hat @ reference.repeat_kv(s.v, H)
 
 
 def transfer_loss(s: Sample, params: dict[str, Tensor], loss: str, **how) -> Tensor:

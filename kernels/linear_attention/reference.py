@@ -47,11 +47,12 @@ def repeat_kv(x: Tensor, heads: int) -> Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, key_mask: Tensor | None = None,
-                     causal: bool = False, eps: float = 1e-6) -> Tensor:
-    """O_i = Σ_j A_ij V_j / (Σ_j A_ij + eps), A_ij = φ(Q_i)·φ(K_j) over the allowed j. fp32 out."""
+def linear_attention_weights(fq: Tensor, fk: Tensor, key_mask: Tensor | None = None,
+                             causal: bool = False, eps: float = 1e-6) -> Tensor:
+    """The rows of weights Â_ij = A_ij / (Σ_j A_ij + eps), A_ij = φ(Q_i)·φ(K_j) over the allowed j:
+    [B, H, Tq, Tk] fp32 (GQA keys repeated)."""
     H, Tq, Tk = fq.shape[1], fq.shape[2], fk.shape[2]
-    fq, fk, v = fq.float(), repeat_kv(fk.float(), H), repeat_kv(v.float(), H)
+    fq, fk = fq.float(), repeat_kv(fk.float(), H)
     A = fq @ fk.transpose(-1, -2)                                       # [B, H, Tq, Tk]
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=fq.device)
     if causal:
@@ -60,15 +61,21 @@ def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, key_mask: Tensor | None 
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :].bool()           # [B, 1, Tq, Tk]
     A = A.masked_fill(~allowed, 0.0)
-    return (A @ v) / (A.sum(-1, keepdim=True) + eps)                    # [B, H, Tq, D]
+    return A / (A.sum(-1, keepdim=True) + eps)
 
 
-def hybrid_window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int,
-                            scale: float, mix: Tensor, key_mask: Tensor | None = None,
-                            eps: float = 1e-6) -> Tensor:
-    """LoLCATs causal hybrid: exact softmax over the last `window` keys, mix_h·linear terms before."""
+def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, key_mask: Tensor | None = None,
+                     causal: bool = False, eps: float = 1e-6) -> Tensor:
+    """O_i = Σ_j Â_ij V_j (`linear_attention_weights`). fp32 out."""
+    return linear_attention_weights(fq, fk, key_mask, causal, eps) @ repeat_kv(v.float(), fq.shape[1])
+
+
+def hybrid_window_weights(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, window: int, scale: float,
+                          mix: Tensor, key_mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """The LoLCATs hybrid's rows of weights (module docstring): [B, H, T, T] fp32, each row
+    e^{s_ij − m_i} over W(i) and mix_h·φ(Q_i)·φ(K_j) over L(i), divided by its sum + eps."""
     H, T = q.shape[1], q.shape[2]
-    q, k, v = q.float(), repeat_kv(k.float(), H), repeat_kv(v.float(), H)
+    q, k = q.float(), repeat_kv(k.float(), H)
     fq, fk = fq.float(), repeat_kv(fk.float(), H)
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
@@ -89,7 +96,15 @@ def hybrid_window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Ten
     a_lin = mix.float()[None, :, None, None] * a_lin
 
     a = a_win + a_lin
-    return (a @ v) / (a.sum(-1, keepdim=True) + eps)                    # [B, H, T, D]
+    return a / (a.sum(-1, keepdim=True) + eps)
+
+
+def hybrid_window_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int,
+                            scale: float, mix: Tensor, key_mask: Tensor | None = None,
+                            eps: float = 1e-6) -> Tensor:
+    """LoLCATs causal hybrid: exact softmax over the last `window` keys, mix_h·linear terms before."""
+    a = hybrid_window_weights(q, k, fq, fk, window, scale, mix, key_mask, eps)
+    return a @ repeat_kv(v.float(), q.shape[1])                         # [B, H, T, D]
 
 
 def linear_attention_step(fq_t: Tensor, fk_t: Tensor, v_t: Tensor, state_S: Tensor,
