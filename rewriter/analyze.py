@@ -32,7 +32,7 @@ import re
 import torch
 import torch.fx as fx
 
-from .graph import SDPA, sdpa_args
+from .graph import SDPA, fetch_attr, sdpa_args
 from .site import AttentionSite
 
 aten = torch.ops.aten
@@ -525,13 +525,6 @@ def _structural_causal(anc: set[fx.Node]) -> bool:
     return False
 
 
-def _fetch_attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _evaluate(gm: fx.GraphModule, mask: fx.Node, anc: set[fx.Node], fill: set[fx.Node]) -> torch.Tensor:
     """Run the mask's subgraph at the traced sizes (SymInt hints), with the `fill` placeholders set
     to ones (an attention_mask with no padding). Raises if something cannot be evaluated."""
@@ -563,7 +556,7 @@ def _evaluate(gm: fx.GraphModule, mask: fx.Node, anc: set[fx.Node], fill: set[fx
                     raise ValueError(f"no size hint for input {n.name}")
                 env[n] = torch.ones(shape, dtype=v.dtype)
             elif n.op == "get_attr":
-                env[n] = _fetch_attr(gm, n.target)
+                env[n] = fetch_attr(gm, n.target)
             elif n.op == "call_function":
                 args = fx.node.map_arg(n.args, value)
                 kwargs = fx.node.map_arg(n.kwargs, value)

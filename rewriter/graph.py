@@ -126,7 +126,7 @@ def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
     value: dict[fx.Node, object] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            value[n] = _attr(gm, n.target)
+            value[n] = fetch_attr(gm, n.target)
         elif n.op == "call_function" and _removable(n) and not _symbolic(n):
             inputs = n.all_input_nodes
             if inputs and all(i in value for i in inputs):
@@ -146,7 +146,8 @@ def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
     return folded
 
 
-def _attr(gm: fx.GraphModule, qual: str):
+def fetch_attr(gm: torch.nn.Module, qual: str):
+    """The attribute a get_attr target names, e.g. "layers.0.weight"."""
     obj = gm
     for part in qual.split("."):
         obj = getattr(obj, part)
