@@ -9,9 +9,10 @@ from .text import (HELDOUT_EVERY, TextSource, bundled_paragraphs, bundled_senten
                    bundled_text, decontaminate, load_source, pydoc_paragraphs, read_text_file,
                    split_heldout)
 from .zoo import (ATTN_IMPLEMENTATIONS, Loaded, atomic_dir, load_model, minilm_path,
-                  minilm_tokenizer, registered, smollm2_cache_dir, smollm2_gguf, token_chunks)
+                  minilm_tokenizer, registered, smollm2_cache_dir, smollm2_gguf, token_chunks,
+                  wrap_module)
 
-__all__ = ["Loaded", "load_model", "registered", "bundled_text", "bundled_sentences",
+__all__ = ["Loaded", "load_model", "wrap_module", "registered", "bundled_text", "bundled_sentences",
            "bundled_paragraphs", "pydoc_paragraphs", "read_text_file", "load_source",
            "split_heldout", "decontaminate", "TextSource", "HELDOUT_EVERY", "token_chunks", "digit_indices",
            "digits_pixel_values", "minilm_path", "minilm_tokenizer", "smollm2_gguf",

@@ -38,7 +38,7 @@ from .text import load_source
 
 log = logging.getLogger("rewriter.models")
 
-__all__ = ["Loaded", "load_model", "registered", "minilm_tokenizer", "minilm_path",
+__all__ = ["Loaded", "load_model", "wrap_module", "registered", "minilm_tokenizer", "minilm_path",
            "smollm2_gguf", "smollm2_cache_dir", "ATTN_IMPLEMENTATIONS"]
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -245,6 +245,47 @@ def _kind_of_module(model: torch.nn.Module) -> str:
     if config is not None and hasattr(config, "model_type"):
         return _kind_from_config(config)
     return "generic"
+
+
+def _kind_of_bare_module(model: torch.nn.Module) -> str:
+    """The kind of a module handed to optimize() as it is. Stricter than `_kind_of_module`: a
+    decoder without an LM head (e.g. LlamaModel) stays "generic", because it returns hidden
+    states, not the logits a causal_lm gate reads."""
+    cfg = getattr(model, "config", None)
+    names = " ".join(getattr(cfg, "architectures", None) or []) + " " + type(model).__name__
+    if "CausalLM" in names or "LMHead" in names:
+        return "causal_lm"
+    if "ImageClassification" in names or "ViT" in names or getattr(cfg, "model_type", "") == "vit":
+        return "vision"
+    if cfg is not None and getattr(cfg, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta"):
+        return "encoder"
+    return "generic"
+
+
+def _token_inputs(vocab_size: int, padded: bool):
+    """Example inputs from a config alone: seeded token ids, and for encoders a padded last sample
+    (so the traced graph keeps its padding-mask path)."""
+    def make(batch: int, seq_len: int, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(min(vocab_size, 1000), (batch, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        if padded and batch > 1:
+            mask[-1, seq_len // 2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    return make
+
+
+def wrap_module(model: torch.nn.Module) -> Loaded:
+    """A Loaded for a bare nn.Module (no tokenizer): kind from its class and config, example inputs
+    from the config (token ids for text models, image size for vision)."""
+    cfg, kind = getattr(model, "config", None), _kind_of_bare_module(model)
+    extra = {}
+    if kind == "vision" and cfg is not None:
+        extra = {"image_size": cfg.image_size, "num_channels": cfg.num_channels}
+    elif getattr(cfg, "vocab_size", None):
+        extra = {"inputs_fn": _token_inputs(cfg.vocab_size, padded=kind == "encoder")}
+    return Loaded(name=type(model).__name__, model=model, kind=kind, tokenizer=None,
+                  max_length=getattr(cfg, "max_position_embeddings", 512), **extra)
 
 
 def _vision_fields(config, folder: Path | None = None) -> dict:

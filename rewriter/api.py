@@ -31,21 +31,9 @@ class SiteList(list):
 
 # ---- model resolution ----------------------------------------------------------------------------
 
-def _guess_kind(model: torch.nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    names = " ".join(getattr(cfg, "architectures", None) or []) + " " + type(model).__name__
-    if "CausalLM" in names or "LMHead" in names:
-        return "causal_lm"
-    if "ImageClassification" in names or "ViT" in names or getattr(cfg, "model_type", "") == "vit":
-        return "vision"
-    if cfg is not None and getattr(cfg, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta"):
-        return "encoder"
-    return "generic"
-
-
 def _resolve(model, spec: str | None):
     """Return a rewriter.models.Loaded for a name, a Loaded, or a bare nn.Module."""
-    from rewriter.models import Loaded, load_model
+    from rewriter.models import Loaded, load_model, wrap_module
     if model is None:
         if not spec:
             raise ValueError("no model: pass one to optimize() or name it under `model:` in the recipe")
@@ -55,28 +43,8 @@ def _resolve(model, spec: str | None):
     if isinstance(model, Loaded):
         return model
     if isinstance(model, torch.nn.Module):
-        cfg, kind = getattr(model, "config", None), _guess_kind(model)
-        extra = {}
-        if kind == "vision" and cfg is not None:
-            extra = {"image_size": cfg.image_size, "num_channels": cfg.num_channels}
-        elif getattr(cfg, "vocab_size", None):
-            extra = {"inputs_fn": _token_inputs(cfg.vocab_size, padded=kind == "encoder")}
-        return Loaded(name=type(model).__name__, model=model, kind=kind, tokenizer=None,
-                      max_length=getattr(cfg, "max_position_embeddings", 512), **extra)
+        return wrap_module(model)
     raise TypeError(f"model must be an nn.Module, a rewriter.models.Loaded or a model name, not {type(model).__name__}")
-
-
-def _token_inputs(vocab_size: int, padded: bool):
-    """Example inputs from a config alone: seeded token ids, and for encoders a padded last sample
-    (so the traced graph keeps its padding-mask path)."""
-    def make(batch: int, seq_len: int, seed: int) -> dict:
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(min(vocab_size, 1000), (batch, seq_len), generator=g)
-        mask = torch.ones_like(ids)
-        if padded and batch > 1:
-            mask[-1, seq_len // 2:] = 0
-        return {"input_ids": ids, "attention_mask": mask}
-    return make
 
 
 def _split(example_inputs) -> tuple[tuple, dict]:
