@@ -98,6 +98,46 @@ def _pooled_mass(q_r: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | No
     return F.pad(p, (0, pad)).view(B, H, nb, nb, block_size).sum(-1)
 
 
+def sample_positions(t: int, block_size: int, samples: int, device) -> torch.Tensor:
+    """Query positions sampled in each block, int64 [n_blocks · samples]: the last query of each
+    of the block's `samples` equal parts (the block's last query among them), clamped to t − 1."""
+    n_b = (t + block_size - 1) // block_size
+    step = max(1, block_size // samples)
+    offs = torch.arange(1, samples + 1, device=device) * step - 1                 # [S]
+    pos = torch.arange(n_b, device=device).view(-1, 1) * block_size + offs.clamp(max=block_size - 1)
+    return pos.reshape(-1).clamp(max=t - 1)
+
+
+def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *,
+                          block_size: int, samples: int, causal: bool, scale: float) -> torch.Tensor:
+    """Value-aware key-block scores from sampled queries, fp32 [B, H, nb, nb]: `samples` queries
+    of each query block (`sample_positions`) attend exactly, softmax over every key they may
+    see, and key block j scores max over the samples of ‖Σ_{i ∈ j} p_i v_i‖, the norm of the
+    block's share of the sample's output. Sampled rows are exact, so scores compare across rows
+    and heads (the mean query of `pooled` is not: under RoPE it loses the position-sensitive
+    part of q); the value norm discounts mass parked on a sink whose value is near zero (value
+    matters beside the attention score: Guo et al., EMNLP 2024, arXiv:2406.12335). Strided
+    sampled rows as the importance proxy: XAttention, Xu et al., arXiv:2503.16428.
+    Cost per head: (samples / b)·T²·(d + d_v), i.e. samples/b of dense attention."""
+    B, H, t, D = q.shape
+    h_kv, d_v = k.shape[1], v.shape[-1]
+    g = H // h_kv
+    n_b = (t + block_size - 1) // block_size
+    pad = n_b * block_size - t
+    pos = sample_positions(t, block_size, samples, q.device)                       # [nb·S]
+    qs = q.index_select(2, pos).float().reshape(B, h_kv, g * pos.shape[0], D)
+    s = (qs @ k.float().transpose(-1, -2)).view(B, H, pos.shape[0], t) * scale      # [B, H, nb·S, T]
+    vis = torch.ones(B, 1, 1, t, dtype=torch.bool, device=q.device) if key_mask is None \
+        else key_mask.bool().view(B, 1, 1, t)
+    if causal:
+        vis = vis & (torch.arange(t, device=q.device).view(1, 1, 1, t) <= pos.view(1, 1, -1, 1))
+    p = torch.softmax(s.masked_fill(~vis, NEG_INF), dim=-1).nan_to_num(0.0)
+    p = F.pad(p, (0, pad)).view(B, h_kv, g * pos.shape[0], n_b, block_size)
+    vb = F.pad(v.float(), (0, 0, 0, pad)).view(B, h_kv, n_b, block_size, d_v)
+    c = torch.einsum("bksnj,bknjd->bksnd", p, vb).norm(dim=-1)                     # [B, Hkv, G·nb·S, nb]
+    return c.view(B, H, n_b, pos.shape[0] // n_b, n_b).amax(3)
+
+
 def default_sinks(causal: bool) -> tuple[str, ...]:
     """Causal (LLM) sites: the first block (attention sink, BOS) and the previous block (local
     context); encoders: the first and the last real token's blocks (CLS, SEP)."""
@@ -106,13 +146,14 @@ def default_sinks(causal: bool) -> tuple[str, ...]:
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  causal: bool, sinks: tuple[str, ...], route_by: str, affinity: str = "means",
-                 scale: float | None = None):
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8):
     """Routing scores of key blocks for each query block, with forced blocks at +inf and
     disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
 
     `affinity="means"`: BiFormer region affinity Qʳ·Kʳᵀ of block means (padding excluded);
     `"pooled"`: the estimated attention mass of each key block under the block's mean query
-    (`_pooled_mass`; `scale` defaults to 1/√d).
+    (`_pooled_mass`; `scale` defaults to 1/√d); `"sampled"`: value-aware scores of `samples`
+    exact query rows per block (`_sampled_contribution`, needs `v`; `route_by` does not apply).
     Forced: the query block's own block and the sink blocks holding the first and/or the last
     real key (CLS / BOS, and SEP for right-padded BERT inputs; per sample, from key_mask), and
     with "previous" the block just before the query block (local context).
@@ -121,10 +162,16 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     set depends on later queries (strictly causal routing; block 0 sees only itself anyway)."""
     B, H, t, _ = q.shape
     n_b = (t + block_size - 1) // block_size
-    q_r = block_means(q, block_size, key_mask).float()                             # [B, H, nb, D]
-    if route_by == "previous":
-        q_r = torch.cat([q_r[:, :, :1], q_r[:, :, :-1]], dim=2)
-    if affinity == "pooled":
+    if affinity != "sampled":
+        q_r = block_means(q, block_size, key_mask).float()                         # [B, H, nb, D]
+        if route_by == "previous":
+            q_r = torch.cat([q_r[:, :, :1], q_r[:, :, :-1]], dim=2)
+    if affinity == "sampled":
+        if v is None:
+            raise ValueError("block_scores: affinity 'sampled' needs the values v")
+        affinity = _sampled_contribution(q, k, v, key_mask, block_size=block_size, samples=samples, causal=causal,
+                                         scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    elif affinity == "pooled":
         affinity = _pooled_mass(q_r, k, key_mask, block_size=block_size, causal=causal,
                                 scale=q.shape[-1] ** -0.5 if scale is None else scale)
     elif affinity == "means":
@@ -133,7 +180,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
             k_r = k_r.repeat_interleave(H // k.shape[1], dim=1)
         affinity = q_r @ k_r.transpose(-1, -2)                                     # [B, H, nb, nb]
     else:
-        raise ValueError(f"block_scores: affinity must be 'means' or 'pooled', got {affinity!r}")
+        raise ValueError(f"block_scores: affinity must be 'means', 'pooled' or 'sampled', got {affinity!r}")
 
     blocks = torch.arange(n_b, device=q.device)
     qb, kb = blocks.view(1, 1, -1, 1), blocks.view(1, 1, 1, -1)
@@ -166,17 +213,25 @@ def causal_row_permille(keep_permille: int) -> int:
 def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
                  sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own", affinity: str = "means",
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8,
+                 head_rows: torch.Tensor | None = None, max_row_permille: int | None = None) -> torch.Tensor:
     """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
     each query block lists its forced blocks (see `block_scores`) plus either `topk` further
     blocks of highest score, or as many as make the row hold ⌈keep·n_blocks⌉ blocks in all
     (resolved at run time from the length; keep = keep_permille/1000). Causal sites: `keep` is
     the fraction of the causal (query, key) pairs, so every row holds ⌈n_blocks·(1 − √(1 − keep))⌉
-    blocks (rows near the start hold all they may see). Only allowed blocks are listed."""
+    blocks (rows near the start hold all they may see). Only allowed blocks are listed.
+    Per-head budgets: `head_rows` (int [H], per mille of n_blocks, calibrated) gives head h's
+    rows round(n_blocks·head_rows[h]/1000) blocks each (at least the forced ones);
+    `max_row_permille` = max(head_rows), static, sizes the table."""
     n_b = (q.shape[2] + block_size - 1) // block_size
     score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
-                                   route_by=route_by, affinity=affinity, scale=scale)
-    if topk is not None:
+                                   route_by=route_by, affinity=affinity, scale=scale, v=v, samples=samples)
+    if head_rows is not None:
+        width = torch.sym_min(n_b, torch.sym_max((n_b * max_row_permille + 500) // 1000, 1 + len(sinks)))
+        per_head = ((n_b * head_rows.long() + 500) // 1000).clamp(min=1).view(1, -1, 1, 1)
+        count = torch.maximum(n_forced, per_head)
+    elif topk is not None:
         width = torch.sym_min(n_b, topk + 1 + len(sinks))
         count = n_forced + topk
     else:
@@ -191,12 +246,14 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     return table.to(torch.int32).contiguous()
 
 
-def block_routed_attention(q, k, v, key_mask, *, block_size: int, topk: int | None, keep_permille: int | None,
-                           causal: bool, sinks: tuple[str, ...], route_by: str, scale: float,
-                           affinity: str = "means") -> torch.Tensor:
-    """Routing table from q/k, then exact attention over the listed blocks (the custom op)."""
+def block_routed_attention(q, k, v, key_mask, head_rows=None, *, block_size: int, topk: int | None,
+                           keep_permille: int | None, causal: bool, sinks: tuple[str, ...], route_by: str,
+                           scale: float, affinity: str = "means", samples: int = 8,
+                           max_row_permille: int | None = None) -> torch.Tensor:
+    """Routing table from q/k (and v for `sampled`), then exact attention over the listed blocks (the custom op)."""
     table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
-                         causal=causal, sinks=sinks, route_by=route_by, affinity=affinity, scale=scale)
+                         causal=causal, sinks=sinks, route_by=route_by, affinity=affinity, scale=scale,
+                         v=v, samples=samples, head_rows=head_rows, max_row_permille=max_row_permille)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
     return torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
 

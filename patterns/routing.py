@@ -11,15 +11,22 @@ top-k is fixed, a fraction of the blocks (`keep`), or chosen on calibration data
 smallest k whose blocks hold `mass` of the exact attention probability (the training-free
 cumulative-mass selection). Exact setting: top-k ≥ number of blocks, or keep = 1.
 
-Causal (LLM) sites default to what training-free sparse prefill attention does instead of the
-block-mean affinity: key blocks are ranked by their attention mass under the query block's mean
-query, softmax over all keys it may see (`affinity: pooled`; the pooled-query estimate of
-FlexPrefill, Lai et al., ICLR 2025, arXiv:2502.20766, and MInference, Jiang et al., NeurIPS 2024,
-arXiv:2407.02490 — cost T·T/b·d per head), the sinks are the first block (attention sink /
-BOS) and the previous block (local context), and `keep` is the fraction of the causal
-(query, key) pairs: every query block lists ⌈n·(1 − √(1 − keep))⌉ blocks. On SmolLM2 at 2048
-tokens (b = 64, keep 0.25 → 26 % of the causal pairs) this ranking holds as much attention mass
-as ranking by the exact block mass (0.871 vs 0.872 on calibration text; block means: 0.851).
+Causal (LLM) sites default to two training-free refinements, without which SmolLM2 at 2048
+tokens lost +15 % perplexity at 26 % of the causal pairs (target ≤ 3 %):
+- `affinity: sampled` — key blocks are ranked by their share of the output of a few EXACT query
+  rows: `samples` (8) strided queries of each block attend softmax over every key they may see, and
+  block j scores max over them of ‖Σ_{i∈j} p_i v_i‖ (strided rows as the proxy: XAttention, Xu et
+  al., arXiv:2503.16428; value-aware importance: Guo et al., EMNLP 2024, arXiv:2406.12335). Cost
+  samples/b of dense attention. The block-mean query (`pooled`, FlexPrefill arXiv:2502.20766 /
+  MInference arXiv:2407.02490) and BiFormer's mean q · mean k (`means`) lose the position-sensitive
+  part of q under RoPE: with the same budgets they cost 2-3× the perplexity.
+- `budget: heads` — the same total number of listed blocks, split across the site's heads on
+  calibration data by each block's exact output share (DuoAttention's retrieval vs streaming heads,
+  Xiao et al., ICLR 2025, arXiv:2410.10819, found without training): sink-and-local heads list
+  little, diffuse heads list more; every row of a head lists the same count.
+The sinks are the first block (attention sink / BOS) and the previous block (local context), and
+`keep` is the fraction of the causal (query, key) pairs: every query block lists on average
+⌈n·(1 − √(1 − keep))⌉ blocks. Non-causal sites keep BiFormer's block means and a uniform budget.
 
 kmeans_routing — Routing Transformer (Roy et al., "Efficient Content-Based Sparse Attention
 with Routing Transformers", TACL 2021, arXiv:2003.05997), post hoc: q and k normalized;
@@ -32,7 +39,7 @@ queries and keys (the paper shares Q and K); see patterns/_routing.py.
 Exact setting: one cluster holding every token, no local block.
 
 Before:  o = sdpa(q, k, v, mask)
-After:   o = block_routed_attention(q, k, v, key_mask(mask); b, k, sinks)      (table built in-graph)
+After:   o = block_routed_attention(q, k, v, key_mask(mask), head_rows; b, k, sinks)  (table built in-graph)
          o = kmeans_routed_attention(q, k, v, key_mask(mask), centroids; w, local block)
 Both approximate: the gate is mandatory. Routing decisions depend on the input, so they are
 computed in the graph at run time; `build` returns only calibrated constants.
@@ -44,6 +51,7 @@ from typing import Literal
 
 import sympy
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from rewriter import graph as G
@@ -72,16 +80,30 @@ class BlockRoutingOptions(StepOptions):
         'default ["first", "previous"] on causal sites, ["first", "last"] otherwise')
     route_by: Literal["own", "previous"] = Field("own", description='"own": route a query block by its mean query '
                                                  '(BiFormer); "previous": by the previous block\'s (strictly causal)')
-    affinity: Literal["auto", "means", "pooled"] = Field(
+    affinity: Literal["auto", "means", "pooled", "sampled"] = Field(
         "auto", description='how key blocks are ranked: "means" = BiFormer region affinity (mean q · mean k); '
         '"pooled" = attention mass of each key block under the block\'s mean query, softmax over all its keys '
-        '(FlexPrefill / MInference pooled estimate); "auto" = pooled on causal sites, means otherwise')
+        '(FlexPrefill / MInference pooled estimate); "sampled" = value-aware share of the output of `samples` '
+        'exact query rows per block; "auto" = sampled on causal sites (pooled with route_by previous), '
+        'means otherwise')
+    samples: int = Field(8, ge=1, description='query rows per block that "sampled" computes exactly '
+                         '(its cost: samples / block_size of dense attention)')
+    budget: Literal["auto", "uniform", "heads"] = Field(
+        "auto", description='"uniform": every head lists the same number of blocks per query block; "heads": the '
+        "same total, split across heads on calibration data by each block's exact share of the output "
+        '(diffuse heads get more); "auto" = heads on causal sites, uniform otherwise')
 
     @model_validator(mode="after")
     def _one_budget(self):
         given = [n for n in ("topk", "keep", "mass") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"block_routing: give at most one of topk, keep, mass; got {', '.join(given)}")
+        if self.affinity == "sampled" and self.route_by == "previous":
+            raise ValueError('block_routing: route_by "previous" routes by the previous block\'s mean query; '
+                             'affinity "sampled" reads the block\'s own queries (use affinity "pooled")')
+        if self.mass is not None and self.budget == "heads":
+            raise ValueError("block_routing: mass chooses one top-k for every head; it cannot be combined with "
+                             'budget "heads" (give keep or topk instead)')
         return self
 
 
@@ -92,19 +114,87 @@ def check_block(site, opts) -> str | None:
 def _resolved(opts, causal: bool) -> tuple[tuple[str, ...], str]:
     """(sinks, affinity) after the causal-dependent defaults."""
     sinks = R.default_sinks(causal) if opts.sinks is None else tuple(opts.sinks)
-    affinity = opts.affinity if opts.affinity != "auto" else ("pooled" if causal else "means")
+    if opts.affinity != "auto":
+        affinity = opts.affinity
+    else:   # sampled rows are the block's own queries: strictly causal routing needs the pooled mean query
+        affinity = "means" if not causal else "pooled" if opts.route_by == "previous" else "sampled"
     return sinks, affinity
 
 
+def _per_head(opts, causal: bool) -> bool:
+    """Whether the budget is split across heads on calibration data (see `_head_rows`)."""
+    if opts.budget == "auto":
+        return causal and opts.mass is None
+    return opts.budget == "heads"
+
+
+def _uniform_rows(opts, n_forced: torch.Tensor, n_blocks: int, causal: bool) -> torch.Tensor:
+    """Blocks each query block lists under the uniform budget (as route_blocks counts them),
+    before clipping to the allowed blocks: [B, 1, nb, 1]."""
+    if opts.topk is not None:
+        return n_forced + opts.topk
+    keep = round(1000 * (opts.keep if opts.keep is not None else 0.25))
+    per_row = R.causal_row_permille(keep) if causal else keep
+    return n_forced.clamp(min=max(1, -(-n_blocks * per_row // 1000)))
+
+
 @torch.no_grad()
-def _captured_mass(q, k, key_mask, causal, scale, opts) -> torch.Tensor:
+def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
+    """Per-head blocks per query block, as fractions of n_blocks, fp64 [H], for one calibration
+    batch. The uniform budget's total number of listed blocks is handed out again over
+    (head, query block, key block) triples by each block's EXACT share of the output, mean over
+    the block's real queries of ‖Σ_{j ∈ block} p_j v_j‖; head h's share c_h then becomes the
+    per-row count K_h whose rows Σ_i min(max(K_h, forced_i), allowed_i) come closest to c_h.
+    Heads whose attention is diffuse get more blocks, sink-and-local heads fewer: the
+    retrieval-vs-streaming split of DuoAttention (Xiao et al., ICLR 2025, arXiv:2410.10819),
+    found here from the output share instead of a trained gate. One head at a time: T² memory."""
+    B, H, t, _ = q.shape
+    bs, n_b = opts.block_size, (t + opts.block_size - 1) // opts.block_size
+    sinks, _ = _resolved(opts, causal)
+    score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
+                                     route_by="own", affinity="means", scale=scale)
+    forced, allowed = score == float("inf"), score > R.NEG_INF                          # [B, 1|H, nb, nb]
+    forced, allowed = forced.expand(B, H, n_b, n_b), allowed.expand(B, H, n_b, n_b)
+    real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
+    group = H // k.shape[1]
+    pad = n_b * bs - t
+    qw = F.pad(real.float(), (0, pad)).view(B, n_b, bs)                                  # real queries per block
+    exact = torch.empty(B, H, n_b, n_b)
+    for h in range(H):
+        kh, vh = k[:, h // group].float(), v[:, h // group].float()
+        s = (q[:, h].float() @ kh.transpose(-1, -2)) * scale                            # [B, T, T]
+        vis = real[:, None, :].expand(B, t, t)
+        if causal:
+            vis = vis & torch.ones(t, t, dtype=torch.bool).tril()
+        p = F.pad(torch.softmax(s.masked_fill(~vis, R.NEG_INF), -1).nan_to_num(0.0), (0, pad))
+        share = torch.einsum("btnj,bnjd->btnd", p.view(B, t, n_b, bs), F.pad(vh, (0, 0, 0, pad)).view(B, n_b, bs, -1))
+        share = F.pad(share.norm(dim=-1), (0, 0, 0, pad)).view(B, n_b, bs, n_b)         # [B, nb(q), bs, nb(k)]
+        exact[:, h] = (share * qw[..., None]).sum(2) / qw.sum(-1, keepdim=True).clamp(min=1)
+    rows_allowed = allowed.sum(-1)                                                      # [B, H, nb]
+    rows_forced = forced.sum(-1)
+    uniform = torch.minimum(_uniform_rows(opts, n_forced, n_b, causal)[..., 0].expand(B, H, n_b), rows_allowed)
+    extra = int(uniform.sum() - rows_forced.sum())
+    free = exact.masked_fill(forced | ~allowed, R.NEG_INF).reshape(-1)
+    chosen = torch.zeros_like(free, dtype=torch.bool)
+    if extra > 0:
+        chosen[free.topk(extra).indices] = True
+    per_head = (chosen.view(B, H, -1).sum(-1) + forced.reshape(B, H, -1).sum(-1)).double().mean(0)   # [H]
+    K = torch.arange(1, n_b + 1).view(-1, 1, 1, 1)                                      # candidates
+    listed = torch.minimum(torch.maximum(K, rows_forced[None]), rows_allowed[None]).sum(-1).double().mean(1)
+    best = (listed - per_head[None]).abs().argmin(0)                                    # [H]
+    return (best + 1).double() / n_b
+
+
+@torch.no_grad()
+def _captured_mass(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     """Mean (over heads and real query blocks) attention probability held by the forced blocks
     plus the top-k routed ones, for k = 0 … n_blocks − 1: fp64 [n_blocks]."""
     B, H, t, _ = q.shape
     bs, n_b = opts.block_size, (t + opts.block_size - 1) // opts.block_size
     sinks, affinity = _resolved(opts, causal)
     score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
-                                     route_by=opts.route_by, affinity=affinity, scale=scale)
+                                     route_by=opts.route_by, affinity=affinity, scale=scale, v=v,
+                                     samples=opts.samples)
     order = score.sort(dim=-1, descending=True).indices                             # [B, H, nb, nb]
     real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
     k = k.repeat_interleave(H // k.shape[1], dim=1) if k.shape[1] != H else k
@@ -131,22 +221,26 @@ def _captured_mass(q, k, key_mask, causal, scale, opts) -> torch.Tensor:
 
 
 def build_block(ctx, site, opts) -> dict:
-    if opts.mass is None:
+    causal = site.mask in ("causal", "causal+padding")
+    heads = _per_head(opts, causal)
+    if opts.mass is None and not heads:
         return {}
     a = G.sdpa_args(G.node(ctx.gm, site.node))
     padded = site.mask in ("padding", "causal+padding")
-    names = [a["query"].name, a["key"].name] + ([a["attn_mask"].name] if padded else [])
+    names = [a["query"].name, a["key"].name, a["value"].name] + ([a["attn_mask"].name] if padded else [])
     acts = ctx.capture(names)
-    causal = site.mask in ("causal", "causal+padding")
-    curves = []
+    results = []
     for i in range(len(ctx.batches)):
-        q, k = acts[names[0]][i], acts[names[1]][i]
-        km = R.key_mask_from_attn_mask(acts[names[2]][i], q) if len(names) == 3 else None
-        curves.append(_captured_mass(q, k, km, causal, site.scale, opts))
-    curve = torch.stack(curves).mean(0)
-    ok = (curve >= opts.mass - 1e-9).nonzero()
-    topk = int(ok[0]) if len(ok) else len(curve)
-    return {"topk": torch.tensor([topk]), "mass_curve": curve.float()}
+        q, k, v = (acts[n][i] for n in names[:3])
+        km = R.key_mask_from_attn_mask(acts[names[3]][i], q) if padded else None
+        fn = _head_rows if heads else _captured_mass
+        results.append(fn(q, k, v, km, causal, site.scale, opts))
+    mean = torch.stack(results).mean(0)
+    if heads:
+        return {"head_rows": (1000 * mean).round().long()}
+    ok = (mean >= opts.mass - 1e-9).nonzero()
+    topk = int(ok[0]) if len(ok) else len(mean)
+    return {"topk": torch.tensor([topk]), "mass_curve": mean.float()}
 
 
 def _budget(built, opts) -> tuple[int | None, int | None]:
@@ -162,9 +256,14 @@ def apply_block(gm, site, built, opts) -> None:
     sd, q, k, v, key_mask, causal = R.site_tensors(gm, site)
     topk, keep = _budget(built, opts)
     sinks, affinity = _resolved(opts, causal)
-    G.replace_with_op(gm, sd, R.block_routed_attention, (q, k, v, key_mask), dict(
+    args, extra = (q, k, v, key_mask), {}
+    if "head_rows" in built:
+        (rows,) = R.register_all(gm, sd, "block_routing", site.index, {"head_rows": built["head_rows"]}).values()
+        args, extra = args + (rows,), {"max_row_permille": int(built["head_rows"].max())}
+    G.replace_with_op(gm, sd, R.block_routed_attention, args, dict(
         block_size=opts.block_size, topk=topk, keep_permille=keep, causal=causal, sinks=sinks,
-        route_by=opts.route_by, scale=site.scale, affinity=affinity), rule="block_routing", site=site.index)
+        route_by=opts.route_by, scale=site.scale, affinity=affinity, samples=opts.samples, **extra),
+        rule="block_routing", site=site.index)
 
 
 def cost_block(site, opts):
@@ -177,7 +276,8 @@ def cost_block(site, opts):
         kept = sympy.Min(N, (opts.topk + 1 + len(sinks)) * b)
     else:   # keep fraction (mass-chosen top-k is per site; the default fraction stands in for it)
         kept = sympy.Min(N, sympy.Rational(round(1000 * (opts.keep or 0.25)), 1000) * N + b)
-    route = 2 * hd * N / b**2 if affinity == "means" else 2 * hd * N / b
+    route = {"means": 2 * hd * N / b**2, "pooled": 2 * hd * N / b,
+             "sampled": 4 * hd * N * sympy.Min(opts.samples, b) / b}[affinity]
     return projection_flops_per_token(site) + 4 * hd * kept + route
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from rewriter import graph as G
 from rewriter import inspect, load, optimize
 from rewriter.calibrate import Calibration
 from rewriter.gate import main_tensor
+from rewriter.kernels.block_sparse_attention import dense_block_mask
 from rewriter.patterns import _routing as R
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -240,11 +242,90 @@ def test_keep_one_is_sdpa_causal_gqa_padded(affinity):
 
 
 def test_block_routing_causal_default_fires_on_llama():
-    """The rule's defaults on a causal GQA model: pooled routing with first + previous sinks, keep 0.25."""
+    """The rule's defaults on a causal GQA model: sampled value-aware routing with first + previous
+    sinks, keep 0.25 split across heads by calibrated per-head budgets (a buffer per site)."""
     from rewriter.models import load_model
     llama = load_model("llama")
     opt = _run(llama, {"block_routing": {"block_size": 4}})
     assert len(_applied(opt, "block_routing")) == 4
     routed = [n for n in opt.graph_module.graph.nodes if n.target is R.block_routed_attention]
-    assert routed and all(n.kwargs["affinity"] == "pooled" and n.kwargs["sinks"] == ("first", "previous")
+    assert routed and all(n.kwargs["affinity"] == "sampled" and n.kwargs["sinks"] == ("first", "previous")
                           for n in routed)
+    for n in routed:
+        rows = G.fetch_attr(opt.graph_module, n.args[4].target)
+        assert rows.shape == (llama.model.config.num_attention_heads,)
+        assert n.kwargs["max_row_permille"] == int(rows.max())
+
+
+def test_sampled_scores_are_the_exact_output_shares_of_the_sampled_rows():
+    """affinity "sampled": with every query of a block sampled, a key block's score is the largest
+    (over the block's queries) norm of that block's share Σ_{j∈block} p_j v_j of the exact
+    causal attention output (GQA, ragged last block)."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, D, bs = 1, 4, 2, 11, 8, 4
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    got = R._sampled_contribution(q, k, v, None, block_size=bs, samples=bs, causal=True, scale=0.5)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    p = ((q @ kk.transpose(-1, -2)) * 0.5).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    p = p.softmax(-1)
+    nb = -(-T // bs)
+    want = torch.zeros(B, H, nb, nb)
+    for i in range(T):
+        for j in range(nb):
+            share = (p[:, :, i, j * bs:(j + 1) * bs, None] * vv[:, :, j * bs:(j + 1) * bs]).sum(2).norm(dim=-1)
+            want[:, :, i // bs, j] = torch.maximum(want[:, :, i // bs, j], share)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert R.sample_positions(T, bs, 2, "cpu").tolist() == [1, 3, 5, 7, 9, 10]     # last of each half, clamped
+
+
+def test_head_budgets_give_diffuse_heads_more_blocks_at_the_same_total():
+    """budget "heads": a head that attends only to its sink and its own block needs nothing else,
+    so the blocks it would list go to a head that attends evenly to everything; the total
+    listed (query block, key block) pairs stays the uniform budget's."""
+    from rewriter.patterns.routing import BlockRoutingOptions, _head_rows, _uniform_rows
+    torch.manual_seed(0)
+    T, D, bs = 64, 16, 4
+    nb = T // bs
+    k = torch.randn(1, 2, T, D)
+    q = torch.zeros(1, 2, T, D)
+    q[0, 0] = k[0, 0, 0] * 20.0                          # head 0: all mass on token 0 (the first block)
+    v = torch.randn(1, 2, T, D)                           # head 1: q = 0, uniform attention
+    opts = BlockRoutingOptions(block_size=bs, keep=0.5)
+    rows = _head_rows(q, k, v, None, True, 1.0, opts)
+    assert rows[1] > rows[0] and rows[0] * nb <= 3       # head 0 keeps little beyond first + previous + own
+    listed = lambda K: sum(min(max(K, min(i + 1, 3)), i + 1) for i in range(nb))   # noqa: E731
+    uniform = int(_uniform_rows(opts, torch.tensor([3]), nb, True))
+    total = listed(round(float(rows[0]) * nb)) + listed(round(float(rows[1]) * nb))
+    assert abs(total - 2 * listed(uniform)) <= nb        # same budget, up to rounding one row count
+
+
+def test_route_blocks_honours_per_head_row_counts():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 3, 32, 8), torch.randn(1, 3, 32, 8), torch.randn(1, 3, 32, 8)
+    rows = torch.tensor([125, 500, 1000])                # 1, 4 and 8 of 8 blocks per query block
+    table = R.route_blocks(q, k, None, block_size=4, causal=True, sinks=("first",), affinity="sampled",
+                           v=v, head_rows=rows, max_row_permille=1000)
+    listed = (table >= 0).sum(-1)[0]                     # [H, nb]
+    allowed = torch.arange(1, 9)
+    assert listed[2].tolist() == allowed.tolist()        # every allowed block
+    assert listed[1].tolist() == torch.minimum(allowed, torch.tensor(4)).tolist()
+    assert listed[0].tolist() == torch.minimum(allowed, torch.tensor(2)).tolist()   # own + first are forced
+
+
+def test_head_budgets_list_as_many_pairs_as_the_uniform_budget():
+    """The per-head split moves blocks between heads; the tables it produces list (about) as many
+    causal (query, key) pairs as the uniform keep 0.5 tables — checked on the tables route_blocks
+    builds, not on the calibration's own bookkeeping."""
+    from rewriter.patterns.routing import BlockRoutingOptions, _head_rows
+    torch.manual_seed(1)
+    H, T, D, bs = 4, 128, 16, 8
+    q, k, v = torch.randn(1, H, T, D), torch.randn(1, 2, T, D), torch.randn(1, 2, T, D)
+    q[:, 0] *= 4.0                                        # one sharp head, three diffuse ones
+    rows = (1000 * _head_rows(q, k, v, None, True, D ** -0.5, BlockRoutingOptions(block_size=bs, keep=0.5))).round().long()
+    args = dict(block_size=bs, causal=True, sinks=("first", "previous"), affinity="sampled", v=v, scale=D ** -0.5)
+    uniform = R.route_blocks(q, k, None, keep_permille=500, **args)
+    split = R.route_blocks(q, k, None, head_rows=rows, max_row_permille=int(rows.max()), **args)
+    tri = torch.ones(T, T, dtype=torch.bool).tril()
+    pairs = lambda t: int((dense_block_mask(t, bs, T, T) & tri).sum())        # noqa: E731
+    assert len(set(rows.tolist())) > 1                   # the heads did get different budgets
+    assert abs(pairs(split) - pairs(uniform)) <= 0.05 * pairs(uniform)
