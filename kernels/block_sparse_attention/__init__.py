@@ -152,11 +152,35 @@ def _blockwise(q, k, v, block_table, block_size: int, causal: bool, key_mask, sc
     return out, lse[:, :, :t_q]
 
 
+def _by_head_width(q, k, v, block_table, block_size: int, causal: bool, key_mask, scale: float, want_lse: bool):
+    """`_blockwise` when heads list different numbers of blocks (per-head budgets): the PyTorch
+    path computes every slot of the table's width, so heads are grouped by how many blocks their
+    rows list at most and each group runs on its own slice of the table (unused slots dropped:
+    rows are sorted so that -1 comes last; the order of a row's blocks does not change the result)."""
+    H = q.shape[1]
+    width = (block_table >= 0).sum(-1).amax(dim=(0, 2)) if block_table.numel() else None   # [H]
+    if width is None or bool((width == width[0]).all()):
+        return _blockwise(q, k, v, block_table, block_size, causal, key_mask, scale, want_lse)
+    table = block_table.sort(dim=-1, descending=True).values
+    group = H // k.shape[1]
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    lse = torch.empty(*q.shape[:3], dtype=_acc_dtype(q.dtype), device=q.device) if want_lse else None
+    for w in width.unique().tolist():
+        heads = (width == w).nonzero().view(-1)
+        kv = heads // group
+        o, l = _blockwise(q[:, heads], k[:, kv], v[:, kv], table[:, heads, :, :max(w, 1)], block_size, causal,
+                          key_mask, scale, want_lse)
+        out[:, heads] = o
+        if want_lse:
+            lse[:, heads] = l
+    return out, lse
+
+
 def _forward_cpu(q, k, v, block_table, block_size, causal, key_mask, scale, want_lse=True):
     _check_inputs(q, k, v, block_table, block_size, causal, key_mask)
     validate_block_table(block_table, (k.shape[2] + block_size - 1) // block_size)
     with torch.no_grad():
-        out, lse = _blockwise(q, k, v, block_table, block_size, causal, key_mask, scale, want_lse)
+        out, lse = _by_head_width(q, k, v, block_table, block_size, causal, key_mask, scale, want_lse)
     return out.contiguous(), (lse.contiguous() if want_lse else None)
 
 

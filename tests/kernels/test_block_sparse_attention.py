@@ -245,3 +245,20 @@ def test_bad_tables_are_rejected_with_a_reason():
         block_sparse_attention(q, k, v, torch.zeros(1, 2, 2, 1, dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="causal needs equal query and key lengths"):
         block_sparse_attention(q[:, :, :10], k, v, torch.zeros(1, 2, 2, 1, dtype=torch.int32), 8, causal=True)
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,bs,causal,masked", CASES)
+def test_cpu_impl_with_per_head_row_counts_matches_reference(B, H, Hkv, T, D, bs, causal, masked):
+    """Per-head budgets give heads tables of different used widths, with unused slots (-1)
+    anywhere in a row: the CPU path groups heads by width and must still equal the reference."""
+    q, k, v = make_inputs(B, H, Hkv, T, D, Dv=D + 4, seed=3)
+    key_mask = padding_mask(B, T) if masked else None
+    table = topk_block_table(q, k, bs, topk=3, causal=causal, key_mask=key_mask).clone()
+    table[:, 0, :, 1:] = -1                               # head 0: one block per row
+    table[:, 1, :, 0] = -1                                # head 1: -1 first, then its blocks
+    assert len({int((table[:, h] >= 0).sum(-1).max()) for h in range(H)}) > 1
+    out, lse = block_sparse_attention_lse(q, k, v, table, bs, causal=causal, key_mask=key_mask)
+    ref, ref_lse = block_sparse_attention_ref(q, k, v, table, bs, causal, key_mask)
+    assert rel_rms(out, ref) <= TOL[torch.float32]
+    assert torch.equal(lse.isinf(), ref_lse.isinf())
+    assert rel_rms(lse[~lse.isinf()], ref_lse[~lse.isinf()]) <= TOL[torch.float32]

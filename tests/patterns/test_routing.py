@@ -329,3 +329,12 @@ def test_head_budgets_list_as_many_pairs_as_the_uniform_budget():
     pairs = lambda t: int((dense_block_mask(t, bs, T, T) & tri).sum())        # noqa: E731
     assert len(set(rows.tolist())) > 1                   # the heads did get different budgets
     assert abs(pairs(split) - pairs(uniform)) <= 0.05 * pairs(uniform)
+
+
+def test_block_routing_options_refuse_contradictions_by_name():
+    from pydantic import ValidationError
+    from rewriter.patterns.routing import BlockRoutingOptions
+    with pytest.raises(ValidationError, match='route_by "previous"'):
+        BlockRoutingOptions(affinity="sampled", route_by="previous")
+    with pytest.raises(ValidationError, match='budget "heads"'):
+        BlockRoutingOptions(mass=0.9, budget="heads")
