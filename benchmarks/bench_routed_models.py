@@ -11,8 +11,9 @@ MiniLM-L6 (pretrained, 6 sites, padding masks): agent_attention n=16 training-fr
   32 held-out samples (sentences and paragraphs) at up to 256 tokens; block_routing (b=8) and
   kmeans_routing curves on the latter: mean embedding cosine vs the fraction of attention kept.
 SmolLM2-135M (30 causal GQA sites) at 2048-token inputs: block_routing (b=64; the rule's causal
-  defaults at keep 0.25 / 0.35 / 0.5 and at top-k 5 (8 of 32 blocks per query block), the block-mean
-  affinity at top-k 2 / 4, and b=16 at keep 0.25) and
+  defaults — sampled value-aware ranking, per-head budgets — at keep 0.25 / 0.35, at top-k 5 (8 of 32
+  blocks per query block) and with 16 sampled rows; each half of the default alone; the previous
+  default (pooled ranking, uniform budget) at keep 0.25 / 0.5; BiFormer's block means at top-k 2) and
   kmeans_routing perplexity on held-out 2048-token chunks vs the original, and the attention
   core (one layer's shapes) timed against SDPA with the model's boolean causal mask and with
   is_causal=True.
@@ -61,11 +62,14 @@ RESULTS = Path(__file__).parent / "results"
 # SmolLM2 block_routing: the causal defaults (pooled affinity, first + previous sinks, keep = fraction
 # of the causal pairs) at two budgets, and BiFormer's block-mean affinity with first + last sinks
 # (the rule's earlier behaviour) at top-k 2 and 4 for comparison
-SMOLLM2_BLOCK = ({"keep": 0.25}, {"keep": 0.35}, {"keep": 0.5},
+SMOLLM2_BLOCK = ({"keep": 0.25},
                  {"topk": 5},                            # 8 of 32 blocks per query block: BiFormer's "25 % of blocks"
-                 {"topk": 2, "affinity": "means", "sinks": ["first", "last"]},
-                 {"topk": 4, "affinity": "means", "sinks": ["first", "last"]},
-                 {"keep": 0.25, "block_size": 16})       # finer blocks, same budget
+                 {"keep": 0.25, "samples": 16}, {"keep": 0.35},
+                 {"keep": 0.25, "affinity": "sampled", "budget": "uniform"},   # what each half of the default gives
+                 {"keep": 0.25, "affinity": "pooled", "budget": "heads"},
+                 {"keep": 0.25, "affinity": "pooled", "budget": "uniform"},    # the rule's previous default
+                 {"keep": 0.5, "affinity": "pooled", "budget": "uniform"},
+                 {"topk": 2, "affinity": "means", "sinks": ["first", "last"], "budget": "uniform"})
 CLUSTERS = (8, 45)         # SmolLM2 kmeans_routing: 45 ≈ √2048 (the paper's default)
 
 
@@ -105,18 +109,21 @@ def apply_all(gm, snap, sites, rule_name, opts, calib, kind, cache) -> dict:
     return built
 
 
-def block_kept(acts, sites, names, opts, causal: bool) -> float:
-    """Listed real (query, key) pairs / allowed pairs, over held-out batches and sites."""
+def block_kept(acts, sites, names, opts, causal: bool, built: dict) -> float:
+    """Listed real (query, key) pairs / allowed pairs, over held-out batches and sites, from the
+    tables the rewritten sites build (`built`: each site's calibrated constants)."""
     listed = allowed = 0.0
     o = get_rule("block_routing").options(**opts)
     sinks, affinity = _resolved(o, causal)
     for s in sites:
-        n = names[s.index]
-        for q, k, m in zip(acts[n["q"]], acts[n["k"]], acts[n["mask"]]):
+        n, rows = names[s.index], built[s.index].get("head_rows")
+        for q, k, v, m in zip(acts[n["q"]], acts[n["k"]], acts[n["v"]], acts[n["mask"]]):
             km = R.key_mask_from_attn_mask(m, q)
             table = R.route_blocks(q, k, km, block_size=opts["block_size"], topk=opts.get("topk"),
                                    keep_permille=None if "topk" in opts else round(1000 * opts["keep"]),
-                                   causal=causal, sinks=sinks, affinity=affinity, scale=s.scale)
+                                   causal=causal, sinks=sinks, affinity=affinity, scale=s.scale, v=v,
+                                   samples=o.samples, head_rows=rows,
+                                   max_row_permille=None if rows is None else int(rows.max()))
             bs, t = opts["block_size"], q.shape[2]
             vis = dense_block_mask(table, bs, t, t) & km[:, None, None, :]
             full = km[:, None, None, :].expand_as(vis) & km[:, None, :, None]
@@ -209,36 +216,46 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
     out = res["smollm2"] = {"seq_len": 2048, "text": text, "heldout_chunks": chunks, "calibration_chunks": 2,
                             "ppl_original": ref_ppl, "sites": len(sites)}
 
-    def ppl(rule, opts, cache=None):
+    def ppl(rule, opts, cache):
         t0 = time.perf_counter()
-        apply_all(gm, snap, sites, rule, opts, cal, "causal_lm", cache or {})
+        built = apply_all(gm, snap, sites, rule, opts, cal, "causal_lm", cache)
         p = perplexity(cal.heldout, run(gm, cal.heldout))
-        return {"options": opts, "ppl": p, "ppl_change": p / ref_ppl - 1, "seconds": time.perf_counter() - t0}
+        return {"options": opts, "ppl": p, "ppl_change": p / ref_ppl - 1,
+                "seconds": time.perf_counter() - t0}, built
 
-    # kept fractions from one held-out chunk's q/k (sites captured in groups to bound memory)
+    # q/k/v of the calibration chunks (k-means centroids, per-head budgets), original model, 2 × 2048 tokens
+    cache = {}
+    for i in range(0, len(sites), 10):
+        restore(gm, snap)
+        cache.update(Context(gm, sites, cal, "causal_lm").capture(
+            sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "v", "mask")})))
+
+    # kept fractions from one held-out chunk's q/k/v (sites captured in groups to bound memory)
     one = cal.heldout[:1]
+    built_default = None
     for setting in block_settings:
         opts = {"block_size": 64} | setting
+        r, built = ppl("block_routing", opts, cache)
+        built_default = built_default or (built if setting == {"keep": 0.25} else None)
         kept = []
-        restore(gm, snap)                    # kept fraction on the ORIGINAL model's q/k
+        restore(gm, snap)                    # kept fraction on the ORIGINAL model's q/k/v
         for i in range(0, len(sites), 10):
             group = sites[i:i + 10]
             acts = Context(gm, sites, cal, "causal_lm").capture(
-                sorted({names[s.index][x] for s in group for x in ("q", "k", "mask")}), one)
-            kept.append(block_kept(acts, group, names, opts, causal=True) * len(group))
+                sorted({names[s.index][x] for s in group for x in ("q", "k", "v", "mask")}), one)
+            kept.append(block_kept(acts, group, names, opts, True, built) * len(group))
             del acts
-        r = ppl("block_routing", opts) | {"kept": sum(kept) / len(sites)}
+        r["kept"] = sum(kept) / len(sites)
+        rows = [b["head_rows"] for b in built.values() if "head_rows" in b]
+        if rows:                             # per-head budgets: blocks per query block at 2048 tokens (of 32)
+            blocks = torch.stack(rows).double() * 32 / 1000
+            r["head_blocks_min_median_max"] = [float(blocks.min()), float(blocks.median()), float(blocks.max())]
         out.setdefault("block_routing", []).append(r)
         print(f"smollm2 block_routing {setting}: kept {r['kept']:.3f} ppl {r['ppl']:.3f} ({r['ppl_change']:+.2%})",
               flush=True)
 
-    cache = {}
-    for i in range(0, len(sites) if clusters_list else 0, 10):       # q/k for the centroids, original model, 2 × 2048 tokens
-        restore(gm, snap)
-        cache.update(Context(gm, sites, cal, "causal_lm").capture(
-            sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "mask")})))
     for clusters in clusters_list:
-        r = ppl("kmeans_routing", {"clusters": clusters}, cache)
+        r, _ = ppl("kmeans_routing", {"clusters": clusters}, cache)
         r["kept"] = kmeans_kept(2048, clusters, -(-2048 // clusters), True)
         out.setdefault("kmeans_routing", []).append(r)
         print(f"smollm2 kmeans clusters={clusters}: kept {r['kept']:.3f} ppl {r['ppl']:.3f} ({r['ppl_change']:+.2%})",
@@ -255,9 +272,15 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
         "sdpa_is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
     for keep in (0.25, 0.35):
-        core[f"block_routing_keep{keep}"] = lambda keep=keep: R.block_routed_attention(
+        core[f"block_routing_keep{keep}_pooled"] = lambda keep=keep: R.block_routed_attention(
             q, k, v, km, block_size=64, topk=None, keep_permille=round(1000 * keep), causal=True,
             sinks=R.default_sinks(True), route_by="own", scale=s0.scale, affinity="pooled")
+    if built_default is not None:        # the rule's causal default: sampled rows, per-head budgets
+        rows = built_default[s0.index]["head_rows"]
+        core["block_routing_keep0.25_default"] = lambda: R.block_routed_attention(
+            q, k, v, km, rows, block_size=64, topk=None, keep_permille=250, causal=True,
+            sinks=R.default_sinks(True), route_by="own", scale=s0.scale, affinity="sampled", samples=8,
+            max_row_permille=int(rows.max()))
     for topk in (2, 4):
         core[f"block_routing_means_top{topk}"] = lambda topk=topk: R.block_routed_attention(
             q, k, v, km, block_size=64, topk=topk, keep_permille=None, causal=True, sinks=("first", "last"),
@@ -276,7 +299,7 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
     if "minilm" in res:
         ax, m = axes[0], res["minilm"]
         for rule, mark in (("block_routing", "o-"), ("kmeans_routing", "s-")):
@@ -294,16 +317,16 @@ def plot(res: dict, path: Path) -> None:
             for r in s.get(rule, []):
                 o = r["options"]
                 label = rule if rule == "kmeans_routing" else (
-                    f"{rule} b={o.get('block_size', 64)} ({o.get('affinity', 'pooled')}, "
-                    f"sinks {'+'.join(o.get('sinks', ['first', 'previous']))})")
+                    f"{rule} b={o.get('block_size', 64)} ({o.get('affinity', 'sampled')}, "
+                    f"{o.get('budget', 'heads')} budget, sinks {'+'.join(o.get('sinks', ['first', 'previous']))})")
                 series.setdefault(label, []).append((r["kept"], 100 * r["ppl_change"]))
         for label, pts in series.items():
             ax.plot(*zip(*sorted(pts)), "s-" if label.startswith("kmeans") else "o-", label=label)
         ax.axhline(3, ls="--", c="r", label="+3 % bound")
         ax.set(xlabel="kept fraction of causal attention pairs", ylabel="perplexity change (%)",
                title=f"SmolLM2-135M, all 30 sites, 2048 tokens ({s.get('text', 'bundled')} held-out)",
-               yscale="symlog")
-        ax.legend(fontsize=8)
+               yscale="log")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
