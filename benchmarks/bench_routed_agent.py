@@ -13,6 +13,8 @@ costs `c_sm` FLOPs for max, subtract, exp, sum, divide — c_sm = 5 is an assump
   agent (n)       pooling 2·H·n·N·D + stage 1 4·H·n·N·D + stage 2 4·H·N·n·D + 2·c_sm·H·n·N
   block (bs, s)   routing 2·H·(N/bs)²·D + attention 4·H·N·(s·bs)·D + c_sm·H·N·s·bs,
                   s = listed blocks per query block (top-k + own + sinks)
+  block, sampled  routing by S exact query rows per block (block_routing's causal default; run
+  (bs, s, S)      here without the causal mask): 4·H·(N·S/bs)·N·D + c_sm·H·(N·S/bs)·N, + attention
 Predicted speed-up = cost(SDPA) / cost(op); measured = time(SDPA) / time(op).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from rewriter.kernels.agent_attention import agent_attention, pool_agents
 from rewriter.kernels.block_sparse_attention import block_sparse_attention, topk_block_table
+from rewriter.patterns._routing import route_blocks
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [  # name, query heads, kv heads, head dim
@@ -38,14 +41,17 @@ CONFIGS = [  # name, query heads, kv heads, head dim
 ]
 AGENTS = 64            # agent tokens (the paper uses 49 = 7×7 on image grids; 64 for sequences)
 BLOCK, TOPK, SINKS = 64, 4, [0]   # routing: 64-token blocks, top-4 + own + block 0
+SAMPLES = 8                       # exact query rows per block for the sampled routing
 
-N, n, D, H, bs, s, c_sm = sp.symbols("N n D H bs s c_sm", positive=True)
+N, n, D, H, bs, s, S, c_sm = sp.symbols("N n D H bs s S c_sm", positive=True)
+_ATTN = 4 * H * N * s * bs * D + c_sm * H * N * s * bs
 COST = {
     "sdpa": 4 * H * N**2 * D + c_sm * H * N**2,
     "agent": 2 * H * n * N * D + 8 * H * n * N * D + 2 * c_sm * H * n * N,
-    "block_sparse": 2 * H * (N / bs) ** 2 * D + 4 * H * N * s * bs * D + c_sm * H * N * s * bs,
+    "block_sparse": 2 * H * (N / bs) ** 2 * D + _ATTN,
+    "block_sparse_sampled": 4 * H * (N * S / bs) * N * D + c_sm * H * (N * S / bs) * N + _ATTN,
 }
-SPEEDUP = {op: sp.simplify(COST["sdpa"] / COST[op]) for op in ("agent", "block_sparse")}
+SPEEDUP = {op: sp.simplify(COST["sdpa"] / COST[op]) for op in COST if op != "sdpa"}
 
 
 def timed(fn, repeats: int) -> float:
@@ -73,8 +79,11 @@ def run(lengths: list[int], repeats: int) -> list[dict]:
                 "agent": lambda: agent_attention(q, k, v, pool_agents(q, AGENTS), shortcut=0.075),
                 "block_sparse": lambda: block_sparse_attention(
                     q, k, v, topk_block_table(q, k, BLOCK, TOPK, sink_blocks=SINKS), BLOCK),
+                "block_sparse_sampled": lambda: block_sparse_attention(
+                    q, k, v, route_blocks(q, k, None, block_size=BLOCK, topk=TOPK, sinks=("first",),
+                                          affinity="sampled", v=v, samples=SAMPLES), BLOCK),
             }
-            values = {N: length, n: AGENTS, D: head_dim, H: heads, bs: BLOCK, s: listed, c_sm: 5}
+            values = {N: length, n: AGENTS, D: head_dim, H: heads, bs: BLOCK, s: listed, S: SAMPLES, c_sm: 5}
             with torch.inference_mode():
                 ms = {m: timed(fn, repeats) for m, fn in methods.items()}
             for m in methods:
@@ -85,7 +94,8 @@ def run(lengths: list[int], repeats: int) -> list[dict]:
                     "measured_speedup": round(ms["sdpa"] / ms[m], 2),
                     "params": {"agents": AGENTS} if m == "agent" else
                               {"block_size": BLOCK, "topk": TOPK, "sink_blocks": SINKS, "listed_blocks": listed}
-                              if m == "block_sparse" else {},
+                              | ({"samples": SAMPLES} if m == "block_sparse_sampled" else {})
+                              if m.startswith("block_sparse") else {},
                 })
             print(f"done {name} N={length}", flush=True)
     return rows
@@ -107,7 +117,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(CONFIGS), figsize=(6 * len(CONFIGS), 4.2), squeeze=False)
     for ax, (name, *_) in zip(axes[0], CONFIGS):
-        for method, style in (("sdpa", "o-"), ("agent", "s-"), ("block_sparse", "^-")):
+        for method, style in (("sdpa", "o-"), ("agent", "s-"), ("block_sparse", "^-"), ("block_sparse_sampled", "v-")):
             pts = [(r["N"], r["ms"]) for r in rows if r["config"] == name and r["method"] == method]
             ax.plot(*zip(*pts), style, label=method)
         ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="CPU latency (ms)", title=name)
