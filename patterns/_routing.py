@@ -214,6 +214,18 @@ def causal_row_permille(keep_permille: int) -> int:
     return round(1000 * (1 - (1 - keep_permille / 1000) ** 0.5))
 
 
+def uniform_rows(n_b, n_forced: torch.Tensor, *, topk: int | None, keep_permille: int | None, causal: bool,
+                 n_sinks: int):
+    """The uniform budget: (table width, blocks each query block lists [B, 1, nb, 1], before
+    clipping to the allowed ones): forced + `topk`, or ⌈n_b·keep⌉ in all (causal: the per-row
+    count that keeps `keep` of the causal pairs, `causal_row_permille`)."""
+    if topk is not None:
+        return torch.sym_min(n_b, topk + 1 + n_sinks), n_forced + topk
+    per_row = causal_row_permille(keep_permille) if causal else keep_permille
+    total = torch.sym_max((n_b * per_row + 999) // 1000, 1)
+    return torch.sym_min(n_b, torch.sym_max(total, 1 + n_sinks)), n_forced.clamp(min=total)
+
+
 def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
                  sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own", affinity: str = "means",
@@ -235,14 +247,9 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
         width = torch.sym_min(n_b, torch.sym_max((n_b * max_row_permille + 500) // 1000, 1 + len(sinks)))
         per_head = ((n_b * head_rows.long() + 500) // 1000).clamp(min=1).view(1, -1, 1, 1)
         count = torch.maximum(n_forced, per_head)
-    elif topk is not None:
-        width = torch.sym_min(n_b, topk + 1 + len(sinks))
-        count = n_forced + topk
     else:
-        per_row = causal_row_permille(keep_permille) if causal else keep_permille
-        total = torch.sym_max((n_b * per_row + 999) // 1000, 1)
-        width = torch.sym_min(n_b, torch.sym_max(total, 1 + len(sinks)))
-        count = n_forced.clamp(min=total)
+        width, count = uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep_permille, causal=causal,
+                                    n_sinks=len(sinks))
     top = score.topk(width, dim=-1)                                                # forced ones first
     keep = (torch.arange(width, device=q.device) < count) & (top.values > NEG_INF)
     table = torch.where(keep, top.indices, n_b).sort(dim=-1).values                # ascending, unused last

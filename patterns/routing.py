@@ -128,14 +128,25 @@ def _per_head(opts, causal: bool) -> bool:
     return opts.budget == "heads"
 
 
-def _uniform_rows(opts, n_forced: torch.Tensor, n_blocks: int, causal: bool) -> torch.Tensor:
-    """Blocks each query block lists under the uniform budget (as route_blocks counts them),
-    before clipping to the allowed blocks: [B, 1, nb, 1]."""
-    if opts.topk is not None:
-        return n_forced + opts.topk
-    keep = round(1000 * (opts.keep if opts.keep is not None else 0.25))
-    per_row = R.causal_row_permille(keep) if causal else keep
-    return n_forced.clamp(min=max(1, -(-n_blocks * per_row // 1000)))
+def _exact_probs(q, k, real, causal: bool, scale: float, h: int, pad: int) -> torch.Tensor:
+    """Query head h's exact attention probabilities, fp32 [B, T, T + pad] (keys padded to whole
+    blocks with zeros; GQA: the head's kv head). A query that sees no key gets zeros."""
+    B, t = q.shape[0], q.shape[2]
+    kh = k[:, h // (q.shape[1] // k.shape[1])].float()
+    s = (q[:, h].float() @ kh.transpose(-1, -2)) * scale                                 # [B, T, T]
+    vis = real[:, None, :].expand(B, t, t)
+    if causal:
+        vis = vis & torch.ones(t, t, dtype=torch.bool).tril()
+    return F.pad(torch.softmax(s.masked_fill(~vis, R.NEG_INF), dim=-1).nan_to_num(0.0), (0, pad))
+
+
+def _mean_over_block_queries(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """x [B, T, nb] (per query, per key block) -> [B, nb(q), nb(k)]: the mean over each query
+    block's real queries (qw [B, nb, bs]: 1 for a real query; padding and the ragged tail 0)."""
+    B, n_b, bs = qw.shape
+    x = F.pad(x, (0, 0, 0, n_b * bs - x.shape[1])).view(B, n_b, bs, -1)
+    qw = qw.to(x.dtype)
+    return (x * qw[..., None]).sum(2) / qw.sum(-1, keepdim=True).clamp(min=1)
 
 
 @torch.no_grad()
@@ -156,23 +167,19 @@ def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     forced, allowed = score == float("inf"), score > R.NEG_INF                          # [B, 1|H, nb, nb]
     forced, allowed = forced.expand(B, H, n_b, n_b), allowed.expand(B, H, n_b, n_b)
     real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
-    group = H // k.shape[1]
     pad = n_b * bs - t
     qw = F.pad(real.float(), (0, pad)).view(B, n_b, bs)                                  # real queries per block
     exact = torch.empty(B, H, n_b, n_b)
     for h in range(H):
-        kh, vh = k[:, h // group].float(), v[:, h // group].float()
-        s = (q[:, h].float() @ kh.transpose(-1, -2)) * scale                            # [B, T, T]
-        vis = real[:, None, :].expand(B, t, t)
-        if causal:
-            vis = vis & torch.ones(t, t, dtype=torch.bool).tril()
-        p = F.pad(torch.softmax(s.masked_fill(~vis, R.NEG_INF), -1).nan_to_num(0.0), (0, pad))
-        share = torch.einsum("btnj,bnjd->btnd", p.view(B, t, n_b, bs), F.pad(vh, (0, 0, 0, pad)).view(B, n_b, bs, -1))
-        share = F.pad(share.norm(dim=-1), (0, 0, 0, pad)).view(B, n_b, bs, n_b)         # [B, nb(q), bs, nb(k)]
-        exact[:, h] = (share * qw[..., None]).sum(2) / qw.sum(-1, keepdim=True).clamp(min=1)
+        p = _exact_probs(q, k, real, causal, scale, h, pad)
+        vh = F.pad(v[:, h // (H // v.shape[1])].float(), (0, 0, 0, pad)).view(B, n_b, bs, -1)
+        share = torch.einsum("btnj,bnjd->btnd", p.view(B, t, n_b, bs), vh).norm(dim=-1)    # [B, T, nb(k)]
+        exact[:, h] = _mean_over_block_queries(share, qw)
     rows_allowed = allowed.sum(-1)                                                      # [B, H, nb]
     rows_forced = forced.sum(-1)
-    uniform = torch.minimum(_uniform_rows(opts, n_forced, n_b, causal)[..., 0].expand(B, H, n_b), rows_allowed)
+    topk, keep = _budget({}, opts)
+    _, rows = R.uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep, causal=causal, n_sinks=len(sinks))
+    uniform = torch.minimum(rows[..., 0].expand(B, H, n_b), rows_allowed)
     extra = int(uniform.sum() - rows_forced.sum())
     free = exact.masked_fill(forced | ~allowed, R.NEG_INF).reshape(-1)
     chosen = torch.zeros_like(free, dtype=torch.bool)
@@ -197,19 +204,12 @@ def _captured_mass(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
                                      samples=opts.samples)
     order = score.sort(dim=-1, descending=True).indices                             # [B, H, nb, nb]
     real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
-    k = k.repeat_interleave(H // k.shape[1], dim=1) if k.shape[1] != H else k
     pad = n_b * bs - t
+    qw = F.pad(real.double(), (0, pad)).view(B, n_b, bs)                              # real queries per block
     total, count = torch.zeros(n_b, dtype=torch.float64), 0.0
     for h in range(H):                                                               # one head at a time: T² memory
-        s = (q[:, h].float() @ k[:, h].float().transpose(-1, -2)) * scale             # [B, T, T]
-        vis = real[:, None, :].expand(B, t, t)
-        if causal:
-            vis = vis & torch.ones(t, t, dtype=torch.bool).tril()
-        p = torch.softmax(s.masked_fill(~vis, R.NEG_INF), dim=-1).nan_to_num(0.0)
-        p = torch.nn.functional.pad(p, (0, pad)).view(B, t, n_b, bs).sum(-1)           # [B, T, nb]
-        qw = torch.nn.functional.pad(real.double(), (0, pad)).view(B, n_b, bs)        # real queries per block
-        p = torch.nn.functional.pad(p.double(), (0, 0, 0, pad)).view(B, n_b, bs, n_b)
-        blk = (p * qw[..., None]).sum(2) / qw.sum(-1, keepdim=True).clamp(min=1)       # [B, nb, nb] mean row mass
+        mass = _exact_probs(q, k, real, causal, scale, h, pad).view(B, t, n_b, bs).sum(-1)   # [B, T, nb]
+        blk = _mean_over_block_queries(mass.double(), qw)                             # [B, nb, nb] mean row mass
         ranked = blk.gather(-1, order[:, h]).cumsum(-1)                               # mass of the best j+1 blocks
         nf = n_forced[:, 0, :, 0]                                                     # [B, nb]
         idx = (nf[..., None] - 1 + torch.arange(n_b)).clamp(max=n_b - 1)              # forced + k extra

@@ -282,7 +282,7 @@ def test_head_budgets_give_diffuse_heads_more_blocks_at_the_same_total():
     """budget "heads": a head that attends only to its sink and its own block needs nothing else,
     so the blocks it would list go to a head that attends evenly to everything; the total
     listed (query block, key block) pairs stays the uniform budget's."""
-    from rewriter.patterns.routing import BlockRoutingOptions, _head_rows, _uniform_rows
+    from rewriter.patterns.routing import BlockRoutingOptions, _head_rows
     torch.manual_seed(0)
     T, D, bs = 64, 16, 4
     nb = T // bs
@@ -294,7 +294,7 @@ def test_head_budgets_give_diffuse_heads_more_blocks_at_the_same_total():
     rows = _head_rows(q, k, v, None, True, 1.0, opts)
     assert rows[1] > rows[0] and rows[0] * nb <= 3       # head 0 keeps little beyond first + previous + own
     listed = lambda K: sum(min(max(K, min(i + 1, 3)), i + 1) for i in range(nb))   # noqa: E731
-    uniform = int(_uniform_rows(opts, torch.tensor([3]), nb, True))
+    uniform = int(R.uniform_rows(nb, torch.tensor([3]), topk=None, keep_permille=500, causal=True, n_sinks=2)[1])
     total = listed(round(float(rows[0]) * nb)) + listed(round(float(rows[1]) * nb))
     assert abs(total - 2 * listed(uniform)) <= nb        # same budget, up to rounding one row count
 
