@@ -108,12 +108,45 @@ def sample_positions(t: int, block_size: int, samples: int, device) -> torch.Ten
     return pos.reshape(-1).clamp(max=t - 1)
 
 
+def pick_sample_rows(q: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int, samples: int,
+                how: str = "mixed") -> torch.Tensor:
+    """Query positions each block samples, per head, int64 [B, H, n_blocks · samples] (block-major).
+
+    "strided": `sample_positions`, the same rows for every head. "largest_q": the block's
+    `samples` real queries of largest ‖q‖ in that head. "mixed": ⌈samples/2⌉ strided rows plus the
+    ⌊samples/2⌋ other real queries of largest ‖q‖. The logit scale of a query grows with ‖q‖, so
+    the large-norm rows are the sharp ones, where a block left out costs most; the strided rows
+    keep the block's whole span in view. With samples ≥ block_size every row is sampled."""
+    B, H, t, _ = q.shape
+    n_b = (t + block_size - 1) // block_size
+    if how not in ("strided", "largest_q", "mixed"):
+        raise ValueError(f"pick_sample_rows: how must be 'strided', 'largest_q' or 'mixed', got {how!r}")
+    n_norm = 0 if how == "strided" or samples >= block_size else samples // 2 if how == "mixed" else samples
+    n_str = samples - n_norm
+    parts = []
+    if n_str:
+        parts.append(sample_positions(t, block_size, n_str, q.device).view(1, 1, n_b, n_str).expand(B, H, n_b, n_str))
+    if n_norm:
+        pad = n_b * block_size - t
+        norm = q.float().norm(dim=-1)                                                 # [B, H, T]
+        if key_mask is not None:
+            norm = norm.masked_fill(~key_mask.bool().view(B, 1, t), -1.0)            # padding: only if room is left
+        norm = F.pad(norm, (0, pad), value=-2.0).view(B, H, n_b, block_size)
+        if n_str:                                                                     # no row twice
+            offs = sample_positions(block_size, block_size, n_str, q.device)
+            norm = norm.index_fill(-1, offs, -3.0)
+        base = torch.arange(n_b, device=q.device).view(1, 1, n_b, 1) * block_size
+        parts.append((norm.topk(n_norm, dim=-1).indices + base).clamp(max=t - 1))
+    return torch.cat(parts, dim=-1).reshape(B, H, n_b * samples)
+
+
 def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *,
-                          block_size: int, samples: int, causal: bool, scale: float) -> torch.Tensor:
+                          block_size: int, samples: int, causal: bool, scale: float,
+                          sample_rows: str = "mixed") -> torch.Tensor:
     """Value-aware key-block scores from sampled queries, fp32 [B, H, nb, nb]: `samples` queries
-    of each query block (`sample_positions`) attend exactly, softmax over every key they may
-    see, and key block j scores max over the samples of ‖Σ_{i ∈ j} p_i v_i‖, the norm of the
-    block's share of the sample's output. Sampled rows are exact, so scores compare across rows
+    of each query block (`pick_sample_rows`, chosen by `sample_rows`) attend exactly, softmax over every key
+    they may see, and key block j scores max over the samples of ‖Σ_{i ∈ j} p_i v_i‖, the norm of
+    the block's share of the sample's output. Sampled rows are exact, so scores compare across rows
     and heads (the mean query of `pooled` is not: under RoPE it loses the position-sensitive
     part of q); the value norm discounts mass parked on a sink whose value is near zero (value
     matters beside the attention score: Guo et al., EMNLP 2024, arXiv:2406.12335). Strided
@@ -124,22 +157,24 @@ def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     g = H // h_kv
     n_b = (t + block_size - 1) // block_size
     pad = n_b * block_size - t
-    pos = sample_positions(t, block_size, samples, q.device)                       # [nb·S]
-    qs = q.index_select(2, pos).float().reshape(B, h_kv, g * pos.shape[0], D)
+    pos = pick_sample_rows(q, key_mask, block_size=block_size, samples=samples, how=sample_rows)   # [B, H, nb·S]
+    n_s = pos.shape[-1]
+    qs = q.gather(2, pos.unsqueeze(-1).expand(B, H, n_s, D)).float().reshape(B, h_kv, g * n_s, D)
     tp = n_b * block_size                                  # keys padded to whole blocks (masked below)
     s = (qs * scale) @ F.pad(k.float(), (0, 0, 0, pad)).transpose(-1, -2)          # [B, Hkv, G·nb·S, tp]
-    vis = torch.arange(tp, device=q.device).view(1, 1, 1, tp) < t
+    keys = torch.arange(tp, device=q.device).view(1, 1, 1, tp)
+    vis = keys < t
     if key_mask is not None:
         vis = vis & F.pad(key_mask.bool(), (0, pad)).view(B, 1, 1, tp)
     if causal:
-        vis = vis & (torch.arange(tp, device=q.device).view(1, 1, 1, tp) <= pos.view(1, 1, -1, 1))
+        vis = vis & (keys <= pos.unsqueeze(-1))
     # in place: s is a fresh GEMM output (out-of-place copies of this [nb·S, T] score were 4× slower on CPU)
-    s.view(B, H, pos.shape[0], tp).masked_fill_(~vis, NEG_INF)
+    s.view(B, H, n_s, tp).masked_fill_(~vis, NEG_INF)
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
-    p = p.view(B, h_kv, g * pos.shape[0], n_b, block_size).transpose(2, 3)
+    p = p.view(B, h_kv, g * n_s, n_b, block_size).transpose(2, 3)
     vb = F.pad(v.float(), (0, 0, 0, pad)).view(B, h_kv, n_b, block_size, d_v)
     c = (p @ vb).norm(dim=-1).transpose(2, 3)                                      # [B, Hkv, G·nb·S, nb]
-    return c.reshape(B, H, n_b, pos.shape[0] // n_b, n_b).amax(3)
+    return c.reshape(B, H, n_b, n_s // n_b, n_b).amax(3)
 
 
 def default_sinks(causal: bool) -> tuple[str, ...]:
@@ -150,7 +185,8 @@ def default_sinks(causal: bool) -> tuple[str, ...]:
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  causal: bool, sinks: tuple[str, ...], route_by: str, affinity: str = "means",
-                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8):
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8,
+                 sample_rows: str = "mixed"):
     """Routing scores of key blocks for each query block, with forced blocks at +inf and
     disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
 
@@ -173,7 +209,8 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     if affinity == "sampled":
         if v is None:
             raise ValueError("block_scores: affinity 'sampled' needs the values v")
-        affinity = _sampled_contribution(q, k, v, key_mask, block_size=block_size, samples=samples, causal=causal,
+        affinity = _sampled_contribution(q, k, v, key_mask, block_size=block_size, samples=samples,
+                                         sample_rows=sample_rows, causal=causal,
                                          scale=q.shape[-1] ** -0.5 if scale is None else scale)
     elif affinity == "pooled":
         affinity = _pooled_mass(q_r, k, key_mask, block_size=block_size, causal=causal,
@@ -230,7 +267,8 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
                  topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
                  sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own", affinity: str = "means",
                  scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8,
-                 head_rows: torch.Tensor | None = None, max_row_permille: int | None = None) -> torch.Tensor:
+                 sample_rows: str = "mixed", head_rows: torch.Tensor | None = None,
+                 max_row_permille: int | None = None) -> torch.Tensor:
     """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
     each query block lists its forced blocks (see `block_scores`) plus either `topk` further
     blocks of highest score, or as many as make the row hold ⌈keep·n_blocks⌉ blocks in all
@@ -240,18 +278,27 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
     Per-head budgets: `head_rows` (int [H], per mille of n_blocks, calibrated) gives head h's
     rows round(n_blocks·head_rows[h]/1000) blocks each (at least the forced ones);
     `max_row_permille` = max(head_rows), static, sizes the table."""
-    n_b = (q.shape[2] + block_size - 1) // block_size
     score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
-                                   route_by=route_by, affinity=affinity, scale=scale, v=v, samples=samples)
+                                   route_by=route_by, affinity=affinity, scale=scale, v=v, samples=samples,
+                                   sample_rows=sample_rows)
+    return select_blocks(score, n_forced, topk=topk, keep_permille=keep_permille, causal=causal,
+                         n_sinks=len(sinks), head_rows=head_rows, max_row_permille=max_row_permille)
+
+
+def select_blocks(score: torch.Tensor, n_forced: torch.Tensor, *, topk: int | None, keep_permille: int | None,
+                  causal: bool, n_sinks: int, head_rows: torch.Tensor | None = None,
+                  max_row_permille: int | None = None) -> torch.Tensor:
+    """The routing table from `block_scores`' output (see `route_blocks` for the budgets)."""
+    n_b = score.shape[-1]
     if head_rows is not None:
-        width = torch.sym_min(n_b, torch.sym_max((n_b * max_row_permille + 500) // 1000, 1 + len(sinks)))
+        width = torch.sym_min(n_b, torch.sym_max((n_b * max_row_permille + 500) // 1000, 1 + n_sinks))
         per_head = ((n_b * head_rows.long() + 500) // 1000).clamp(min=1).view(1, -1, 1, 1)
         count = torch.maximum(n_forced, per_head)
     else:
         width, count = uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep_permille, causal=causal,
-                                    n_sinks=len(sinks))
+                                    n_sinks=n_sinks)
     top = score.topk(width, dim=-1)                                                # forced ones first
-    keep = (torch.arange(width, device=q.device) < count) & (top.values > NEG_INF)
+    keep = (torch.arange(width, device=score.device) < count) & (top.values > NEG_INF)
     table = torch.where(keep, top.indices, n_b).sort(dim=-1).values                # ascending, unused last
     table = torch.where(table == n_b, -1, table)
     return table.to(torch.int32).contiguous()
@@ -259,12 +306,13 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
 
 def block_routed_attention(q, k, v, key_mask, head_rows=None, *, block_size: int, topk: int | None,
                            keep_permille: int | None, causal: bool, sinks: tuple[str, ...], route_by: str,
-                           scale: float, affinity: str = "means", samples: int = 8,
+                           scale: float, affinity: str = "means", samples: int = 8, sample_rows: str = "mixed",
                            max_row_permille: int | None = None) -> torch.Tensor:
     """Routing table from q/k (and v for `sampled`), then exact attention over the listed blocks (the custom op)."""
     table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
                          causal=causal, sinks=sinks, route_by=route_by, affinity=affinity, scale=scale,
-                         v=v, samples=samples, head_rows=head_rows, max_row_permille=max_row_permille)
+                         v=v, samples=samples, sample_rows=sample_rows, head_rows=head_rows,
+                         max_row_permille=max_row_permille)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
     return torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
 

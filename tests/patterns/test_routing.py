@@ -278,6 +278,55 @@ def test_sampled_scores_are_the_exact_output_shares_of_the_sampled_rows():
     assert R.sample_positions(T, bs, 2, "cpu").tolist() == [1, 3, 5, 7, 9, 10]     # last of each half, clamped
 
 
+def test_sample_rows_mixed_takes_strided_rows_then_each_heads_largest_queries():
+    """sample_rows "mixed": half the block's rows strided (the same for every head), half the other
+    REAL queries of largest ‖q‖ in that head — never a strided row twice, never a padded query
+    while real ones are left; "largest_q" only the latter."""
+    torch.manual_seed(0)
+    B, H, T, D, bs = 2, 2, 13, 4, 8                       # blocks [0, 8) and a ragged [8, 13)
+    q = torch.randn(B, H, T, D)
+    q[:, 0, 2] *= 50.0                                    # head 0's largest query in block 0: row 2
+    q[:, 1, 5] *= 50.0                                    # head 1's: row 5
+    q[:, :, 7] *= 100.0                                   # a strided row (last of the block): not picked again
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    key_mask[1, 10:] = False
+    q[1, :, 10] *= 100.0                                  # a padded query with a huge norm: skipped
+    pos = R.pick_sample_rows(q, key_mask, block_size=bs, samples=4, how="mixed").view(B, H, 2, 4)
+    assert pos[0, 0, 0, :2].tolist() == [3, 7]            # strided: last of each half
+    assert pos[0, 0, 0, 2] == 2 and pos[0, 1, 0, 2] == 5  # each head's own largest
+    assert len(set(pos[0, 0, 0].tolist())) == 4
+    assert pos[1, :, 1, :2].tolist() == [[11, 12], [11, 12]]              # strided rows of the ragged block
+    assert (pos[1, :, 1, 2:] < 10).all()                  # then only real queries (8, 9 in sample 1)
+    only = R.pick_sample_rows(q, key_mask, block_size=bs, samples=2, how="largest_q").view(B, H, 2, 2)
+    assert only[0, 0, 0].tolist() == [7, 2] and only[0, 1, 0].tolist() == [7, 5]
+    every = R.pick_sample_rows(q, None, block_size=bs, samples=bs, how="mixed")
+    assert every[0, 0, :bs].tolist() == list(range(bs))   # samples ≥ block_size: every row
+
+
+def test_sampled_scores_of_largest_q_rows_are_their_exact_output_shares():
+    """The scores read the rows pick_sample_rows chose, per head (GQA, causal, padding)."""
+    torch.manual_seed(2)
+    B, H, Hkv, T, D, bs, S = 2, 4, 2, 12, 8, 4, 2
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    km = torch.ones(B, T, dtype=torch.bool)
+    km[1, 9:] = False
+    got = R._sampled_contribution(q, k, v, km, block_size=bs, samples=S, causal=True, scale=0.5,
+                                  sample_rows="largest_q")
+    pos = R.pick_sample_rows(q, km, block_size=bs, samples=S, how="largest_q")
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    vis = torch.ones(T, T, dtype=torch.bool).tril() & km[:, None, None, :]
+    p = ((q @ kk.transpose(-1, -2)) * 0.5).masked_fill(~vis, float("-inf")).softmax(-1)
+    nb = T // bs
+    want = torch.zeros(B, H, nb, nb)
+    for b in range(B):
+        for h in range(H):
+            for n, i in enumerate(pos[b, h].tolist()):
+                for j in range(nb):
+                    share = (p[b, h, i, j * bs:(j + 1) * bs, None] * vv[b, h, j * bs:(j + 1) * bs]).sum(0).norm()
+                    want[b, h, n // S, j] = torch.maximum(want[b, h, n // S, j], share)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_head_budgets_give_diffuse_heads_more_blocks_at_the_same_total():
     """budget "heads": a head that attends only to its sink and its own block needs nothing else,
     so the blocks it would list go to a head that attends evenly to everything; the total
