@@ -11,9 +11,10 @@ MiniLM-L6 (pretrained, 6 sites, padding masks): agent_attention n=16 training-fr
   32 held-out samples (sentences and paragraphs) at up to 256 tokens; block_routing (b=8) and
   kmeans_routing curves on the latter: mean embedding cosine vs the fraction of attention kept.
 SmolLM2-135M (30 causal GQA sites) at 2048-token inputs: block_routing (b=64; the rule's causal
-  defaults — sampled value-aware ranking, per-head budgets — at keep 0.25 / 0.35, at top-k 5 (8 of 32
-  blocks per query block) and with 16 sampled rows; each half of the default alone; the previous
-  default (pooled ranking, uniform budget) at keep 0.25 / 0.5; BiFormer's block means at top-k 2) and
+  defaults — value-aware ranking by 16 sampled rows per block, half strided and half largest-‖q‖,
+  per-head budgets — at keep 0.25 / 0.35 and at top-k 5 (8 of 32 blocks per query block); with 8
+  sampled rows, mixed and strided (the previous default); each half of the default alone; pooled
+  ranking with a uniform budget at keep 0.25 / 0.5; BiFormer's block means at top-k 2) and
   kmeans_routing perplexity on held-out 2048-token chunks vs the original, and the attention
   core (one layer's shapes) timed against SDPA with the model's boolean causal mask and with
   is_causal=True.
@@ -63,11 +64,13 @@ RESULTS = Path(__file__).parent / "results"
 # of the causal pairs) at two budgets, and BiFormer's block-mean affinity with first + last sinks
 # (the rule's earlier behaviour) at top-k 2 and 4 for comparison
 SMOLLM2_BLOCK = ({"keep": 0.25},
+                 {"keep": 0.25, "samples": 8},                                  # half the routing cost
+                 {"keep": 0.25, "samples": 8, "sample_rows": "strided"},        # the rule's previous default
+                 {"keep": 0.35},
                  {"topk": 5},                            # 8 of 32 blocks per query block: BiFormer's "25 % of blocks"
-                 {"keep": 0.25, "samples": 16}, {"keep": 0.35},
                  {"keep": 0.25, "affinity": "sampled", "budget": "uniform"},   # what each half of the default gives
                  {"keep": 0.25, "affinity": "pooled", "budget": "heads"},
-                 {"keep": 0.25, "affinity": "pooled", "budget": "uniform"},    # the rule's previous default
+                 {"keep": 0.25, "affinity": "pooled", "budget": "uniform"},    # the rule's default before those
                  {"keep": 0.5, "affinity": "pooled", "budget": "uniform"},
                  {"topk": 2, "affinity": "means", "sinks": ["first", "last"], "budget": "uniform"})
 CLUSTERS = (8, 45)         # SmolLM2 kmeans_routing: 45 ≈ √2048 (the paper's default)
@@ -122,7 +125,7 @@ def block_kept(acts, sites, names, opts, causal: bool, built: dict) -> float:
             table = R.route_blocks(q, k, km, block_size=opts["block_size"], topk=opts.get("topk"),
                                    keep_permille=None if "topk" in opts else round(1000 * opts["keep"]),
                                    causal=causal, sinks=sinks, affinity=affinity, scale=s.scale, v=v,
-                                   samples=o.samples, head_rows=rows,
+                                   samples=o.samples, sample_rows=o.sample_rows, head_rows=rows,
                                    max_row_permille=None if rows is None else int(rows.max()))
             bs, t = opts["block_size"], q.shape[2]
             vis = dense_block_mask(table, bs, t, t) & km[:, None, None, :]
@@ -277,10 +280,12 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
             sinks=R.default_sinks(True), route_by="own", scale=s0.scale, affinity="pooled")
     if built_default is not None:        # the rule's causal default: sampled rows, per-head budgets
         rows = built_default[s0.index]["head_rows"]
-        core["block_routing_keep0.25_default"] = lambda: R.block_routed_attention(
-            q, k, v, km, rows, block_size=64, topk=None, keep_permille=250, causal=True,
-            sinks=R.default_sinks(True), route_by="own", scale=s0.scale, affinity="sampled", samples=8,
-            max_row_permille=int(rows.max()))
+        for samples in (16, 8):
+            name = "block_routing_keep0.25_default" + ("" if samples == 16 else "_samples8")
+            core[name] = lambda samples=samples: R.block_routed_attention(
+                q, k, v, km, rows, block_size=64, topk=None, keep_permille=250, causal=True,
+                sinks=R.default_sinks(True), route_by="own", scale=s0.scale, affinity="sampled", samples=samples,
+                sample_rows="mixed", max_row_permille=int(rows.max()))
     for topk in (2, 4):
         core[f"block_routing_means_top{topk}"] = lambda topk=topk: R.block_routed_attention(
             q, k, v, km, block_size=64, topk=topk, keep_permille=None, causal=True, sinks=("first", "last"),
