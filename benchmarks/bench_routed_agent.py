@@ -41,7 +41,8 @@ CONFIGS = [  # name, query heads, kv heads, head dim
 ]
 AGENTS = 64            # agent tokens (the paper uses 49 = 7×7 on image grids; 64 for sequences)
 BLOCK, TOPK, SINKS = 64, 4, [0]   # routing: 64-token blocks, top-4 + own + block 0
-SAMPLES = 8                       # exact query rows per block for the sampled routing
+SAMPLES = 16                      # exact query rows per block for the sampled routing (the rule's default,
+                                  # half strided, half largest ‖q‖)
 
 N, n, D, H, bs, s, S, c_sm = sp.symbols("N n D H bs s S c_sm", positive=True)
 _ATTN = 4 * H * N * s * bs * D + c_sm * H * N * s * bs
