@@ -109,7 +109,7 @@ def sample_positions(t: int, block_size: int, samples: int, device) -> torch.Ten
 
 
 def pick_sample_rows(q: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int, samples: int,
-                how: str = "mixed") -> torch.Tensor:
+                     how: str = "mixed") -> torch.Tensor:
     """Query positions each block samples, per head, int64 [B, H, n_blocks · samples] (block-major).
 
     "strided": `sample_positions`, the same rows for every head. "largest_q": the block's
@@ -185,7 +185,7 @@ def default_sinks(causal: bool) -> tuple[str, ...]:
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  causal: bool, sinks: tuple[str, ...], route_by: str, affinity: str = "means",
-                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8,
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 16,
                  sample_rows: str = "mixed"):
     """Routing scores of key blocks for each query block, with forced blocks at +inf and
     disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
@@ -266,7 +266,7 @@ def uniform_rows(n_b, n_forced: torch.Tensor, *, topk: int | None, keep_permille
 def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
                  topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
                  sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own", affinity: str = "means",
-                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 8,
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 16,
                  sample_rows: str = "mixed", head_rows: torch.Tensor | None = None,
                  max_row_permille: int | None = None) -> torch.Tensor:
     """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
@@ -306,7 +306,7 @@ def select_blocks(score: torch.Tensor, n_forced: torch.Tensor, *, topk: int | No
 
 def block_routed_attention(q, k, v, key_mask, head_rows=None, *, block_size: int, topk: int | None,
                            keep_permille: int | None, causal: bool, sinks: tuple[str, ...], route_by: str,
-                           scale: float, affinity: str = "means", samples: int = 8, sample_rows: str = "mixed",
+                           scale: float, affinity: str = "means", samples: int = 16, sample_rows: str = "mixed",
                            max_row_permille: int | None = None) -> torch.Tensor:
     """Routing table from q/k (and v for `sampled`), then exact attention over the listed blocks (the custom op)."""
     table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
