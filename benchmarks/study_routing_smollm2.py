@@ -53,7 +53,7 @@ from rewriter.gate import perplexity, run                    # noqa: E402
 from rewriter.kernels.block_sparse_attention import dense_block_mask  # noqa: E402
 from rewriter.models import load_model                       # noqa: E402
 from rewriter.patterns import _routing as R                  # noqa: E402
-from rewriter.patterns.routing import BlockRoutingOptions, _head_rows  # noqa: E402
+from rewriter.patterns.routing import BlockRoutingOptions, _head_rows, _output_shares  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 B_, KEEP, SAMPLES = 64, 250, 8
@@ -67,14 +67,10 @@ COUNT = {"kept": 0.0, "pairs": 0.0}
 
 
 def exact_shares(p, v):
-    """Mean over each query block of ‖Σ_{j∈key block} p_j v_j‖, [B, H, nb, nb]."""
+    """Each head's exact block output shares, [B, H, nb, nb] (the rule's per-head-budget measure)."""
     Bz, H, T, _ = p.shape
-    nb = T // B_
-    out = torch.empty(Bz, H, nb, nb)
-    for j in range(nb):
-        c = p[..., j * B_:(j + 1) * B_] @ v[:, :, j * B_:(j + 1) * B_]
-        out[..., j] = c.norm(dim=-1).view(Bz, H, nb, B_).mean(-1)
-    return out
+    qw = torch.ones(Bz, T // B_, B_)
+    return torch.stack([_output_shares(p[:, h], v[:, h], qw) for h in range(H)], dim=1)
 
 
 def antidiagonal(q, k, v, scale, stride=8):

@@ -156,6 +156,17 @@ def _mean_over_block_queries(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     return (x * qw[..., None]).sum(2) / qw.sum(-1, keepdim=True).clamp(min=1)
 
 
+def _output_shares(p: torch.Tensor, v: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """One head's exact block output shares, [B, nb(q), nb(k)]: the mean over each query block's
+    real queries of ‖Σ_{j ∈ key block} p_j v_j‖ (p [B, T, nb·bs] its probabilities with keys padded
+    to whole blocks, v [B, T, d_v] its values, qw as in `_mean_over_block_queries`)."""
+    B, t = p.shape[:2]
+    n_b, bs = qw.shape[1:]
+    vb = F.pad(v.float(), (0, 0, 0, n_b * bs - t)).view(B, n_b, bs, -1)
+    share = torch.einsum("btnj,bnjd->btnd", p.view(B, t, n_b, bs), vb).norm(dim=-1)        # [B, T, nb(k)]
+    return _mean_over_block_queries(share, qw)
+
+
 @torch.no_grad()
 def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     """Per-head blocks per query block, as fractions of n_blocks, fp64 [H], for one calibration
@@ -178,10 +189,7 @@ def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     qw = F.pad(real.float(), (0, pad)).view(B, n_b, bs)                                  # real queries per block
     exact = torch.empty(B, H, n_b, n_b)
     for h in range(H):
-        p = _exact_probs(q, k, real, causal, scale, h, pad)
-        vh = F.pad(v[:, h // (H // v.shape[1])].float(), (0, 0, 0, pad)).view(B, n_b, bs, -1)
-        share = torch.einsum("btnj,bnjd->btnd", p.view(B, t, n_b, bs), vh).norm(dim=-1)    # [B, T, nb(k)]
-        exact[:, h] = _mean_over_block_queries(share, qw)
+        exact[:, h] = _output_shares(_exact_probs(q, k, real, causal, scale, h, pad), v[:, h // (H // v.shape[1])], qw)
     rows_allowed = allowed.sum(-1)                                                      # [B, H, nb]
     rows_forced = forced.sum(-1)
     topk, keep = _budget({}, opts)
@@ -276,7 +284,8 @@ def apply_block(gm, site, built, opts) -> None:
 
 def cost_block(site, opts):
     """Attention FLOPs/token: exact attention over the kept keys + routing scores: region affinity
-    (N/b)²·2d / N ("means"), or each block's mean query against every key, (N/b)·N·2d / N ("pooled")."""
+    (N/b)²·2d / N ("means"), each block's mean query against every key, (N/b)·N·2d / N ("pooled"),
+    or `samples` exact rows per block against every key and value, (N·S/b)·N·4d / N ("sampled")."""
     b, hd = opts.block_size, site.heads * site.head_dim
     causal = site.mask in ("causal", "causal+padding")
     sinks, affinity = _resolved(opts, causal)
