@@ -60,9 +60,9 @@ from rewriter.trace import restore, snapshot               # noqa: E402
 from bench_routed_agent import timed                       # noqa: E402  (same folder)
 
 RESULTS = Path(__file__).parent / "results"
-# SmolLM2 block_routing: the causal defaults (pooled affinity, first + previous sinks, keep = fraction
-# of the causal pairs) at two budgets, and BiFormer's block-mean affinity with first + last sinks
-# (the rule's earlier behaviour) at top-k 2 and 4 for comparison
+# SmolLM2 block_routing: the causal defaults at three budgets, cheaper and earlier row choices, each
+# half of the default alone, the pooled ranking with a uniform budget, and BiFormer's block means with
+# first + last sinks (the rule's first behaviour)
 SMOLLM2_BLOCK = ({"keep": 0.25},
                  {"keep": 0.25, "samples": 8},                                  # half the routing cost
                  {"keep": 0.25, "samples": 8, "sample_rows": "strided"},        # the rule's previous default
@@ -174,12 +174,12 @@ def minilm(res: dict) -> None:
 
     def cos(rule, opts):
         t0 = time.perf_counter()
-        apply_all(gm, snap, sites, rule, opts, cal, "encoder", cal_acts)
+        built = apply_all(gm, snap, sites, rule, opts, cal, "encoder", cal_acts)
         value, worst = compare("embedding_cosine", cal.heldout, ref, run(gm, cal.heldout))
-        return {"options": opts, "cosine": value, "worst": worst, "seconds": time.perf_counter() - t0}
+        return {"options": opts, "cosine": value, "worst": worst, "seconds": time.perf_counter() - t0}, built
 
     def agent(opts):
-        r = cos("agent_attention", opts)
+        r, _ = cos("agent_attention", opts)
         r["sentences_cosine"], r["sentences_worst"] = compare("embedding_cosine", sentences, ref_sentences,
                                                               run(gm, sentences))
         return r
@@ -192,16 +192,16 @@ def minilm(res: dict) -> None:
                         "gain_sentences": fit["sentences_cosine"] - free["sentences_cosine"],
                         "agentsd_form": agent({"agents": 16, "position_bias": 0.0})}
     for n in (4, 8, 32, 64):
-        out.setdefault("agent_curve", []).append(cos("agent_attention", {"agents": n}) | {"agents": n})
+        out.setdefault("agent_curve", []).append(cos("agent_attention", {"agents": n})[0] | {"agents": n})
     out["agent_curve"].insert(1, free | {"agents": 16})
     for keep in (0.125, 0.25, 0.5, 0.75):
         opts = {"block_size": 8, "keep": keep}
-        r = cos("block_routing", opts)
-        r["kept"] = block_kept(held_acts, sites, names, opts, causal=False)
+        r, built = cos("block_routing", opts)
+        r["kept"] = block_kept(held_acts, sites, names, opts, False, built)
         out.setdefault("block_routing", []).append(r)
     lens = [int(x) for b in cal.heldout for x in b["attention_mask"].sum(1)]
     for clusters in (2, 4, 8):
-        r = cos("kmeans_routing", {"clusters": clusters})
+        r, _ = cos("kmeans_routing", {"clusters": clusters})
         window = -(-max(b["input_ids"].shape[1] for b in cal.batches) // clusters)    # the rule's default
         r["kept"] = sum(kmeans_kept(n, clusters, window, False) for n in lens) / len(lens)
         out.setdefault("kmeans_routing", []).append(r)
@@ -233,22 +233,20 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
         cache.update(Context(gm, sites, cal, "causal_lm").capture(
             sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "v", "mask")})))
 
-    # kept fractions from one held-out chunk's q/k/v (sites captured in groups to bound memory)
-    one = cal.heldout[:1]
+    # kept fractions from one held-out chunk's q/k/v on the ORIGINAL model, captured once for every setting
+    held = {}
+    if block_settings:
+        restore(gm, snap)
+        for i in range(0, len(sites), 10):
+            held.update(Context(gm, sites, cal, "causal_lm").capture(
+                sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "v", "mask")}),
+                cal.heldout[:1]))
     built_default = None
     for setting in block_settings:
         opts = {"block_size": 64} | setting
         r, built = ppl("block_routing", opts, cache)
         built_default = built_default or (built if setting == {"keep": 0.25} else None)
-        kept = []
-        restore(gm, snap)                    # kept fraction on the ORIGINAL model's q/k/v
-        for i in range(0, len(sites), 10):
-            group = sites[i:i + 10]
-            acts = Context(gm, sites, cal, "causal_lm").capture(
-                sorted({names[s.index][x] for s in group for x in ("q", "k", "v", "mask")}), one)
-            kept.append(block_kept(acts, group, names, opts, True, built) * len(group))
-            del acts
-        r["kept"] = sum(kept) / len(sites)
+        r["kept"] = block_kept(held, sites, names, opts, True, built)
         rows = [b["head_rows"] for b in built.values() if "head_rows" in b]
         if rows:                             # per-head budgets: blocks per query block at 2048 tokens (of 32)
             blocks = torch.stack(rows).double() * 32 / 1000
