@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rewriter import optimize                                  # noqa: E402
 from rewriter.api import _prepare, latency_ms                  # noqa: E402
-from rewriter.gate import main_tensor                          # noqa: E402
 from rewriter.models import load_model                         # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -52,8 +51,8 @@ def main():
     for n in args.lengths:
         batch = L.example_inputs(batch=1, seq_len=n)
         with torch.no_grad():
-            ref = main_tensor(L.model(**batch))
-            err = (main_tensor(fast(**batch)) - ref).abs().max().item()
+            ref = L.main_output(L.model(**batch))
+            err = (L.main_output(fast(**batch)) - ref).abs().max().item()
             ms = latency_ms(list(models.values()), batch, args.repeats)
         row = {name: round(t, 1) for name, t in zip(models, ms)}
         row["speedup_vs_hf_eager"] = {name: round(ms[0] / t, 3) for name, t in zip(models, ms)}

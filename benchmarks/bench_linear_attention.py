@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import rewriter.kernels  # noqa: F401  (registers torch.ops.rewriter.*)
-from rewriter.kernels import linear_attention as LA
+from rewriter.kernels.linear_attention.cpu import CHUNK
 
 WINDOW = 64
 CONFIGS = [  # name, query heads, kv heads, head dim
@@ -62,7 +62,7 @@ PAIRS = [("linear", "sdpa"), ("linear_causal", "sdpa_causal"), ("hybrid", "sdpa_
 
 
 def flops(name: str, n: int, h: int, hkv: int, dim: int) -> int:
-    subs = {N: n, d: dim, Fd: 2 * dim, H: h, Hkv: hkv, C: min(LA.CHUNK, n), Cw: min(max(WINDOW, LA.CHUNK), n)}
+    subs = {N: n, d: dim, Fd: 2 * dim, H: h, Hkv: hkv, C: min(CHUNK, n), Cw: min(max(WINDOW, CHUNK), n)}
     return int(COST[name].subs(subs))
 
 
@@ -164,7 +164,7 @@ def main(argv=None):
         what="CPU attention-core latency, SDPA vs rewriter linear attention ops (batch 1, fp32)",
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      torch=torch.__version__, threads=torch.get_num_threads()),
-        window=WINDOW, chunk=LA.CHUNK, repeats=args.repeats, cost_model_flops=model, rows=rows)
+        window=WINDOW, chunk=CHUNK, repeats=args.repeats, cost_model_flops=model, rows=rows)
     (args.out / "linear_attention_cpu.json").write_text(json.dumps(result, indent=2))
     wrote_png = plot(rows, args.out / "linear_attention_cpu.png")
     print(f"wrote {args.out / 'linear_attention_cpu.json'}" + (" and .png" if wrote_png else ""))

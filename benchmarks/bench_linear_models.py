@@ -27,7 +27,7 @@ import torch
 
 from rewriter import optimize
 from rewriter.api import latency_ms
-from rewriter.gate import main_tensor, perplexity
+from rewriter.gate import perplexity
 from rewriter.models import load_model
 from rewriter.report import N
 
@@ -92,11 +92,11 @@ def smollm2(repeats):
     opt = optimize(loaded, {"calibration": calib, "gate": {"metric": "perplexity_ratio", "max": 1.05},
                             "steps": [{"linear_attention": step}]}, progress=True, measure_latency=False)
     res = summarize(opt, time.perf_counter() - t) | {"options": step}
-    from rewriter.calibrate import make_calibration
+    from rewriter.models import make_calibration
     held = make_calibration(loaded, **calib).heldout
     with torch.no_grad():
-        ppl0 = perplexity(held, [main_tensor(loaded.model(**b)) for b in held])
-        ppl1 = perplexity(held, [main_tensor(opt(**b)) for b in held])
+        ppl0 = perplexity(held, [loaded.main_output(loaded.model(**b)) for b in held], loaded)
+        ppl1 = perplexity(held, [loaded.main_output(opt(**b)) for b in held], loaded)
     res["heldout_perplexity"] = {"before": round(ppl0, 3), "after": round(ppl1, 3), "ratio": round(ppl1 / ppl0, 4)}
     res["latency"] = latency(loaded, opt, 1, 2048, repeats)
     print(opt.report)

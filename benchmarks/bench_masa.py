@@ -26,7 +26,7 @@ import torch
 
 from rewriter import graph as G
 from rewriter import optimize
-from rewriter.api import _unique_numel
+from rewriter.report import unique_numel as _unique_numel
 from rewriter.models import load_model
 from rewriter.trace import trace
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from rewriter.kernels.agent_attention import agent_attention, pool_agents
-from rewriter.kernels.block_sparse_attention import block_sparse_attention, topk_block_table
-from rewriter.patterns._routing import route_blocks
+from rewriter.kernels.block_sparse_attention import block_sparse_attention
+from rewriter.kernels.routed_attention import route_blocks
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [  # name, query heads, kv heads, head dim
@@ -79,7 +79,7 @@ def run(lengths: list[int], repeats: int) -> list[dict]:
                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads),
                 "agent": lambda: agent_attention(q, k, v, pool_agents(q, AGENTS), shortcut=0.075),
                 "block_sparse": lambda: block_sparse_attention(
-                    q, k, v, topk_block_table(q, k, BLOCK, TOPK, sink_blocks=SINKS), BLOCK),
+                    q, k, v, route_blocks(q, k, None, block_size=BLOCK, topk=TOPK, sinks=("first",)), BLOCK),
                 "block_sparse_sampled": lambda: block_sparse_attention(
                     q, k, v, route_blocks(q, k, None, block_size=BLOCK, topk=TOPK, sinks=("first",),
                                           affinity="sampled", v=v, samples=SAMPLES), BLOCK),

@@ -47,14 +47,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rewriter import graph as G                          # noqa: E402
 from rewriter.api import _prepare                          # noqa: E402
-from rewriter.calibrate import make_calibration            # noqa: E402
 from rewriter.driver import Context                        # noqa: E402
 from rewriter.gate import compare, perplexity, run         # noqa: E402
+from rewriter.kernels import routed_attention as R         # noqa: E402
 from rewriter.kernels.block_sparse_attention import dense_block_mask  # noqa: E402
-from rewriter.models import load_model                     # noqa: E402
-from rewriter.patterns import _routing as R                # noqa: E402
+from rewriter.models import load_model, make_calibration   # noqa: E402
 from rewriter.patterns.routing import _resolved            # noqa: E402
-from rewriter.rule import get_rule                         # noqa: E402
+from rewriter.rule import Built, Candidate, get_rule       # noqa: E402
 from rewriter.trace import restore, snapshot               # noqa: E402
 
 from bench_routed_agent import timed                       # noqa: E402  (same folder)
@@ -103,11 +102,13 @@ def apply_all(gm, snap, sites, rule_name, opts, calib, kind, cache) -> dict:
     ctx = CachedContext(gm, sites, calib, kind, cache)
     built = {}
     for s in sites:
-        reason = rule.check(s, o)
+        c = Candidate((s,))
+        reason = rule.check(c, o)
         if reason:
             raise RuntimeError(f"{rule_name} refused site {s.index}: {reason}")
-        built[s.index] = rule.build(ctx, s, o)
-        rule.apply(gm, s, built[s.index], o)
+        b = Built.of(rule.build(ctx, c, o))
+        rule.apply(gm, c, b, o)
+        built[s.index] = b.tensors
         G.clean(gm)
     return built
 
@@ -152,7 +153,7 @@ def kmeans_kept(real: int, clusters: int, window: int, causal: bool) -> float:
 
 def heldout_sentences(L, batch_size: int = 16) -> list[dict]:
     """The bundled held-out SENTENCES (the held-out set also holds paragraphs), batched."""
-    from rewriter.calibrate import _batched, _encode_encoder
+    from rewriter.models.calibration import _batched, _encode_encoder
     from rewriter.models.text import bundled_sentences, load_source
     sents = set(bundled_sentences())
     held = [x for x in load_source("bundled").heldout_samples if x in sents]
@@ -166,22 +167,22 @@ def minilm(res: dict) -> None:
     snap = snapshot(gm)
     names = {s.index: sdpa_inputs(gm, s) for s in sites}
     want = sorted({v for n in names.values() for v in n.values()})
-    cal_acts = Context(gm, sites, cal, "encoder").capture(want)
-    held_acts = Context(gm, sites, cal, "encoder").capture(want, cal.heldout)
-    ref = run(L.model, cal.heldout)
+    cal_acts = Context(gm, sites, cal, L).capture(want)
+    held_acts = Context(gm, sites, cal, L).capture(want, cal.heldout)
+    ref = run(L.model, cal.heldout, L)
     sentences = heldout_sentences(L)
-    ref_sentences = run(L.model, sentences)
+    ref_sentences = run(L.model, sentences, L)
 
     def cos(rule, opts):
         t0 = time.perf_counter()
-        built = apply_all(gm, snap, sites, rule, opts, cal, "encoder", cal_acts)
-        value, worst = compare("embedding_cosine", cal.heldout, ref, run(gm, cal.heldout))
+        built = apply_all(gm, snap, sites, rule, opts, cal, L, cal_acts)
+        value, worst = compare("embedding_cosine", cal.heldout, ref, run(gm, cal.heldout, L), L)
         return {"options": opts, "cosine": value, "worst": worst, "seconds": time.perf_counter() - t0}, built
 
     def agent(opts):
         r, _ = cos("agent_attention", opts)
         r["sentences_cosine"], r["sentences_worst"] = compare("embedding_cosine", sentences, ref_sentences,
-                                                              run(gm, sentences))
+                                                              run(gm, sentences, L), L)
         return r
 
     out = res["minilm"] = {"heldout_samples": 32, "max_tokens": 256,
@@ -215,14 +216,14 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
     gm, sites, _, _ = _prepare(L, {k: v[:, :64] for k, v in cal.batches[0].items()})
     snap = snapshot(gm)
     names = {s.index: sdpa_inputs(gm, s) for s in sites}
-    ref_ppl = perplexity(cal.heldout, run(L.model, cal.heldout))
+    ref_ppl = perplexity(cal.heldout, run(L.model, cal.heldout, L), L)
     out = res["smollm2"] = {"seq_len": 2048, "text": text, "heldout_chunks": chunks, "calibration_chunks": 2,
                             "ppl_original": ref_ppl, "sites": len(sites)}
 
     def ppl(rule, opts, cache):
         t0 = time.perf_counter()
-        built = apply_all(gm, snap, sites, rule, opts, cal, "causal_lm", cache)
-        p = perplexity(cal.heldout, run(gm, cal.heldout))
+        built = apply_all(gm, snap, sites, rule, opts, cal, L, cache)
+        p = perplexity(cal.heldout, run(gm, cal.heldout, L), L)
         return {"options": opts, "ppl": p, "ppl_change": p / ref_ppl - 1,
                 "seconds": time.perf_counter() - t0}, built
 
@@ -230,7 +231,7 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
     cache = {}
     for i in range(0, len(sites), 10):
         restore(gm, snap)
-        cache.update(Context(gm, sites, cal, "causal_lm").capture(
+        cache.update(Context(gm, sites, cal, L).capture(
             sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "v", "mask")})))
 
     # kept fractions from one held-out chunk's q/k/v on the ORIGINAL model, captured once for every setting
@@ -238,7 +239,7 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
     if block_settings:
         restore(gm, snap)
         for i in range(0, len(sites), 10):
-            held.update(Context(gm, sites, cal, "causal_lm").capture(
+            held.update(Context(gm, sites, cal, L).capture(
                 sorted({names[s.index][x] for s in sites[i:i + 10] for x in ("q", "k", "v", "mask")}),
                 cal.heldout[:1]))
     built_default = None
@@ -264,7 +265,7 @@ def smollm2(res: dict, chunks: int, block_settings: list[dict], clusters_list: l
 
     # attention core, one layer's shapes: [1, 9, 2048, 64] (SDPA inputs are already GQA-repeated)
     s0 = sites[0]
-    acts = Context(gm, sites, cal, "causal_lm").capture([names[s0.index][x] for x in ("q", "k", "v", "mask")], one)
+    acts = Context(gm, sites, cal, L).capture([names[s0.index][x] for x in ("q", "k", "v", "mask")], one)
     q, k, v, m = (acts[names[s0.index][x]][0].contiguous() for x in ("q", "k", "v", "mask"))
     km = R.key_mask_from_attn_mask(m, q)
     cents = F.normalize(torch.randn(9, 45, 64), dim=-1)

@@ -48,11 +48,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AttentionInterface                 # noqa: E402
 
-from rewriter.calibrate import make_calibration              # noqa: E402
 from rewriter.gate import perplexity, run                    # noqa: E402
+from rewriter.kernels import routed_attention as R           # noqa: E402
 from rewriter.kernels.block_sparse_attention import dense_block_mask  # noqa: E402
-from rewriter.models import load_model                       # noqa: E402
-from rewriter.patterns import _routing as R                  # noqa: E402
+from rewriter.models import load_model, make_calibration     # noqa: E402
+from rewriter.patterns._routing import spherical_kmeans      # noqa: E402
 from rewriter.patterns.routing import BlockRoutingOptions, _head_rows, _output_shares  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -182,7 +182,7 @@ def fit_centroids() -> None:
         qn, kn = F.normalize(qs, dim=-1), F.normalize(ks, dim=-1)
         pts = {"shared": F.normalize(qn + kn, dim=-1), "separate": torch.cat([qn, kn], 1), "keys": kn}
         n = {"shared": CLUSTERS, "separate": CLUSTERS, "keys": 16}
-        c["cents"] = {key: torch.stack([R.spherical_kmeans(x[h], n[key], 25, seed=h) for h in range(x.shape[0])])
+        c["cents"] = {key: torch.stack([spherical_kmeans(x[h], n[key], 25, seed=h) for h in range(x.shape[0])])
                       for key, x in pts.items()}
         c["head_rows"] = (1000 * torch.stack(c.pop("rows")).mean(0)).round().long()
 
@@ -201,10 +201,10 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         STATE["mode"] = "calibrate"
-        run(L.model, cal.batches)
+        run(L.model, cal.batches, L)
         fit_centroids()
         STATE["mode"] = "dense"
-        ref = perplexity(cal.heldout, run(L.model, cal.heldout))
+        ref = perplexity(cal.heldout, run(L.model, cal.heldout, L), L)
     print(f"SmolLM2 2048, original perplexity {ref:.3f} ({time.perf_counter() - t0:.0f} s with calibration)", flush=True)
     res = {"seq_len": 2048, "heldout_chunks": args.ppl_chunks, "ppl_original": ref, "block_size": B_,
            "keep": KEEP / 1000, "samples": SAMPLES, "clusters": CLUSTERS, "window": WINDOW, "variants": {}}
@@ -213,7 +213,7 @@ def main() -> None:
         COUNT.update(kept=0.0, pairs=0.0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            p = perplexity(cal.heldout, run(L.model, cal.heldout))
+            p = perplexity(cal.heldout, run(L.model, cal.heldout, L), L)
         r = {"ppl": p, "ppl_change": p / ref - 1, "kept": COUNT["kept"] / COUNT["pairs"],
              "seconds": time.perf_counter() - t0}
         res["variants"][name] = r

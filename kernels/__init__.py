@@ -1,4 +1,15 @@
-"""Custom ops `rewriter::<op>`, one sub-package per op (reference, Triton kernel, registration).
+"""Custom ops `rewriter::<op>` and the run-time attention code around them, one sub-package per op,
+laid out like flash-linear-attention's per-variant op folders (DESIGN.md §4):
+
+    reference.py    readable fp32 PyTorch, the ground truth
+    cpu.py          the efficient PyTorch path (the CPU impl; what autograd recomputes)
+    triton.py       Triton kernel(s) + host wrapper (the CUDA impl)
+    onnx.py         the onnxscript translation(s)
+    __init__.py     registration (custom op, fake impl, CPU/CUDA kernels, autograd, ONNX) and exports
+
+`routed_attention/` holds no op of its own: it is the run-time routing (block tables, k-means
+clusters) that a rewritten graph computes from the site's q/k before calling the
+block-sparse op. `_onnx_common.py` holds the ONNX pieces the translations share.
 
 Importing this package registers every op with torch.library and records its ONNX translation
 in ONNX_TRANSLATIONS (op overload -> onnxscript function), which rewriter's ONNX export passes
@@ -19,31 +30,6 @@ ONNX_TRANSLATIONS: dict = {}
 
 def register_onnx(op_overload, translation) -> None:
     ONNX_TRANSLATIONS[op_overload] = translation
-
-
-def onnx_repeat_kv(x, heads: int):
-    """GQA in ONNX: [B, Hkv, T, D] → [B, heads, T, D], each kv head repeated over its query group."""
-    from onnxscript import opset18 as op
-
-    group = heads // x.shape[1]
-    if group == 1:
-        return x
-    ints = lambda vals: op.Constant(value_ints=vals)              # noqa: E731
-    return op.Reshape(op.Expand(op.Unsqueeze(x, ints([2])), ints([1, 1, group, 1, 1])), ints([0, heads, -1, x.shape[3]]))
-
-
-def onnx_masked_softmax(s, visible):
-    """Softmax over the last axis of ONNX scores `s` at the `visible` (bool, broadcastable) entries,
-    opset 18. A row with no visible entry gives 0, as PyTorch's kernels do, not NaN: a NaN there
-    would reach real rows through the next layer's 0·NaN products."""
-    from onnxscript import opset18 as op
-
-    s = op.Where(visible, s, op.CastLike(op.Constant(value_float=float("-inf")), s))
-    m = op.ReduceMax(s, op.Constant(value_ints=[-1]), keepdims=1)
-    m = op.Where(op.IsInf(m), op.CastLike(op.Constant(value_float=0.0), m), m)
-    e = op.Exp(op.Sub(s, m))
-    total = op.ReduceSum(e, op.Constant(value_ints=[-1]), keepdims=1)     # ≥ 1 unless the row is all masked
-    return op.Div(e, op.Max(total, op.CastLike(op.Constant(value_float=1.0), total)))
 
 
 for _m in [] if _SHADOW else pkgutil.iter_modules(__path__):

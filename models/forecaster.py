@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rewriter.calibrate import Calibration
+
 log = logging.getLogger("rewriter.models")
 
 __all__ = ["ForecasterConfig", "InvertedTransformer", "load_forecaster", "stock_series", "windows",
@@ -179,7 +181,6 @@ def forecaster_calibration(samples: int = 64, batch_size: int = 16, heldout: int
     """A ``rewriter.calibrate.Calibration``: training windows (seeded draw) as calibration batches,
     test windows (first ``heldout`` in time order) as the held-out batches, never overlapping in
     forecast months."""
-    from rewriter.calibrate import Calibration
     cfg = ForecasterConfig()
     train, _ = windows("train", cfg)
     test, _ = windows("test", cfg)

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,13 +34,15 @@ from typing import Callable
 
 import torch
 
+from rewriter.io import first_tensor
+
 from .images import digit_indices, digits_pixel_values
 from .text import load_source
 
 log = logging.getLogger("rewriter.models")
 
-__all__ = ["Loaded", "load_model", "wrap_module", "registered", "minilm_tokenizer", "minilm_path",
-           "smollm2_gguf", "smollm2_cache_dir", "ATTN_IMPLEMENTATIONS"]
+__all__ = ["Loaded", "load_model", "wrap_module", "registered", "main_output", "minilm_tokenizer",
+           "minilm_path", "smollm2_gguf", "smollm2_cache_dir", "ATTN_IMPLEMENTATIONS"]
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 TEXT_KINDS = ("encoder", "causal_lm")
@@ -62,6 +65,10 @@ class Loaded:
     ``seq_len`` contiguous tokens of running text per row and an all-ones ``attention_mask``;
     vision models get ``pixel_values`` of the configured image size (``seq_len`` is ignored).
     A ``generic`` model needs ``inputs_fn(batch, seq_len, seed) -> dict``.
+
+    It is the engine's ``rewriter.io.ModelIO``: the Hugging Face knowledge of outputs
+    (``logits`` / ``last_hidden_state``), ``attention_mask``, next-token labels and ``use_cache``
+    lives in its methods, so the engine never reads an input or output by a library's name.
     """
     name: str
     model: torch.nn.Module = field(repr=False)
@@ -126,6 +133,74 @@ class Loaded:
                 not hasattr(self.model, "config"):
             return kwargs
         return {k: v for k, v in kwargs.items() if k in params}
+
+    # ---- rewriter.io.ModelIO
+
+    def main_output(self, out) -> torch.Tensor:
+        """The output the gate judges: ``logits``, else ``last_hidden_state``, else the first tensor."""
+        return main_output(out)
+
+    def valid_tokens(self, batch: dict, y: torch.Tensor) -> torch.Tensor:
+        """bool [B, T]: ``batch["attention_mask"]`` where it matches the [B, T, ...] output ``y``,
+        else all True ([B] for a [B, C] output)."""
+        m = batch.get("attention_mask")
+        if y.dim() >= 3 and isinstance(m, torch.Tensor) and m.shape == y.shape[:2]:
+            return m.bool()
+        return torch.ones(y.shape[:2] if y.dim() >= 3 else y.shape[:1], dtype=torch.bool)
+
+    def labels(self, batch: dict) -> torch.Tensor | None:
+        """A causal LM's ``input_ids`` (its logits score the next one); None for other kinds."""
+        ids = batch.get("input_ids") if self.kind == "causal_lm" else None
+        return ids if isinstance(ids, torch.Tensor) else None
+
+    def mask_inputs(self) -> frozenset[str]:
+        """The forward() parameters named as masks (``attention_mask``, ``encoder_attention_mask``,
+        ``attn_mask``, ``key_padding_mask``, ...; not ``bool_masked_pos``). A forward that takes
+        ``**kwargs`` and passes them on unfiltered (no HF config, see ``accepted``) also gets the
+        mask-named keys of its example inputs."""
+        params = inspect.signature(self.model.forward).parameters
+        names = [n for n, p in params.items()
+                 if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and \
+                not hasattr(self.model, "config"):
+            try:
+                names += list(self.example_inputs(batch=1, seq_len=min(2, self.max_length)))
+            except Exception as e:                     # inputs_fn is user code: say why, go on
+                log.warning("%s: forward() takes **kwargs and its example inputs could not be built "
+                            "(%s: %s); only its named parameters can be mask inputs",
+                            self.name, type(e).__name__, e)
+        return frozenset(n for n in names if _is_mask_name(n))
+
+    def dynamic_dims(self, x: torch.Tensor) -> dict | None:
+        """Batch dim 0 dynamic; dim 1 too for 2-D / 3-D inputs (token ids, masks, [B, T, D]
+        embeddings); images [B, C, H, W] keep their spatial size; None for 0-d and non-tensors."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        auto = torch.export.Dim.AUTO
+        return {0: auto, 1: auto} if x.dim() in (2, 3) else {0: auto}
+
+    def prepare_trace(self, module: torch.nn.Module) -> None:
+        """Switch off ``config.use_cache`` on the copy being traced: a KV-cache object in the
+        outputs cannot be exported."""
+        cfg = getattr(module, "config", None)
+        if getattr(cfg, "use_cache", False):
+            cfg.use_cache = False
+
+
+def main_output(out) -> torch.Tensor:
+    """The output a user of a Hugging Face model cares about: ``logits``, else ``last_hidden_state``,
+    else the first tensor of the (nested) output (``rewriter.io.first_tensor``)."""
+    if isinstance(out, dict):                          # HF ModelOutputs are dicts
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(out.get(key), torch.Tensor):
+                return out[key]
+    return first_tensor(out)
+
+
+def _is_mask_name(name: str) -> bool:
+    """A word of ``name`` ends in "mask(s)": attention_mask, attn_mask, key_padding_mask, pixel_mask,
+    attnMask; not bool_masked_pos or masked_lm_labels."""
+    return any(w.endswith(("mask", "masks")) for w in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def _encoder_example(tokenizer, batch: int, seq_len: int) -> dict:

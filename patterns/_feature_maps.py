@@ -7,8 +7,7 @@ Feature maps φ (applied per head to the SDPA's q and k; [B, H, T, d] -> [B, H, 
   hedgehog  φ(x) = [softmax(xW + b), softmax(−(xW + b))]        F = 2f, W ∈ ℝ^{H×d×f}, b ∈ ℝ^{H×f}
             Zhang et al., "The Hedgehog & the Porcupine", ICLR 2024, arXiv:2402.04347, §4.1
             (softmax over the feature dimension of both signs, W initialized to the identity), as
-            used by LoLCATs (Zhang et al., arXiv:2410.10254; code: HazyResearch/lolcats
-            src/model/feature_map.py, `SoftmaxDim` + `FeatureMapMLP`). q and k have separate maps.
+            used by LoLCATs (Zhang et al., arXiv:2410.10254, §3.1). q and k have separate maps.
 
 Attention transfer (Hedgehog §4.2; LoLCATs §3.1, "attention transfer"): the model stays frozen;
 for one layer, given its SDPA inputs q, k, v (and key padding) on calibration batches and its
@@ -24,8 +23,8 @@ per-head mixing weight) with Adam. The loss (`loss`):
            §4.2 trains φ with this soft-label cross-entropy Σ_j −a_ij log â_ij ("attention
            distillation"); KL differs from it by a's entropy, a constant, so the gradient is the
            same and a perfect fit reads 0.
-  both     L_o + L_w (the default): LoLCATs' trainer sums the two the same way (xent_factor·CE +
-           mse_factor·MSE, HazyResearch/lolcats src/trainer/distill_attention_xent_mse.py).
+  both     L_o + L_w (the default): LoLCATs sums the two the same way (a weighted cross-entropy
+           plus a weighted MSE, arXiv:2410.10254 §3.1).
            A query row gives T weight targets instead of d output values, and the weights fit the
            pattern itself rather than only its product with this calibration set's v: the fit
            generalizes better. MiniLM, f=64, 1000 steps, embedding cosine on 48 validation
@@ -48,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewriter.kernels.linear_attention import hybrid_window_attention_torch, linear_attention_torch, reference
+from rewriter.kernels.linear_attention import reference
+from rewriter.kernels.linear_attention.cpu import hybrid_window_attention_torch, linear_attention_torch
 
 
 # ---- the feature maps (eager; patterns/linear.py emits the same math as aten graph nodes) ---------

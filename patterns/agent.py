@@ -1,7 +1,7 @@
 """Agent attention: softmax(QKᵀ)V → softmax(QAᵀ·s₂ + B₂)·softmax(AKᵀ·s₁ + B₁)V + c·V, n ≪ N agents.
 
 Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention", ECCV 2024,
-arXiv:2312.08874 (code: LeapLabTHU/Agent-Attention). The agents A are the queries average-
+arXiv:2312.08874. The agents A are the queries average-
 pooled into n windows over the real tokens (adaptive pooling; padding never enters an agent;
 a prefix such as CLS can be kept out); n defaults to the paper's 49 and is capped at the
 sequence length. Cost O(N·n·d) instead of O(N²·d).
@@ -37,7 +37,8 @@ import torch
 from pydantic import Field
 
 from rewriter import graph as G
-from rewriter.kernels.agent_attention import agent_bias, agent_windows
+from rewriter.kernels.agent_attention import agent_block
+from rewriter.kernels.routed_attention import key_mask_from_attn_mask
 from rewriter.report import N, projection_flops_per_token
 from rewriter.rule import Rule, StepOptions, register
 
@@ -65,22 +66,12 @@ class AgentOptions(StepOptions):
     lr: float = Field(0.02, gt=0, description="Adam learning rate of the calibration fit")
 
 
-def check(site, opts) -> str | None:
+def check(c, opts) -> str | None:
+    site = c.site
     if site.mask in ("causal", "causal+padding"):
         return ("causal attention: pooled agents average queries from the whole sequence, so every output "
                 "would read future tokens")
     return R.common_refusal(site)
-
-
-def agent_block(q, k, v, key_mask, scale1, scale2, shortcut, beta, *, agents: int, prefix: int,
-                stage1_bias: bool = False) -> torch.Tensor:
-    """Pool agents from q over each sample's real tokens, build the agent biases (−inf on the
-    dead agents of short samples, −β·window distance), then the two-softmax agent attention op."""
-    B, _, T, _ = q.shape
-    weights, live, distance = agent_windows(key_mask, B, T, agents, prefix, q.device)
-    a = torch.einsum("bnt,bhtd->bhnd", weights.to(q.dtype), q)
-    b1, b2 = agent_bias(live, distance, beta[:, 0] if stage1_bias else None, beta[:, 1])
-    return torch.ops.rewriter.agent_attention(q, k, v, a, key_mask, scale1, scale2, b1, b2, shortcut)
 
 
 def _fit(acts, names, site, opts, init: dict) -> dict:
@@ -93,7 +84,7 @@ def _fit(acts, names, site, opts, init: dict) -> dict:
     data = []
     for i in range(len(acts[names["q"]])):
         q, k, v, o = (acts[names[x]][i].float() for x in ("q", "k", "v", "out"))
-        km = R.key_mask_from_attn_mask(acts[names["mask"]][i], q) if "mask" in names else None
+        km = key_mask_from_attn_mask(acts[names["mask"]][i], q) if "mask" in names else None
         w = (km if km is not None else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool))[:, None, :, None]
         data.append((q, k, v, km, o, w, (o.pow(2) * w).sum()))
     for _ in range(opts.steps):
@@ -109,7 +100,8 @@ def _fit(acts, names, site, opts, init: dict) -> dict:
             "shortcut": params["shortcut"].detach(), "beta": params["beta"].detach()}
 
 
-def build(ctx, site, opts) -> dict:
+def build(ctx, c, opts) -> dict:
+    site = c.site
     H = site.heads
     built = {"scale1": torch.full((H,), opts.scale1 or site.scale),
              "scale2": torch.full((H,), opts.scale2 or site.scale),
@@ -126,7 +118,8 @@ def build(ctx, site, opts) -> dict:
     return _fit(acts, names, site, opts, built)
 
 
-def apply(gm, site, built, opts) -> None:
+def apply(gm, c, built, opts) -> None:
+    site, built = c.site, built.tensors
     sd, q, k, v, key_mask, _ = R.site_tensors(gm, site)
     t = R.register_all(gm, sd, "agent_attention", site.index, built)
     G.replace_with_op(gm, sd, agent_block,

@@ -1,7 +1,7 @@
 """Attention / block dropping by redundancy.
 
 He et al., "What Matters in Transformers? Not All Attention is Needed", arXiv:2406.15786
-(LLM-Drop, code: CASE-Lab-UMD/LLM-Drop).
+(LLM-Drop).
 
 Importance of a sublayer F with residual input X:  I = 1 − mean_tokens cos(X, X + F(X)).
 The sublayers with the smallest I are the most redundant and are dropped first; each drop is
@@ -24,31 +24,30 @@ from pydantic import Field
 
 from rewriter import graph as G
 from rewriter.analyze import norm_output_after
-from rewriter.rule import Rule, StepOptions, register
+from rewriter.rule import Built, Candidate, Rule, StepOptions, one_per_site, register
 from rewriter.site import AttentionSite
 
 
-_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
-
-
 class DropOptions(StepOptions):
-    max_layers: int | None = Field(
-        default=None, ge=1,
-        description="Drop at most this many sublayers in this step; omitted = as many as the gate allows.")
     compensate: Literal["none", "mean"] = Field(
         default="none",
         description='"none": the paper\'s drop (x + F(x) → x); "mean": keep F\'s mean output over calibration '
         "tokens as a constant bias (x + F(x) → x + mean F), which removes the token mixing but keeps the "
         "average shift a post-norm LayerNorm was trained to see.")
-    order: Literal["importance", "graph"] = Field(
+    order: Literal["importance", "graph", "damage"] = Field(
         default="importance",
-        description='"importance": least important first (LLM-Drop); "graph": in graph order.')
+        description='"importance": least important first (LLM-Drop); "graph": in graph order; "damage": '
+        "least damaging first, measured by the driver (each drop applied alone).")
 
 
-def check(site: AttentionSite, opts: DropOptions) -> str | None:
+def _refusal(site: AttentionSite) -> str | None:
     if site.residual_add is None or site.residual_input is None:
         return "no residual add x + F(x) around this attention was found, so there is nothing to rewire to"
     return None
+
+
+def check(c: Candidate, opts: DropOptions) -> str | None:
+    return _refusal(c.site)
 
 
 def _block_output(gm, site: AttentionSite):
@@ -59,7 +58,7 @@ def _block_output(gm, site: AttentionSite):
     start = G.find(gm, site.norm_node if post else site.residual_add)
     if start is None:
         return None
-    stream = [start] + [u for u in start.users if u.target in _CASTS]
+    stream = [start] + [u for u in start.users if G.is_op(u, G.CASTS)]
     for s in stream:
         for u in s.users:
             if G.is_op(u, torch.ops.aten.add.Tensor) and s in u.args:
@@ -77,8 +76,7 @@ def _importance(ctx, sites: list[AttentionSite], end_of) -> dict[int, float]:
         num = den = 0.0
         for b, x, y in zip(ctx.batches, acts[x_name], acts[y_name]):
             cos = F.cosine_similarity(x.double(), y.double(), dim=-1)          # [B, T]
-            m = b.get("attention_mask")
-            w = m.to(cos.dtype) if isinstance(m, torch.Tensor) and m.shape == cos.shape else torch.ones_like(cos)
+            w = ctx.valid(b, x).to(cos.dtype)
             num += (cos * w).sum().item()
             den += w.sum().item()
         scores[idx] = 1.0 - num / den
@@ -86,57 +84,56 @@ def _importance(ctx, sites: list[AttentionSite], end_of) -> dict[int, float]:
 
 
 def _plan(end_of):
-    def plan(ctx, sites, opts):
-        if opts.order == "graph":
-            return sites
-        usable = [s for s in sites if check(s, opts) is None and end_of(ctx.gm, s) is not None]
+    def plan(ctx, sites, opts) -> list[Candidate]:
+        if opts.order != "importance":
+            return one_per_site(ctx, sites, opts)
+        usable = [s for s in sites if _refusal(s) is None and end_of(ctx.gm, s) is not None]
         scores = _importance(ctx, usable, end_of)
-        for s in usable:
-            ctx.info[s.index] = {"importance": round(scores[s.index], 6)}
         ranked = sorted(usable, key=lambda s: scores[s.index])
-        return ranked + [s for s in sites if s not in usable]
+        return ([Candidate((s,), {"importance": round(scores[s.index], 6)}) for s in ranked]
+                + one_per_site(ctx, [s for s in sites if s not in usable], opts))
     return plan
 
 
 def _mean_over_valid_tokens(ctx, name: str) -> torch.Tensor:
     total, count = 0.0, 0.0
     for b, y in zip(ctx.batches, ctx.capture([name])[name]):
-        m = b.get("attention_mask")
-        w = m.to(y.dtype)[..., None] if isinstance(m, torch.Tensor) and m.shape == y.shape[:2] else torch.ones_like(y[..., :1])
+        w = ctx.valid(b, y).to(y.dtype)[..., None]
         total = total + (y * w).sum(dim=tuple(range(y.dim() - 1)))
         count += w.sum().item()
     return (total / count).to(y.dtype)
 
 
-def build(ctx, site, opts) -> dict:
+def build(ctx, c: Candidate, opts) -> dict:
     if opts.compensate == "mean":
-        return {"mean": _mean_over_valid_tokens(ctx, site.branch_output)}
+        return {"mean": _mean_over_valid_tokens(ctx, c.site.branch_output)}
     return {}
 
 
-def build_block(ctx, site, opts) -> dict:
+def build_block(ctx, c: Candidate, opts) -> dict:
     if opts.compensate == "mean":
-        end = _block_end_name(ctx.gm, site)
-        shift = _mean_over_valid_tokens(ctx, end) - _mean_over_valid_tokens(ctx, site.residual_input)
+        end = _block_end_name(ctx.gm, c.site)
+        shift = _mean_over_valid_tokens(ctx, end) - _mean_over_valid_tokens(ctx, c.site.residual_input)
         return {"mean": shift}
     return {}
 
 
-def _rewire_to_input(gm, end, site: AttentionSite, built: dict) -> None:
+def _rewire_to_input(gm, end, site: AttentionSite, built: Built) -> None:
     x = G.node(gm, site.residual_input)
-    if "mean" in built:
-        c = G.register_tensor(gm, G.buffer_name("drop", site.index, "mean"), built["mean"], before=end)
+    if "mean" in built.tensors:
+        c = G.register_tensor(gm, G.buffer_name("drop", site.index, "mean"), built.tensors["mean"], before=end)
         with gm.graph.inserting_before(end):
             x = gm.graph.call_function(torch.ops.aten.add.Tensor, (x, c))
         x.meta["rewriter"] = {"rule": "drop", "site": site.index}
     G.rewire(gm, end, x)
 
 
-def apply_attention(gm, site: AttentionSite, built: dict, opts) -> None:
-    _rewire_to_input(gm, G.node(gm, site.residual_add), site, built)
+def apply_attention(gm, c: Candidate, built: Built, opts) -> None:
+    _rewire_to_input(gm, G.node(gm, c.site.residual_add), c.site, built)
 
 
-def apply_block(gm, site: AttentionSite, built: dict, opts) -> None:
+def apply_block(gm, c: Candidate, built: Built, opts) -> None:
+    site = c.site
     end = _block_output(gm, site)
     if end is None:
         raise ValueError(f"site {site.index} ({site.module}): the block's MLP residual add was not found")
@@ -153,7 +150,7 @@ register(Rule(
 
 
 def _block_end_name(gm, site: AttentionSite) -> str | None:
-    end = _block_output(gm, site) if check(site, None) is None else None
+    end = _block_output(gm, site) if _refusal(site) is None else None
     return end.name if end is not None else None
 
 

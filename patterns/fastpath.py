@@ -18,14 +18,15 @@ import torch
 
 from rewriter import graph as G
 from rewriter.report import projection_flops_per_token, sdpa_flops_per_token
-from rewriter.rule import Refused, Rule, StepOptions, register
+from rewriter.rule import Candidate, Refused, Rule, StepOptions, register
 
 import rewriter.kernels  # noqa: F401  (registers rewriter::causal_attention)
 
 NAME = "causal_fastpath"
 
 
-def check(site, opts) -> str | None:
+def check(c: Candidate, opts) -> str | None:
+    site = c.site
     if site.mask not in ("causal", "causal+padding"):
         return f"the mask is {site.mask!r}, not causal: there is no fused causal kernel to switch to"
     return None
@@ -36,8 +37,8 @@ def _args(gm, site):
     return sd, G.sdpa_args(sd)
 
 
-def build(ctx, site, opts) -> dict:
-    _, a = _args(ctx.gm, site)
+def build(ctx, c: Candidate, opts) -> dict:
+    _, a = _args(ctx.gm, c.site)
     if not isinstance(a["attn_mask"], torch.fx.Node):
         raise Refused(f"SDPA gets no mask tensor (is_causal={a['is_causal']}): it already runs the fused path")
     if a["dropout_p"]:
@@ -45,7 +46,8 @@ def build(ctx, site, opts) -> dict:
     return {}
 
 
-def apply(gm, site, built, opts) -> None:
+def apply(gm, c: Candidate, built, opts) -> None:
+    site = c.site
     sd, a = _args(gm, site)
     args = (a["query"], a["key"], a["value"], a["attn_mask"], float(site.scale), bool(a["enable_gqa"]))
     G.replace_with_op(gm, sd, torch.ops.rewriter.causal_attention.default, args, rule=NAME, site=site.index)

@@ -10,8 +10,8 @@ already converted), `build` captures the SDPA's q, k, v and its output on the ca
 and fits the per-head feature maps (and the window's mixing weight) so that the new attention
 reproduces that layer's softmax weights and output (`loss`: Hedgehog's attention-weight KL, LoLCATs'
 output MSE, or both; patterns/_feature_maps.py). `elu1` has nothing to fit and is
-the training-free swap. `layers: auto` first fits every site on the current model, measures the
-damage each does alone, and converts them least damaging first; every site is gated.
+the training-free swap. `order: damage` (or `layers: auto`) has the driver fit and apply every
+site alone on the current model first, and convert them least damaging first; every site is gated.
 
 Before:  o = sdpa(q, k, v, mask, scale)
 After:   fq = cat(softmax(q·Wq + bq), softmax(−(q·Wq + bq)))        (hedgehog; elu1: elu(q) + 1)
@@ -31,11 +31,9 @@ import torch
 from pydantic import Field
 
 from rewriter import graph as G
-from rewriter.gate import main_tensor
 from rewriter.report import projection_flops_per_token
-from rewriter.rule import Rule, StepOptions, register
+from rewriter.rule import Built, Candidate, Rule, StepOptions, register
 from rewriter.site import AttentionSite
-from rewriter.trace import restore, snapshot
 
 from ._feature_maps import Sample, key_mask_from_sdpa_mask, transfer
 
@@ -65,7 +63,8 @@ class LinearOptions(StepOptions):
 
 # ---- check ---------------------------------------------------------------------------------------
 
-def check(site: AttentionSite, opts: LinearOptions) -> str | None:
+def check(c: Candidate, opts: LinearOptions) -> str | None:
+    site = c.site
     if site.mask == "arbitrary":
         return ("the attention mask is neither padding nor causal; linear attention can only drop padded "
                 "keys and apply causality by prefix sums")
@@ -107,15 +106,14 @@ def _dtype(ctx, site: AttentionSite) -> torch.dtype:
     return val.dtype if isinstance(val, torch.Tensor) else torch.float32
 
 
-def build(ctx, site: AttentionSite, opts: LinearOptions) -> dict:
-    built, info = _fit(ctx, site, opts)
-    ctx.info.setdefault(site.index, {}).update(info)
-    return built
+def build(ctx, c: Candidate, opts: LinearOptions) -> Built:
+    return Built(*_fit(ctx, c.site, opts))
 
 
 # ---- apply: the graph edit -----------------------------------------------------------------------
 
-def apply(gm, site: AttentionSite, built: dict, opts: LinearOptions) -> None:
+def apply(gm, c: Candidate, built: Built, opts: LinearOptions) -> None:
+    site, built = c.site, built.tensors
     sdpa = G.node(gm, site.node)
     a = G.sdpa_args(sdpa)
     q, k, v, mask = a["query"], a["key"], a["value"], a["attn_mask"]
@@ -158,43 +156,9 @@ def apply(gm, site: AttentionSite, built: dict, opts: LinearOptions) -> None:
         G.replace_with_op(gm, sdpa, torch.ops.rewriter.linear_attention.default, args, rule=NAME, site=site.index)
 
 
-# ---- plan: `layers: auto` converts the least damaging sites first --------------------------------
-
-@torch.no_grad()
-def _outputs(gm, batches) -> list[torch.Tensor]:
-    return [main_tensor(gm(**b)).detach() for b in batches]
-
-
-def _damage(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
-    """Relative RMS change of the model's main output, ‖y − y₀‖ / ‖y₀‖ over all calibration batches."""
-    num = sum((y - y0).double().pow(2).sum().item() for y0, y in zip(ref, new))
-    den = sum(y0.double().pow(2).sum().item() for y0 in ref)
-    return (num / max(den, 1e-30)) ** 0.5
-
-
-def plan(ctx, sites: list[AttentionSite], opts: LinearOptions) -> list[AttentionSite]:
-    if opts.layers != "auto":
-        return sites
-    usable = [s for s in sites if check(s, opts) is None]
-    ref = _outputs(ctx.gm, ctx.batches)
-    damage = {}
-    for s in usable:            # each site fitted and applied alone on the current model, then undone
-        snap = snapshot(ctx.gm)
-        try:
-            built, _ = _fit(ctx, s, opts)
-            apply(ctx.gm, s, built, opts)
-            G.clean(ctx.gm)
-            damage[s.index] = _damage(ref, _outputs(ctx.gm, ctx.batches))
-        finally:
-            restore(ctx.gm, snap)
-        ctx.info[s.index] = {"damage_alone": round(damage[s.index], 5)}
-    ranked = sorted(usable, key=lambda s: damage[s.index])
-    return ranked + [s for s in sites if s not in usable]
-
-
 # ---- cost: attention FLOPs per token after the rewrite (report.N-free: linear in N overall) --------
 
-CHUNK = 64   # the causal kernels' chunk length (kernels/linear_attention CHUNK)
+CHUNK = 64   # the causal kernels' chunk length (kernels/linear_attention/cpu.py CHUNK)
 
 
 def cost(site: AttentionSite, opts: LinearOptions) -> sympy.Expr:
@@ -221,4 +185,4 @@ register(Rule(
     'Zhang et al. "LoLCATs", arXiv:2410.10254', exact=False, options=LinearOptions,
     summary="softmax attention → linear attention with feature maps fitted by attention transfer "
             "(optionally + a sliding softmax window)",
-    check=check, build=build, apply=apply, plan=plan, cost=cost))
+    check=check, build=build, apply=apply, cost=cost))

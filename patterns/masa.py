@@ -18,7 +18,8 @@ so the allocation, not the sharing, carries the accuracy at a 20 % cut (README, 
 
 A group of layers is one decision: `plan` partitions the selected sites into groups (all, fixed
 size, or `auto`: consecutive layers whose attention inputs drift little on calibration data) and
-returns the first site of each group; its record's info lists the group and the parameter counts.
+returns one Candidate per group (its sites: the group's layers; its facts: the group and the
+parameter counts); the record names every layer of the group.
 
 Before (each layer l):   y = linear(x, W_l, b_l)                      W_l: L dense [out, in] tensors
 After:                   y = linear(x, view(mm(c_l, view(D, [S, out·in])), [out, in]) (+ mm(U_l, V_l)), b_l)
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rewriter import graph as G
 from rewriter.report import projection_flops_per_token, sdpa_flops_per_token
-from rewriter.rule import Rule, StepOptions, register
+from rewriter.rule import Built, Candidate, Rule, StepOptions, one_per_site, register
 from rewriter.site import AttentionSite
 
 from . import _masa_math as MM
@@ -124,8 +125,12 @@ class MasaOptions(StepOptions):
         return v
 
 
-def check(site: AttentionSite, opts: MasaOptions) -> str | None:
-    missing = [p for p in opts.projections if getattr(site, f"{p}_weight") is None]
+def _missing(site: AttentionSite, opts: MasaOptions) -> list[str]:
+    return [p for p in opts.projections if getattr(site, f"{p}_weight") is None]
+
+
+def check(c: Candidate, opts: MasaOptions) -> str | None:
+    missing = sorted({p for s in c.sites for p in _missing(s, opts)}, key=PROJECTIONS.index)
     if missing:
         return f"no {'/'.join(missing)} projection weight was found for this attention, so there is nothing to share"
     return None
@@ -152,13 +157,9 @@ def _consumer(gm, qual: str):
     raise ValueError(f"weight {qual!r} is not used as linear/addmm/mm(x, W); users: {[u.name for u in w.users]}")
 
 
-def _tensor(gm, qual: str) -> torch.Tensor:
-    prefix, _, leaf = qual.rpartition(".")
-    return getattr(gm.get_submodule(prefix) if prefix else gm, leaf)
-
-
-def _masks(ctx) -> list:
-    return [b.get("attention_mask") for b in ctx.batches]
+def _masks(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The real tokens of each calibration batch's activation x (from the model's I/O)."""
+    return [ctx.valid(b, x) for b, x in zip(ctx.batches, xs)]
 
 
 def _auto_groups(ctx, sites: list[AttentionSite], drift: float) -> list[list[AttentionSite]]:
@@ -167,9 +168,9 @@ def _auto_groups(ctx, sites: list[AttentionSite], drift: float) -> list[list[Att
     groups, start = [[sites[0]]], 0
     for i in range(1, len(sites)):
         num = den = 0.0
-        for m, a, b in zip(_masks(ctx), acts[names[start]], acts[names[i]]):
+        for m, a, b in zip(_masks(ctx, acts[names[start]]), acts[names[start]], acts[names[i]]):
             cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-            w = m.to(cos.dtype) if isinstance(m, torch.Tensor) and m.shape == cos.shape else torch.ones_like(cos)
+            w = m.to(cos.dtype) if m.shape == cos.shape else torch.ones_like(cos)
             num, den = num + (cos * w).sum().item(), den + w.sum().item()
         if 1 - num / den > drift:
             groups.append([])
@@ -205,27 +206,27 @@ def _members(group: list[AttentionSite], projections) -> dict[str, list[str]]:
     return out
 
 
-def plan(ctx, sites, opts):
-    usable = [s for s in sites if check(s, opts) is None]
-    groups = _groups(ctx, usable, opts) if usable else []
-    state = ctx.planned.setdefault("masa_groups", {})   # plan → build, for this step's groups
-    for g in groups:
+def plan(ctx, sites, opts) -> list[Candidate]:
+    """One candidate per group of the selected sites that have every projection; the rest one each
+    (check then says what is missing)."""
+    usable = [s for s in sites if not _missing(s, opts)]
+    out = []
+    for g in _groups(ctx, usable, opts) if usable else []:
         before = after = 0
         atoms = {}
         for label, quals in _members(g, opts.projections).items():
-            shape = _tensor(ctx.gm, quals[0]).shape
+            shape = G.fetch_attr(ctx.gm, quals[0]).shape
             P, S = shape.numel(), _n_atoms(opts, len(g), label)
             atoms[label] = S
             before += len(quals) * P
             after += S * P + len(quals) * S + len(quals) * min(opts.residual_rank, *shape) * sum(shape)
         if opts.reduction is not None:        # build allocates ranks and writes the exact count
             after = before - int(opts.reduction * before)
-        info = {"group": [s.index for s in g], "layers": [_layer_key(s) for s in g],
-                "atoms": next(iter(atoms.values())) if len(set(atoms.values())) == 1 else atoms,
-                "attn_proj_params_before": before, "attn_proj_params_after": after}
-        ctx.info[g[0].index] = info
-        state[g[0].index] = (g, info)   # the same dict object the record keeps: build adds fit errors
-    return [g[0] for g in groups] + [s for s in sites if s not in usable]
+        out.append(Candidate(tuple(g), {
+            "group": [s.index for s in g], "layers": [_layer_key(s) for s in g],
+            "atoms": next(iter(atoms.values())) if len(set(atoms.values())) == 1 else atoms,
+            "attn_proj_params_before": before, "attn_proj_params_after": after}))
+    return out + one_per_site(ctx, [s for s in sites if s not in usable], opts)
 
 
 # ---- build / apply -------------------------------------------------------------------------------
@@ -235,10 +236,9 @@ def _cap(shape) -> int:
     return (shape[0] * shape[1]) // (shape[0] + shape[1])
 
 
-def build(ctx, site, opts) -> dict:
-    planned = ctx.planned.get("masa_groups", {}).pop(site.index, None)
-    group, info = planned if planned else (next(g for g in _groups(
-        ctx, [s for s in ctx.sites if opts.selects(s) and check(s, opts) is None], opts) if site in g), {})
+def build(ctx, c: Candidate, opts) -> Built:
+    group, info = list(c.sites), dict(c.facts)
+    site = c.site
     if len(group) < 2:
         raise ValueError(f"layer {_layer_key(site)} forms a group of one layer: nothing to share "
                          "(select more layers, or use a larger groups size / drift)")
@@ -255,13 +255,14 @@ def build(ctx, site, opts) -> dict:
     fit, per = {}, {}
     # 1. atoms and coefficients per projection type
     for label, quals in members.items():
-        Ws = [_tensor(ctx.gm, q) for q in quals]
+        Ws = [G.fetch_attr(ctx.gm, q) for q in quals]
         if len({w.shape for w in Ws}) > 1:
             raise ValueError(f"{label} weights differ in shape across layers {[_layer_key(s) for s in group]}: "
                              f"{sorted({tuple(w.shape) for w in Ws})}; split them into separate groups")
         W = torch.stack([w.detach() for w in Ws])
         W = W.transpose(-1, -2) if found[quals[0]][3] else W                  # [L, out, in]
-        M = torch.stack([MM.second_moment(acts[found[q][2].name], _masks(ctx)) for q in quals]) if calibrated else None
+        M = torch.stack([MM.second_moment(acts[found[q][2].name], _masks(ctx, acts[found[q][2].name]))
+                          for q in quals]) if calibrated else None
         S = _n_atoms(opts, len(group), label)
         if S == 0:
             D, C = W.new_zeros(0, *W.shape[1:]), W.new_zeros(len(quals), 0)
@@ -356,8 +357,8 @@ def build(ctx, site, opts) -> dict:
         info["dense_layers"] = {label: [_layer_key(group[l]) for l, d in enumerate(v["dense"]) if d]
                                 for label, v in per.items()}
     if fit:
-        info["relative_output_error"] = {k: round(v, 6) for k, v in fit.items()}   # lands in the record
-    return built
+        info["relative_output_error"] = {k: round(v, 6) for k, v in fit.items()}
+    return Built(built, info)
 
 
 def _labels(built: dict) -> dict[str, list[str]]:
@@ -371,7 +372,8 @@ def _labels(built: dict) -> dict[str, list[str]]:
     return out
 
 
-def apply(gm, site: AttentionSite, built: dict, opts) -> None:
+def apply(gm, c: Candidate, built: Built, opts) -> None:
+    site, built = c.site, built.tensors
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     prov = {"rule": "masa", "site": site.index}
 

@@ -1,7 +1,7 @@
 """NormLin: softmax attention → one learned row-stochastic token-mixing matrix, for fixed tokens.
 
 Yue et al., "OLinear: A Linear Model for Time Series Forecasting in Orthogonally Transformed
-Domain", arXiv:2505.08550 (code: jackyue1994/OLinear, LinearEncoder). NormLin replaces
+Domain", arXiv:2505.08550. NormLin replaces
 softmax(QKᵀ/√d)·V by A·V with
 
     A = row-L1-normalize(softplus(W)),  W ∈ ℝ^{N×N}  (one per head with heads="per_head", as in
@@ -36,7 +36,7 @@ from pydantic import Field
 
 from rewriter import graph as G
 from rewriter.report import N
-from rewriter.rule import Rule, StepOptions, register
+from rewriter.rule import Built, Candidate, Rule, StepOptions, register
 from rewriter.site import AttentionSite
 
 from . import _normlin_fit as fit
@@ -76,23 +76,23 @@ def _tokens(gm, site: AttentionSite, kind: str) -> tuple[int | None, str | None]
     return n, None
 
 
-def plan(ctx, sites: list[AttentionSite], opts: NormLinOptions) -> list[AttentionSite]:
+def plan(ctx, sites: list[AttentionSite], opts: NormLinOptions) -> list[Candidate]:
     """Decide fixed-token eligibility per site from the graph and the model kind (graph order kept)."""
+    out = []
     for s in sites:
         n, why = _tokens(ctx.gm, s, ctx.kind)
-        s.extra["normlin"] = {"tokens": n, "refuse": why}
-        ctx.info[s.index] = {"tokens": n, "kind": ctx.kind}
-    return sites
+        out.append(Candidate((s,), {"tokens": n, "kind": ctx.kind} | ({"refuse": why} if why else {})))
+    return out
 
 
-def check(site: AttentionSite, opts: NormLinOptions) -> str | None:
-    facts = site.extra.get("normlin")
-    if facts is None:
+def check(c: Candidate, opts: NormLinOptions) -> str | None:
+    if "kind" not in c.facts:
         return "normlin's plan did not run on this site, so its token count and kind are unknown"
-    return facts["refuse"]
+    return c.facts.get("refuse")
 
 
-def build(ctx, site: AttentionSite, opts: NormLinOptions) -> dict:
+def build(ctx, c: Candidate, opts: NormLinOptions) -> dict:
+    site = c.site
     value = G.sdpa_args(G.node(ctx.gm, site.node))["value"]
     acts = ctx.capture([value.name, site.node])             # on the current (partly rewritten) graph
     Gm, C, o2 = fit.gram_stats(acts[value.name], acts[site.node], per_head=opts.heads == "per_head")
@@ -102,11 +102,12 @@ def build(ctx, site: AttentionSite, opts: NormLinOptions) -> dict:
     return {"weight": (W[0] if opts.heads == "shared" else W).to(acts[site.node][0].dtype)}
 
 
-def apply(gm, site: AttentionSite, built: dict, opts: NormLinOptions) -> None:
+def apply(gm, c: Candidate, built: Built, opts: NormLinOptions) -> None:
+    site = c.site
     sdpa = G.node(gm, site.node)
     args = G.sdpa_args(sdpa)
     v = args["value"]
-    w = G.register_tensor(gm, G.buffer_name("normlin", site.index, "weight"), built["weight"], before=sdpa)
+    w = G.register_tensor(gm, G.buffer_name("normlin", site.index, "weight"), built.tensors["weight"], before=sdpa)
     graph, tag = gm.graph, {"rule": "normlin", "site": site.index}
     with graph.inserting_before(sdpa):
         sp = graph.call_function(aten.softplus.default, (w,))

@@ -37,7 +37,7 @@ balanced clusters (each centroid takes its top-w tokens); attention inside each 
 the causal mask on original positions; tokens sorted by cluster into contiguous blocks so the
 block-sparse kernel does the work; a token's results from several clusters (and from its
 local block) merged by log-sum-exp. Tokens join clusters by normalize(q̂ + k̂), the same set as
-queries and keys (the paper shares Q and K); see patterns/_routing.py.
+queries and keys (the paper shares Q and K); see rewriter.kernels.routed_attention.
 Exact setting: one cluster holding every token, no local block.
 
 Before:  o = sdpa(q, k, v, mask)
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from rewriter import graph as G
+from rewriter.kernels import routed_attention as RA
 from rewriter.report import N, projection_flops_per_token
 from rewriter.rule import Rule, StepOptions, register
 
@@ -114,13 +115,14 @@ class BlockRoutingOptions(StepOptions):
         return self
 
 
-def check_block(site, opts) -> str | None:
+def check_block(c, opts) -> str | None:
+    site = c.site
     return R.common_refusal(site)
 
 
 def _resolved(opts, causal: bool) -> tuple[tuple[str, ...], str]:
     """(sinks, affinity) after the causal-dependent defaults."""
-    sinks = R.default_sinks(causal) if opts.sinks is None else tuple(opts.sinks)
+    sinks = RA.default_sinks(causal) if opts.sinks is None else tuple(opts.sinks)
     if opts.affinity != "auto":
         affinity = opts.affinity
     else:   # sampled rows are the block's own queries: strictly causal routing needs the pooled mean query
@@ -144,7 +146,7 @@ def _exact_probs(q, k, real, causal: bool, scale: float, h: int, pad: int) -> to
     vis = real[:, None, :].expand(B, t, t)
     if causal:
         vis = vis & torch.ones(t, t, dtype=torch.bool).tril()
-    return F.pad(torch.softmax(s.masked_fill(~vis, R.NEG_INF), dim=-1).nan_to_num(0.0), (0, pad))
+    return F.pad(torch.softmax(s.masked_fill(~vis, RA.NEG_INF), dim=-1).nan_to_num(0.0), (0, pad))
 
 
 def _mean_over_block_queries(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
@@ -180,9 +182,9 @@ def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     B, H, t, _ = q.shape
     bs, n_b = opts.block_size, (t + opts.block_size - 1) // opts.block_size
     sinks, _ = _resolved(opts, causal)
-    score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
-                                     route_by="own", affinity="means", scale=scale)
-    forced, allowed = score == float("inf"), score > R.NEG_INF                          # [B, 1|H, nb, nb]
+    score, n_forced = RA.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
+                                      route_by="own", affinity="means", scale=scale)
+    forced, allowed = score == float("inf"), score > RA.NEG_INF                         # [B, 1|H, nb, nb]
     forced, allowed = forced.expand(B, H, n_b, n_b), allowed.expand(B, H, n_b, n_b)
     real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
     pad = n_b * bs - t
@@ -193,10 +195,10 @@ def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     rows_allowed = allowed.sum(-1)                                                      # [B, H, nb]
     rows_forced = forced.sum(-1)
     topk, keep = _budget({}, opts)
-    _, rows = R.uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep, causal=causal, n_sinks=len(sinks))
+    _, rows = RA.uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep, causal=causal, n_sinks=len(sinks))
     uniform = torch.minimum(rows[..., 0].expand(B, H, n_b), rows_allowed)
     extra = int(uniform.sum() - rows_forced.sum())
-    free = exact.masked_fill(forced | ~allowed, R.NEG_INF).reshape(-1)
+    free = exact.masked_fill(forced | ~allowed, RA.NEG_INF).reshape(-1)
     chosen = torch.zeros_like(free, dtype=torch.bool)
     if extra > 0:
         chosen[free.topk(extra).indices] = True
@@ -214,9 +216,9 @@ def _captured_mass(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     B, H, t, _ = q.shape
     bs, n_b = opts.block_size, (t + opts.block_size - 1) // opts.block_size
     sinks, affinity = _resolved(opts, causal)
-    score, n_forced = R.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
-                                     route_by=opts.route_by, affinity=affinity, scale=scale, v=v,
-                                     samples=opts.samples, sample_rows=opts.sample_rows)
+    score, n_forced = RA.block_scores(q, k, key_mask, block_size=bs, causal=causal, sinks=sinks,
+                                      route_by=opts.route_by, affinity=affinity, scale=scale, v=v,
+                                      samples=opts.samples, sample_rows=opts.sample_rows)
     order = score.sort(dim=-1, descending=True).indices                             # [B, H, nb, nb]
     real = torch.ones(B, t, dtype=torch.bool) if key_mask is None else key_mask.bool()
     pad = n_b * bs - t
@@ -235,7 +237,8 @@ def _captured_mass(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     return total / max(count, 1.0)
 
 
-def build_block(ctx, site, opts) -> dict:
+def build_block(ctx, c, opts) -> dict:
+    site = c.site
     causal = site.mask in ("causal", "causal+padding")
     heads = _per_head(opts, causal)
     if opts.mass is None and not heads:
@@ -247,7 +250,7 @@ def build_block(ctx, site, opts) -> dict:
     results = []
     for i in range(len(ctx.batches)):
         q, k, v = (acts[n][i] for n in names[:3])
-        km = R.key_mask_from_attn_mask(acts[names[3]][i], q) if padded else None
+        km = RA.key_mask_from_attn_mask(acts[names[3]][i], q) if padded else None
         fn = _head_rows if heads else _captured_mass
         results.append(fn(q, k, v, km, causal, site.scale, opts))
     mean = torch.stack(results).mean(0)
@@ -267,7 +270,8 @@ def _budget(built, opts) -> tuple[int | None, int | None]:
     return None, round(1000 * (opts.keep if opts.keep is not None else 0.25))
 
 
-def apply_block(gm, site, built, opts) -> None:
+def apply_block(gm, c, built, opts) -> None:
+    site, built = c.site, built.tensors
     sd, q, k, v, key_mask, causal = R.site_tensors(gm, site)
     topk, keep = _budget(built, opts)
     sinks, affinity = _resolved(opts, causal)
@@ -275,7 +279,7 @@ def apply_block(gm, site, built, opts) -> None:
     if "head_rows" in built:
         (rows,) = R.register_all(gm, sd, "block_routing", site.index, {"head_rows": built["head_rows"]}).values()
         args, extra = args + (rows,), {"max_row_permille": int(built["head_rows"].max())}
-    G.replace_with_op(gm, sd, R.block_routed_attention, args, dict(
+    G.replace_with_op(gm, sd, RA.block_routed_attention, args, dict(
         block_size=opts.block_size, topk=topk, keep_permille=keep, causal=causal, sinks=sinks,
         route_by=opts.route_by, scale=site.scale, affinity=affinity, samples=opts.samples,
         sample_rows=opts.sample_rows, **extra),
@@ -318,11 +322,13 @@ class KMeansRoutingOptions(StepOptions):
     max_points: int = Field(16384, ge=1, description="calibration tokens per head used to fit the centroids")
 
 
-def check_kmeans(site, opts) -> str | None:
+def check_kmeans(c, opts) -> str | None:
+    site = c.site
     return R.common_refusal(site)
 
 
-def build_kmeans(ctx, site, opts) -> dict:
+def build_kmeans(ctx, c, opts) -> dict:
+    site = c.site
     a = G.sdpa_args(G.node(ctx.gm, site.node))
     padded = site.mask in ("padding", "causal+padding")
     names = [a["query"].name, a["key"].name] + ([a["attn_mask"].name] if padded else [])
@@ -331,9 +337,9 @@ def build_kmeans(ctx, site, opts) -> dict:
     for i in range(len(ctx.batches)):
         q, k = acts[names[0]][i], acts[names[1]][i]
         t_cal = max(t_cal, q.shape[2])
-        real = (R.key_mask_from_attn_mask(acts[names[2]][i], q) if padded
+        real = (RA.key_mask_from_attn_mask(acts[names[2]][i], q) if padded
                 else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool))
-        r = R.routing_vectors(q, k)                                                  # [B, H, T, D]
+        r = RA.routing_vectors(q, k)                                                 # [B, H, T, D]
         points.append(r.permute(1, 0, 2, 3)[:, real])                                # [H, M_i, D]
     x = torch.cat(points, dim=1)
     clusters = opts.clusters or max(1, round(math.sqrt(t_cal)))
@@ -346,11 +352,12 @@ def build_kmeans(ctx, site, opts) -> dict:
             "local_block": torch.tensor([(opts.local_block or window) if opts.local else 0])}
 
 
-def apply_kmeans(gm, site, built, opts) -> None:
+def apply_kmeans(gm, c, built, opts) -> None:
+    site, built = c.site, built.tensors
     sd, q, k, v, key_mask, causal = R.site_tensors(gm, site)
     (cent,) = R.register_all(gm, sd, "kmeans_routing", site.index, {"centroids": built["centroids"]}).values()
     local = int(built["local_block"].reshape(-1)[0])
-    G.replace_with_op(gm, sd, R.kmeans_routed_attention, (q, k, v, key_mask, cent), dict(
+    G.replace_with_op(gm, sd, RA.kmeans_routed_attention, (q, k, v, key_mask, cent), dict(
         window=int(built["window"].reshape(-1)[0]), causal=causal, scale=site.scale,
         local_block=local or None), rule="kmeans_routing", site=site.index)
 

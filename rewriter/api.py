@@ -1,9 +1,9 @@
 """Public API: inspect, optimize, load — and the OptimizedModel they return."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -11,13 +11,13 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
+from . import patterns  # noqa: F401  (the face wires the built-in rules in; entry points do it when installed)
 from .analyze import analyze
 from .canonicalize import canonicalize, explain_unmatched
-from .driver import Record, run_steps
+from .driver import Driver, Record, replay
 from .gate import Gate
-from .report import Report, projection_flops_per_token, sdpa_flops_per_token
-from .rule import get_rule
-from .trace import trace
+from .report import Report, attention_flops, latency, latency_ms, unique_numel  # noqa: F401 (latency_ms: benchmarks)
+from .trace import dynamic_shapes, trace
 
 
 class SiteList(list):
@@ -32,8 +32,8 @@ class SiteList(list):
 # ---- model resolution ----------------------------------------------------------------------------
 
 def _resolve(model, spec: str | None):
-    """Return a rewriter.models.Loaded for a name, a Loaded, or a bare nn.Module."""
-    from rewriter.models import Loaded, load_model, wrap_module
+    """A rewriter.models.Loaded (the model with its I/O) for a name, a Loaded, or a bare nn.Module."""
+    from .models import Loaded, load_model, wrap_module
     if model is None:
         if not spec:
             raise ValueError("no model: pass one to optimize() or name it under `model:` in the recipe")
@@ -58,14 +58,14 @@ def _split(example_inputs) -> tuple[tuple, dict]:
 
 
 def _prepare(loaded, example_inputs):
-    """Trace, canonicalize, clean and analyze; returns (gm, sites, example kwargs, records)."""
+    """Trace, canonicalize, clean and analyze; returns (gm, sites, example (args, kwargs), records)."""
     args, kwargs = _split(example_inputs)
     if not args and not kwargs:
         kwargs = loaded.example_inputs(batch=2, seq_len=16)
-    gm = trace(loaded.model, args, kwargs, name=loaded.name)
+    gm = trace(loaded.model, args, kwargs, io=loaded, name=loaded.name)
     canon = canonicalize(gm)
     G.clean(gm)
-    sites = analyze(gm)
+    sites = analyze(gm, mask_inputs=loaded.mask_inputs())
     return gm, sites, (args, kwargs), canon
 
 
@@ -87,111 +87,59 @@ def _what_it_saw(gm: fx.GraphModule) -> str:
             f"product; its most common ops are {top}")
 
 
-# ---- optimize ------------------------------------------------------------------------------------
+# ---- optimize: prepare → run → report ------------------------------------------------------------
 
-def _unique_numel(module: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.data_ptr(), t.numel())
-        if key not in seen and t.is_floating_point():
-            seen.add(key)
-            total += t.numel()
-    return total
-
-
-@torch.no_grad()
-def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
-    """Median wall time (ms) per call of each model on `batch`, after one warm-up call each, the calls
-    interleaved in one process so that load drifts hit all models alike. Benchmarks use it too."""
-    for m in models:
-        m(**batch)
-    times = [[] for _ in models]
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            t = time.perf_counter()
-            m(**batch)
-            times[i].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) for t in times]
-
-
-def _flops(sites, records) -> tuple:
-    """Attention FLOPs per token (cores + projections) before and after, as sympy expressions in N."""
-    before = sum((sdpa_flops_per_token(s) + projection_flops_per_token(s) for s in sites), 0)
-    after = before
-    by_index = {s.index: s for s in sites}
-    for r in records:
-        if r.status == "applied" and r.site is not None:
-            rule, s = get_rule(r.rule), by_index[r.site]
-            if rule.cost is not None:
-                opts = rule.options(**r.options)
-                after = after - sdpa_flops_per_token(s) - projection_flops_per_token(s) + rule.cost(s, opts)
-    return before, after
-
-
-def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, progress: bool = True,
+def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, progress=True,
              measure_latency: bool = True) -> "OptimizedModel":
-    """Trace `model`, apply `recipe` (path, dict or Recipe) site by site with an accuracy gate, and return
-    an OptimizedModel with the same call signature. The input model is never modified."""
-    from .calibrate import make_calibration
+    """Trace `model`, apply `recipe` (path, dict or Recipe) candidate by candidate with an accuracy gate,
+    and return an OptimizedModel with the same call signature. The input model is never modified.
+    `progress`: True prints each decision and a live bar on stderr; a callable gets each Record."""
+    from .models import make_calibration
     from .recipe import default_gate, load_recipe
 
     t_start = time.perf_counter()
     rec = load_recipe(recipe)
     loaded = _resolve(model, rec.model)
     calib = calibration or make_calibration(loaded, **rec.calibration.model_dump())
-    if example_inputs is None:
-        example_inputs = calib.batches[0]
-    gm, sites, (args, kwargs), canon = _prepare(loaded, example_inputs)
+    gm, sites, example, canon = _prepare(loaded, calib.batches[0] if example_inputs is None else example_inputs)
     if not sites:
         raise ValueError(f"{loaded.name}: no attention sites to rewrite. " + " ".join(explain_unmatched(gm) or [_what_it_saw(gm)]))
     gate_spec = rec.gate or default_gate(loaded.kind)
     original = copy.deepcopy(loaded.model).eval()   # the user's module stays untouched (and in its mode)
-    gate = Gate.from_model(gate_spec, original, calib.gate_batches)
+    gate = Gate.from_model(gate_spec, original, calib.gate_batches, loaded)
+    with _progress(progress, loaded.name) as on_record:
+        result = Driver(gm, sites, calib, loaded, gate, rec.budget, on_record).run(rec.steps)
+    report = _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start)
+    return OptimizedModel(gm, report, rec, sites, example, base=loaded.name, io=loaded)
 
-    progress_cb, log, bar = None, None, None
-    if progress:   # one line per decision on stderr, plus a live bar, so long runs show where they are
-        from rich.console import Console
-        from rich.progress import Progress
-        console = Console(stderr=True, highlight=False)
-        bar = Progress(console=console, transient=True)
-        bar.start()
-        task = bar.add_task(f"optimizing {loaded.name}", total=None)
-        progress_cb = lambda: bar.advance(task)  # noqa: E731
-        colors = {"applied": "green", "rolled_back": "red", "error": "red", "rejected": "yellow"}
-        log = lambda r: console.print(  # noqa: E731
-            f"  {r.rule} site {r.site} ({r.module}): [{colors.get(r.status, 'dim')}]{r.status}[/] — {r.reason}"
-            f" [dim]({r.seconds:.1f} s)[/dim]")
-    try:
-        result = run_steps(gm, sites, rec, gate, calib, loaded.kind, progress=progress_cb, log=log)
-    finally:
-        if bar:
-            bar.stop()
 
-    held = Gate.from_model(gate_spec, original, calib.heldout) if calib.heldout else None
+@contextlib.contextmanager
+def _progress(progress, name: str):
+    if callable(progress):
+        yield progress
+    elif progress:
+        from .cli import rich_progress
+        with rich_progress(f"optimizing {name}") as on_record:
+            yield on_record
+    else:
+        yield None
+
+
+def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start) -> Report:
     heldout = {}
-    if held:
-        m = held.measure(gm)
+    if calib.heldout:
+        m = Gate.from_model(gate_spec, original, calib.heldout, loaded).measure(gm)
         heldout = {"metric": m.metric, "value": m.value, "worst": m.worst, "ok": m.ok, "why": m.why}
-    latency = {}
-    if measure_latency:
-        b = calib.batches[0]
-        before_ms, after_ms = latency_ms([original, gm], b)
-        first = next((v for v in b.values() if isinstance(v, torch.Tensor)), None)
-        latency = {"seq_len": int(first.shape[-1]) if first is not None else None,
-                   "batch": int(first.shape[0]) if first is not None else None,
-                   "input_shape": list(first.shape) if first is not None else None,
-                   "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
-    fb, fa = _flops(sites, result.records)
-    report = Report(
+    fb, fa = attention_flops(sites, result.records)
+    return Report(
         model=loaded.name, kind=loaded.kind, sites=sites, records=result.records,
-        params_before=_unique_numel(original), params_after=_unique_numel(gm),
-        flops_before=fb, flops_after=fa, latency=latency, heldout=heldout,
-        gate=gate_spec.model_dump(exclude_none=True),
+        params_before=unique_numel(original), params_after=unique_numel(gm),
+        flops_before=fb, flops_after=fa, latency=latency(original, gm, calib.batches[0]) if measure_latency else {},
+        heldout=heldout, gate=gate_spec.model_dump(exclude_none=True),
         calibration={"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,
                      "heldout_batches": len(calib.heldout), "validation_batches": len(calib.validation)},
         stop_reason=result.stop_reason, canonicalized=canon, notes=explain_unmatched(gm),
         seconds=time.perf_counter() - t_start)
-    return OptimizedModel(gm, report, rec, sites, (args, kwargs), base=loaded.name)
 
 
 # ---- the result ----------------------------------------------------------------------------------
@@ -199,10 +147,11 @@ def optimize(model=None, recipe=None, *, example_inputs=None, calibration=None, 
 class OptimizedModel(torch.nn.Module):
     """The rewritten model: call it like the original; .report, .save(), .export_onnx()."""
 
-    def __init__(self, gm: fx.GraphModule, report: Report, recipe, sites, example, base: str | None):
+    def __init__(self, gm: fx.GraphModule, report: Report, recipe, sites, example, base: str | None, io=None):
         super().__init__()
         self.graph_module = gm
         self.report, self.recipe, self.sites, self.example, self.base = report, recipe, sites, example, base
+        self.io = io
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -246,12 +195,9 @@ class OptimizedModel(torch.nn.Module):
             args, kwargs = _split(example_inputs)
         # the ONNX inputs are named in the traced order; kwargs in another order would be mislabelled
         kwargs = {k: kwargs[k] for k in self.example[1] if k in kwargs} | kwargs
-        # batch and sequence stay dynamic, as in the trace (else the ONNX graph takes only the example's shapes)
-        import inspect as _inspect
-
-        from .trace import _dynamic_shapes
-        dyn_args, dyn_kwargs = _dynamic_shapes(self.graph_module, tuple(args), kwargs)
-        shapes = dict(zip(_inspect.signature(self.graph_module.forward).parameters, dyn_args)) | dyn_kwargs
+        # the dims the model's I/O calls dynamic stay so, as in the trace (else ONNX takes only the example's shapes)
+        from .io import PlainIO
+        shapes = dynamic_shapes(self.io or PlainIO(), self.graph_module, tuple(args), kwargs)
         torch.onnx.export(self.graph_module, tuple(args), str(path), kwargs=kwargs, dynamo=True,
                           dynamic_shapes=shapes if dynamic else None,
                           custom_translation_table=K.ONNX_TRANSLATIONS, optimize=False)
@@ -272,18 +218,10 @@ def load(path: str | Path, model=None, *, materialize: bool = False) -> Optimize
     kwargs = {k[len("example.kw."):]: v for k, v in tensors.items() if k.startswith("example.kw.")}
     args = tuple(v for k, v in sorted(tensors.items()) if k.startswith("example.arg."))
     gm, sites, example, canon = _prepare(loaded, (args if args else kwargs))
-    by_index = {s.index: s for s in sites}
-    records = []
-    for i, r in enumerate(meta["records"]):
-        built = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"built.{i}.")}
-        if r["status"] == "applied":
-            rule = get_rule(r["rule"])
-            rule.apply(gm, by_index[r["site"]], built, rule.options(**r["options"]))
-            G.clean(gm)
-        records.append(Record(**{k: r.get(k) for k in ("rule", "site", "module", "status", "reason",
-                                                       "metric_before", "metric_after", "seconds", "step",
-                                                       "options", "worst_after", "info")}, built=built))
+    records = [Record.from_dict(r, {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"built.{i}.")})
+               for i, r in enumerate(meta["records"])]
+    replay(gm, sites, records)
     report = Report.from_dict(json.loads((path / "report.json").read_text()))
     report.records, report.sites = records, sites
-    out = OptimizedModel(gm, report, rec, sites, example, base=loaded.name)
+    out = OptimizedModel(gm, report, rec, sites, example, base=loaded.name, io=loaded)
     return out.materialize() if materialize else out

@@ -13,6 +13,7 @@ failures print one message on stderr and no traceback; `--debug` shows the trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -137,6 +138,25 @@ def _console(stderr: bool = False):
     # piped output (CI logs, `| less`) has no terminal width: use a readable one instead of rich's 80
     width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((140, 40)).columns, 140)
     return Console(stderr=stderr, highlight=False, width=width)
+
+
+@contextlib.contextmanager
+def rich_progress(title: str):
+    """A live bar and one line per decision on stderr; yields the driver's on_record callback."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress
+    console = Console(stderr=True, highlight=False)
+    colors = {"applied": "green", "rolled_back": "red", "error": "red", "rejected": "yellow"}
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(escape(title), total=None)
+
+        def on_record(r) -> None:
+            where = f"site {r.site}" if len(r.sites) <= 1 else f"sites {', '.join(map(str, r.sites))}"
+            console.print(f"  {r.rule} {where} ({escape(str(r.module))}): [{colors.get(r.status, 'dim')}]{r.status}[/]"
+                          f" — {escape(str(r.reason))} [dim]({r.seconds:.1f} s)[/dim]")
+            bar.advance(task)
+        yield on_record
 
 
 def _print_json(data) -> None:

@@ -1,28 +1,32 @@
-"""The driver: recipe steps over attention sites, each rewrite snapshotted, gated and kept or restored.
+"""The driver: recipe steps over candidates, each rewrite tried on a snapshot, gated, kept or undone.
 
-    for step in recipe.steps:                   (in recipe order)
-        for site in rule.plan(...) or sites:    (graph order unless the rule ranks them)
-            rule.check → reason?  → record "rejected"
-            snapshot
-            rule.build (calibration) → rule.apply (graph edit) → gate vs the ORIGINAL outputs
-            keep → record "applied"   |   restore → record "rolled_back" / "error"
+Three verbs, and rules use none of them themselves:
 
-Budgets (max sites applied, max seconds) stop the run with a stated reason.
+    trial(rule, candidate)   snapshot → build → apply → measure → keep, or restore the snapshot
+    run(steps)               per step: plan → [order: damage: a trial of each, undone] → check →
+                             trial gated against the ORIGINAL model's outputs → Record; budgets
+    replay(gm, sites, recs)  what load() does: apply every applied record's built tensors again
+
+Budgets (max sites applied, max seconds; max_applied per step) stop with a stated reason.
 """
 from __future__ import annotations
 
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from . import graph as G
-from .gate import Gate, Measurement
-from .rule import Refused, Rule, get_rule
+from .gate import Gate, Measurement, compare, run as run_model
+from .io import ModelIO, PlainIO
+from .rule import Built, Candidate, Refused, Rule, get_rule
 from .site import AttentionSite
 from .trace import restore, snapshot
+
+STATUSES = ("applied", "rejected", "rolled_back", "error", "skipped")
 
 
 @dataclass
@@ -30,9 +34,9 @@ class Record:
     """One decision of the driver; the report, save/load and replay are built from these."""
 
     rule: str
-    site: int | None
-    module: str | None
-    status: str                      # applied | rejected | rolled_back | error | skipped
+    sites: tuple[int, ...]           # every site the decision covers (a MASA group: all its layers)
+    modules: tuple[str, ...]
+    status: str                      # one of STATUSES
     reason: str | None
     metric_before: float | None = None
     metric_after: float | None = None
@@ -41,28 +45,54 @@ class Record:
     options: dict = field(default_factory=dict)
     built: dict = field(default_factory=dict, repr=False)   # tensors, saved with safetensors
     worst_after: float | None = None
-    info: dict = field(default_factory=dict)   # facts the rule's plan found for this site
+    info: dict = field(default_factory=dict)   # facts the rule's plan and build found
+    measurement: Measurement | None = field(default=None, repr=False, compare=False)
+    traceback: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def site(self) -> int | None:
+        return self.sites[0] if self.sites else None
+
+    @property
+    def module(self) -> str | None:
+        return self.modules[0] if self.modules else None
 
     def to_dict(self) -> dict:
-        return {"rule": self.rule, "site": self.site, "module": self.module, "status": self.status,
-                "reason": self.reason, "metric_before": self.metric_before,
-                "metric_after": self.metric_after, "worst_after": self.worst_after,
-                "seconds": round(self.seconds, 4), "step": self.step, "options": self.options,
-                "built": sorted(self.built), "info": self.info}
+        return {"rule": self.rule, "site": self.site, "module": self.module, "sites": list(self.sites),
+                "modules": list(self.modules), "status": self.status, "reason": self.reason,
+                "metric_before": self.metric_before, "metric_after": self.metric_after,
+                "worst_after": self.worst_after, "seconds": round(self.seconds, 4), "step": self.step,
+                "options": self.options, "built": sorted(self.built), "info": self.info}
+
+    @classmethod
+    def from_dict(cls, d: dict, built: dict | None = None) -> "Record":
+        """A saved record (`to_dict`); records saved before `sites` existed name one site."""
+        one = [] if d.get("site") is None else [d["site"]]
+        keys = ("status", "reason", "metric_before", "metric_after", "seconds", "step", "worst_after")
+        return cls(d["rule"], tuple(d.get("sites", one)), tuple(d.get("modules", [d.get("module")] if one else [])),
+                   **{k: d.get(k) for k in keys}, options=d.get("options") or {}, info=d.get("info") or {},
+                   built=dict(built or {}))
 
 
 class Context:
-    """What a rule's plan/build may use: the current graph, the sites, calibration inputs, and
-    activation capture at named nodes."""
+    """What a rule's plan/build may use: the current graph, the sites, the calibration inputs, the
+    model's I/O (rewriter.io.ModelIO), and activation capture at named nodes."""
 
-    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, kind: str):
-        self.gm, self.sites, self.calibration, self.kind = gm, sites, calibration, kind
-        self.info: dict[int, dict] = {}   # per-site facts a plan found (e.g. LLM-Drop importance)
-        self.planned: dict = {}           # what a rule's plan computed for its build (e.g. MASA's groups)
+    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, io: ModelIO | str):
+        self.gm, self.sites, self.calibration = gm, sites, calibration
+        self.io = io if not isinstance(io, str) else PlainIO(kind=io)
+
+    @property
+    def kind(self) -> str:
+        return self.io.kind
 
     @property
     def batches(self) -> list[dict]:
         return self.calibration.batches
+
+    def valid(self, batch: dict, y: torch.Tensor) -> torch.Tensor:
+        """bool [B, T] of the real tokens of a [B, T, ...] activation of `batch`."""
+        return self.io.valid_tokens(batch, y)
 
     @torch.no_grad()
     def capture(self, names: list[str], batches: list[dict] | None = None,
@@ -83,8 +113,7 @@ class Context:
                 return v
 
         for b in batches if batches is not None else self.batches:
-            flat = flatten_inputs(gm, b)
-            _Rec(gm).run(*flat)
+            _Rec(gm).run(*flatten_inputs(gm, b))
         return out
 
 
@@ -97,101 +126,164 @@ def flatten_inputs(gm: fx.GraphModule, kwargs: dict) -> list:
 
 
 @dataclass
+class Trial:
+    """The outcome of one trial: status applied (kept) / rolled_back / rejected (Refused) / error."""
+
+    status: str
+    reason: str | None
+    built: Built = field(default_factory=Built)
+    measurement: Measurement | None = None
+    facts: dict = field(default_factory=dict)
+    traceback: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
 class RunResult:
     records: list[Record]
     stop_reason: str
     final: Measurement | None
 
 
-def run_steps(gm: fx.GraphModule, sites: list[AttentionSite], recipe, gate: Gate, calibration,
-              kind: str, *, progress=None, log=None) -> RunResult:
-    """Apply the recipe's steps to `gm` in place, gating each site rewrite against `gate`."""
-    ctx = Context(gm, sites, calibration, kind)
-    records: list[Record] = []
-    t0 = time.perf_counter()
-    budget = recipe.budget
+class Driver:
+    """Runs recipe steps on `gm` in place, gating each candidate against `gate` (the original's
+    outputs). `on_record(record)` is called after every decision (progress for the CLI)."""
 
-    def over_budget() -> str | None:
-        if budget.max_sites is not None and sum(r.status == "applied" for r in records) >= budget.max_sites:
-            return f"budget: max_sites={budget.max_sites} reached"
-        if budget.max_seconds is not None and time.perf_counter() - t0 > budget.max_seconds:
-            return f"budget: max_seconds={budget.max_seconds} exceeded"
+    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, io: ModelIO, gate: Gate,
+                 budget=None, on_record: Callable[[Record], None] | None = None):
+        self.ctx = Context(gm, sites, calibration, io)
+        self.gm, self.sites, self.gate, self.budget = gm, sites, gate, budget
+        self.on_record = on_record
+        self.records: list[Record] = []
+
+    # ---- trial ---------------------------------------------------------------------------------
+    def trial(self, rule: Rule, cand: Candidate, opts, measure: Callable[[fx.GraphModule], Measurement],
+              keep: bool = True) -> Trial:
+        """Build and apply `cand` on a snapshot and measure; keep it when `keep` and the measurement
+        is ok, else restore the snapshot. A failing rule never leaves a half-edited graph behind."""
+        t = time.perf_counter()
+        snap = snapshot(self.gm)
+        try:
+            built = Built.of(rule.build(self.ctx, cand, opts))
+            rule.apply(self.gm, cand, built, opts)
+            G.clean(self.gm)
+            m = measure(self.gm)
+        except Refused as e:        # build found the candidate unsuitable: a reason, not a failure
+            restore(self.gm, snap)
+            return Trial("rejected", str(e), facts=e.facts, seconds=time.perf_counter() - t)
+        except Exception as e:      # noqa: BLE001
+            restore(self.gm, snap)
+            return Trial("error", f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc(),
+                         seconds=time.perf_counter() - t)
+        kept = keep and m.ok
+        if not kept:
+            restore(self.gm, snap)
+        return Trial("applied" if kept else "rolled_back", m.why if kept else f"gate: {m.why}", built, m,
+                     dict(built.facts), seconds=time.perf_counter() - t)
+
+    def _by_damage(self, rule: Rule, cands: list[Candidate], opts) -> list[Candidate]:
+        """order: damage — each checked candidate built and applied alone on the current model and
+        undone; the relative RMS change of the main output on the calibration batches ranks them."""
+        io, batches = self.ctx.io, self.ctx.batches
+        ref = run_model(self.gm, batches, io)
+
+        def damage(gm) -> Measurement:
+            value, _ = compare("relative_rms", batches, ref, run_model(gm, batches, io), io)
+            return Measurement("relative_rms", value, None, True, "")
+
+        usable = [c for c in cands if rule.check(c, opts) is None]
+        ranked = []
+        for c in usable:
+            tr = self.trial(rule, c, opts, damage, keep=False)
+            d = tr.measurement.value if tr.measurement else float("inf")
+            facts = {"damage_alone": round(d, 5)} if tr.measurement else {"damage_alone_error": tr.reason}
+            ranked.append((d, Candidate(c.sites, {**c.facts, **facts})))
+        ranked.sort(key=lambda x: x[0])
+        return [c for _, c in ranked] + [c for c in cands if not any(c is u for u in usable)]
+
+    # ---- run -----------------------------------------------------------------------------------
+    def _over_budget(self, t0: float) -> str | None:
+        b = self.budget
+        if b is None:
+            return None
+        if b.max_sites is not None and sum(r.status == "applied" for r in self.records) >= b.max_sites:
+            return f"budget: max_sites={b.max_sites} reached"
+        if b.max_seconds is not None and time.perf_counter() - t0 > b.max_seconds:
+            return f"budget: max_seconds={b.max_seconds} exceeded"
         return None
 
-    current = gate.measure(gm)
-    for step_i, step in enumerate(recipe.steps):
-        rule: Rule = get_rule(step.rule)
-        opts = step.options
-        opts_d = opts.model_dump(exclude_defaults=True)
+    def _record(self, rec: Record) -> Record:
+        self.records.append(rec)
+        if self.on_record:
+            self.on_record(rec)
+        return rec
 
-        def note(site, why, info=None):
-            records.append(Record(rule.name, site and site.index, site and site.module, "skipped", why,
-                                  step=step_i, options=opts_d, info=info or {}))
+    def run(self, steps) -> RunResult:
+        t0 = time.perf_counter()
+        current = self.gate.measure(self.gm)
+        for step_i, step in enumerate(steps):
+            rule: Rule = get_rule(step.rule)
+            opts = step.options
+            opts_d = opts.model_dump(exclude_defaults=True)
 
-        alive = [s for s in sites if G.find(gm, s.node) is not None]
-        selected = [s for s in alive if opts.selects(s)]
-        for s in sites:
-            if s not in alive and opts.selects(s):
-                note(s, "site was already rewritten by an earlier step")
-        if not selected:
-            note(None, f"layers={opts.layers!r} selects none of the {len(alive)} remaining sites")
-            continue
-        ordered = rule.plan(ctx, selected, opts) if rule.plan else selected
-        limit = getattr(opts, "max_layers", None)
-        applied_here = 0
-        for site in ordered:
-            if stop := over_budget():
-                return RunResult(records, stop, current)
-            if limit is not None and applied_here >= limit:
-                note(site, f"max_layers={limit} already applied in this step", ctx.info.pop(site.index, {}))
+            def note(sites, why, info=None):
+                self._record(Record(rule.name, tuple(s.index for s in sites), tuple(s.module for s in sites),
+                                    "skipped", why, step=step_i, options=opts_d, info=dict(info or {})))
+
+            alive = [s for s in self.sites if G.find(self.gm, s.node) is not None]
+            selected = [s for s in alive if opts.selects(s)]
+            for s in self.sites:
+                if s not in alive and opts.selects(s):
+                    note([s], "site was already rewritten by an earlier step")
+            if not selected:
+                note([], f"layers={opts.layers!r} selects none of the {len(alive)} remaining sites")
                 continue
-            rec = _rewrite_site(ctx, rule, site, opts, opts_d, gate, current, step_i)
-            records.append(rec)
-            if log:
-                log(rec)
-            if rec.status == "applied":
-                applied_here += 1
-                current = rec._measurement  # type: ignore[attr-defined]
-            if progress:
-                progress()
-    return RunResult(records, "all steps done", current)
+            cands = rule.plan(self.ctx, selected, opts)
+            if opts.by_damage:
+                cands = self._by_damage(rule, cands, opts)
+            limit, applied_here = opts.limit, 0
+            for cand in cands:
+                if stop := self._over_budget(t0):
+                    return RunResult(self.records, stop, current)
+                if limit is not None and applied_here >= limit:
+                    name = "max_applied" if opts.max_applied is not None else "max_layers"
+                    note(cand.sites, f"{name}={limit} already applied in this step", cand.facts)
+                    continue
+                rec = self._record(self._decide(rule, cand, opts, opts_d, current, step_i))
+                if rec.status == "applied":
+                    applied_here += 1
+                    current = rec.measurement
+        return RunResult(self.records, "all steps done", current)
 
-
-def _rewrite_site(ctx: Context, rule: Rule, site: AttentionSite, opts, opts_d, gate: Gate,
-                  current: Measurement, step_i: int) -> Record:
-    gm = ctx.gm
-    t = time.perf_counter()
-    rec = Record(rule.name, site.index, site.module, "rejected", None, metric_before=current.value,
-                 step=step_i, options=opts_d, info=ctx.info.pop(site.index, {}))
-    reason = rule.check(site, opts)
-    if reason:
-        rec.reason, rec.seconds = reason, time.perf_counter() - t
+    def _decide(self, rule: Rule, cand: Candidate, opts, opts_d: dict, current: Measurement, step_i: int) -> Record:
+        t = time.perf_counter()
+        rec = Record(rule.name, tuple(cand.indices), tuple(s.module for s in cand.sites), "rejected", None,
+                     metric_before=current.value, step=step_i, options=opts_d, info=dict(cand.facts))
+        reason = rule.check(cand, opts)
+        if reason:
+            rec.reason, rec.seconds = reason, time.perf_counter() - t
+            return rec
+        tr = self.trial(rule, cand, opts, self.gate.measure)
+        rec.status, rec.reason, rec.seconds, rec.traceback = tr.status, tr.reason, tr.seconds, tr.traceback
+        rec.info.update(tr.facts)
+        if tr.measurement is not None:
+            rec.metric_after, rec.worst_after = tr.measurement.value, tr.measurement.worst
+        if tr.status == "applied":
+            rec.built, rec.measurement = tr.built.tensors, tr.measurement
         return rec
-    snap = snapshot(gm)
-    try:
-        built = rule.build(ctx, site, opts)
-        rec.info.update(ctx.info.pop(site.index, {}))   # what build measured (fit errors, ...)
-        rule.apply(gm, site, built, opts)
+
+
+def replay(gm: fx.GraphModule, sites: list[AttentionSite], records: list[Record]) -> None:
+    """Apply every applied record again from its saved tensors (no calibration, no gate): load()."""
+    by_index = {s.index: s for s in sites}
+    for r in records:
+        if r.status != "applied":
+            continue
+        missing = [i for i in r.sites if i not in by_index]
+        if missing:
+            raise ValueError(f"record of {r.rule} names site(s) {missing}, which the model does not have "
+                             f"(it has {len(sites)} attention sites)")
+        rule = get_rule(r.rule)
+        rule.apply(gm, Candidate(tuple(by_index[i] for i in r.sites), r.info), Built(r.built, r.info),
+                   rule.options(**r.options))
         G.clean(gm)
-        m = gate.measure(gm)
-    except Refused as e:    # build found the site unsuitable: a reason, not a failure
-        restore(gm, snap)
-        rec.reason, rec.seconds = str(e), time.perf_counter() - t
-        rec.info.update(ctx.info.pop(site.index, {}))
-        return rec
-    except Exception as e:  # a failing rule must never leave a half-edited graph behind
-        restore(gm, snap)
-        rec.status = "error"
-        rec.reason = f"{type(e).__name__}: {e}".strip()
-        rec.extra_trace = traceback.format_exc()  # type: ignore[attr-defined]
-        rec.seconds = time.perf_counter() - t
-        return rec
-    rec.metric_after, rec.worst_after = m.value, m.worst
-    if m.ok:
-        rec.status, rec.reason, rec.built = "applied", m.why, built
-        rec._measurement = m  # type: ignore[attr-defined]
-    else:
-        restore(gm, snap)
-        rec.status, rec.reason = "rolled_back", f"gate: {m.why}"
-    rec.seconds = time.perf_counter() - t
-    return rec

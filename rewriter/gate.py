@@ -15,34 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-HIGHER_IS_BETTER = {"embedding_cosine": True, "top1_agreement": True, "relative_rms": False,
-                    "kl": False, "perplexity_ratio": False}
+from .io import ModelIO, PlainIO
 
 
-def main_tensor(out) -> torch.Tensor:
-    """The output a user cares about: logits, else last_hidden_state, else the first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        for key in ("logits", "last_hidden_state"):
-            if out.get(key) is not None:
-                return out[key]
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for x in out:
-            if isinstance(x, torch.Tensor):
-                return x
-            if isinstance(x, (list, tuple, dict)):
-                return main_tensor(x)
-    raise TypeError(f"cannot find a tensor in model output of type {type(out).__name__}")
-
-
-def _valid(batch: dict, y: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool of real tokens (all True without an attention mask or for [B, C] outputs)."""
-    m = batch.get("attention_mask")
-    if y.dim() >= 3 and isinstance(m, torch.Tensor) and m.shape == y.shape[:2]:
-        return m.bool()
-    return torch.ones(y.shape[:2] if y.dim() >= 3 else y.shape[:1], dtype=torch.bool)
+def _valid(io: ModelIO, batch: dict, y: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool of real tokens ([B] for [B, C] outputs), from the model's I/O."""
+    return io.valid_tokens(batch, y).bool()
 
 
 @dataclass
@@ -57,13 +35,15 @@ class Measurement:
         return {"metric": self.metric, "value": self.value, "worst": self.worst, "ok": self.ok}
 
 
-def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_outs: list[torch.Tensor]):
+def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_outs: list[torch.Tensor],
+            io: ModelIO | None = None):
     """Return (value, worst) of `metric` for candidate outputs against reference outputs."""
+    io = io or PlainIO()
     if metric == "embedding_cosine":
         cos = []
         for b, y0, y in zip(batches, ref_outs, new_outs):
             if y0.dim() == 3:
-                w = _valid(b, y0).unsqueeze(-1).to(y0.dtype)
+                w = _valid(io, b, y0).unsqueeze(-1).to(y0.dtype)
                 y0, y = (y0 * w).sum(1) / w.sum(1), (y * w).sum(1) / w.sum(1)
             cos.append(F.cosine_similarity(y0.double(), y.double(), dim=-1))
         c = torch.cat(cos)
@@ -71,14 +51,14 @@ def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_
     if metric == "relative_rms":
         num = den = 0.0
         for b, y0, y in zip(batches, ref_outs, new_outs):
-            v = _valid(b, y0)
+            v = _valid(io, b, y0)
             num += (y - y0).double()[v].pow(2).sum().item()
             den += y0.double()[v].pow(2).sum().item()
         return math.sqrt(num / max(den, 1e-30)), None
     if metric in ("kl", "top1_agreement"):
         tot = n = 0.0
         for b, y0, y in zip(batches, ref_outs, new_outs):
-            v = _valid(b, y0)
+            v = _valid(io, b, y0)
             l0, l1 = y0.double()[v], y.double()[v]
             if metric == "kl":
                 p0 = l0.log_softmax(-1)
@@ -88,53 +68,50 @@ def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_
             n += v.sum().item()
         return tot / max(n, 1), None
     if metric == "perplexity_ratio":
-        return math.exp(_nll(batches, new_outs) - _nll(batches, ref_outs)), None
-    raise ValueError(f"unknown gate metric {metric!r}; allowed: {', '.join(HIGHER_IS_BETTER)}")
+        return math.exp(_nll(batches, new_outs, io) - _nll(batches, ref_outs, io)), None
+    raise ValueError(f"unknown gate metric {metric!r}; allowed: relative_rms, embedding_cosine, kl, "
+                     "top1_agreement, perplexity_ratio")
 
 
-def _nll(batches, outs) -> float:
+def _nll(batches, outs, io: ModelIO) -> float:
     tot = n = 0.0
     for b, logits in zip(batches, outs):
-        ids = b["input_ids"]
-        v = _valid(b, logits)[:, 1:] & _valid(b, logits)[:, :-1]
+        ids = io.labels(b)
+        if ids is None:
+            raise ValueError(f"{io.name}: perplexity needs next-token labels, and this model's I/O gives none "
+                             f"(kind {io.kind!r}); use another gate metric")
+        v = _valid(io, b, logits)[:, 1:] & _valid(io, b, logits)[:, :-1]
         lp = logits[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         tot -= lp[v].sum().item()
         n += v.sum().item()
     return tot / max(n, 1)
 
 
-def perplexity(batches, outs) -> float:
-    return math.exp(_nll(batches, outs))
+def perplexity(batches, outs, io: ModelIO | None = None) -> float:
+    return math.exp(_nll(batches, outs, io or PlainIO()))
 
 
 class Gate:
     """Holds the original model's outputs on a fixed input set and judges candidates against them."""
 
-    def __init__(self, spec, batches: list[dict], reference_outputs: list[torch.Tensor]):
-        self.spec, self.batches, self.ref = spec, batches, reference_outputs
+    def __init__(self, spec, batches: list[dict], reference_outputs: list[torch.Tensor], io: ModelIO | None = None):
+        self.spec, self.batches, self.ref, self.io = spec, batches, reference_outputs, io or PlainIO()
 
     @classmethod
-    def from_model(cls, spec, model, batches):
-        return cls(spec, batches, run(model, batches))
+    def from_model(cls, spec, model, batches, io: ModelIO | None = None):
+        return cls(spec, batches, run(model, batches, io), io)
 
     def measure(self, model) -> Measurement:
-        return self.judge(run(model, self.batches))
+        return self.judge(run(model, self.batches, self.io))
 
     def judge(self, outs: list[torch.Tensor]) -> Measurement:
-        s = self.spec
-        value, worst = compare(s.metric, self.batches, self.ref, outs)
-        fails = []
-        if not math.isfinite(value):
-            fails.append(f"{s.metric} is {value}")
-        if s.min is not None and not value >= s.min:
-            fails.append(f"{s.metric} {value:.4f} < min {s.min}")
-        if s.max is not None and not value <= s.max:
-            fails.append(f"{s.metric} {value:.4f} > max {s.max}")
-        if getattr(s, "min_worst", None) is not None and worst is not None and not worst >= s.min_worst:
-            fails.append(f"worst-sample {s.metric} {worst:.4f} < min_worst {s.min_worst}")
-        return Measurement(s.metric, value, worst, not fails, "; ".join(fails) or "within bound")
+        value, worst = compare(self.spec.metric, self.batches, self.ref, outs, self.io)
+        fails = self.spec.failures(value, worst)
+        return Measurement(self.spec.metric, value, worst, not fails, "; ".join(fails) or "within bound")
 
 
 @torch.no_grad()
-def run(model, batches: list[dict]) -> list[torch.Tensor]:
-    return [main_tensor(model(**b)).detach() for b in batches]
+def run(model, batches: list[dict], io: ModelIO | None = None) -> list[torch.Tensor]:
+    """The main output of `model` on each batch (io.main_output; the first tensor without an io)."""
+    main = (io or PlainIO()).main_output
+    return [main(model(**b)).detach() for b in batches]

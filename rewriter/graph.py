@@ -1,37 +1,202 @@
-"""Graph-edit helpers that rules use; rules never reach into the user's modules.
+"""The graph vocabulary: reading a traced graph, and the edits rules make to it.
 
-Every node an edit creates carries provenance in node.meta["rewriter"] = {"rule", "site"}.
+Reading: `value` / `shape` / `rank` / `dtype` of a node as the trace saw it, `same_size` /
+`same_shape` (sizes that are statically equal, ints or SymInts), `size_hint` (the size traced at),
+`is_data` / `data_inputs` (tensors, not shape arithmetic), `is_op` and the op families
+`CASTS` / `COPIES` with `strip_casts`, `arg`, `const_value`, `attr_value`, `module_path`,
+`node` / `find`, `sdpa_args`. canonicalize, analyze and the rules all speak it, so a word means
+one thing everywhere.
+
+Editing: every node an edit creates carries provenance in node.meta["rewriter"] = {"rule", "site"}.
 Tensors a rule builds are registered on the traced GraphModule as buffers named
-`rw_<rule>_<site>_<key>` and read through get_attr nodes.
+`rw_<rule>_<site>_<key>` and read through get_attr nodes. Rules never reach into the user's modules.
 """
 from __future__ import annotations
 
+import math
+import operator
 import re
+from collections.abc import Callable, Collection
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+CASTS = frozenset({aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default})
+COPIES = frozenset({aten.contiguous.default, aten.clone.default, aten.alias.default})  # the same values
+
+
+# ---------------------------------------------------------------- reading a graph
+
+def find(gm: fx.GraphModule, name: str | None) -> fx.Node | None:
+    """The node called `name`, or None (also for name=None)."""
+    if name is None:
+        return None
+    return next((n for n in gm.graph.nodes if n.name == name), None)
 
 
 def node(gm: fx.GraphModule, name: str) -> fx.Node:
-    for n in gm.graph.nodes:
-        if n.name == name:
-            return n
-    raise KeyError(f"no node named {name!r} in the traced graph")
+    """The node called `name`; KeyError if the graph has none."""
+    n = find(gm, name)
+    if n is None:
+        raise KeyError(f"no node named {name!r} in the traced graph")
+    return n
 
 
-def find(gm: fx.GraphModule, name: str | None) -> fx.Node | None:
-    if name is None:
-        return None
-    for n in gm.graph.nodes:
-        if n.name == name:
-            return n
+def is_op(n, *ops) -> bool:
+    """Whether `n` is a node calling one of `ops`: an op overload (aten.mul.Tensor), an op packet
+    (aten.mul: any of its overloads), a python callable (operator.getitem), or a set of these."""
+    if not (isinstance(n, fx.Node) and n.op == "call_function"):
+        return False
+    t = n.target
+    packet = getattr(t, "overloadpacket", None)
+    for o in ops:
+        group = o if isinstance(o, (set, frozenset, tuple, list)) else (o,)
+        if t in group or (packet is not None and packet in group):
+            return True
+    return False
+
+
+def strip_casts(n, ops: Collection | Callable[[fx.Node], bool] = CASTS):
+    """Follow `n` back through the casts in `ops` to the value's source: dtype casts by default,
+    `CASTS | COPIES` to pass clones too; `ops` may also be a test of a node."""
+    passes = ops if callable(ops) else (lambda m: is_op(m, ops))
+    while isinstance(n, fx.Node) and passes(n) and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def arg(n: fx.Node, i: int, name: str, default=None):
+    """Argument `name` of a call, given at position `i` or by keyword."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def value(n):
+    """What `n` computes as the trace saw it (meta["val"]: a fake tensor, a SymInt, ...); an argument
+    that is not a node (a python number) stands for itself."""
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+def shape(n) -> tuple:
+    v = value(n)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def rank(n) -> int:
+    return len(shape(n))
+
+
+def dtype(n):
+    v = value(n)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def same_size(a, b) -> bool:
+    """Statically equal sizes (ints or SymInts): equal for every input the graph accepts."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - a size we cannot compare is not provably equal
+        return False
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def is_data(n) -> bool:
+    """A node carrying tensor data (not a shape SymInt such as aten.sym_size)."""
+    v = value(n)
+    if v is None:
+        return n.op in ("call_function", "get_attr", "placeholder")
+    return not isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def data_inputs(n: fx.Node) -> list[fx.Node]:
+    return [a for a in n.all_input_nodes if is_data(a)]
+
+
+def size_hint(x) -> int | None:
+    """A concrete int from an int or a SymInt (its hint: the size the graph was traced at)."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            hint = x.node.hint
+            if hint is None:
+                hint = x.node.shape_env.size_hint(x.node.expr)
+            return int(hint)
+        except Exception:
+            return None
     return None
 
 
-def is_op(n: fx.Node, *targets) -> bool:
-    return n.op == "call_function" and n.target in targets
+def module_path(n: fx.Node) -> str:
+    """The module that made `n`, from its nn_module_stack, e.g. "encoder.layer.0.attention.self"."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    return str(last[0] if isinstance(last, (tuple, list)) else last)
+
+
+def attr_value(n: fx.Node):
+    """The tensor (or module) a get_attr node reads, or None if its module has no such attribute."""
+    try:
+        return fetch_attr(n.graph.owning_module, n.target)
+    except AttributeError:
+        return None
+
+
+_UNARY = {aten.sqrt.default: math.sqrt, aten.rsqrt.default: lambda z: 1 / math.sqrt(z),
+          aten.reciprocal.default: lambda z: 1 / z, aten.neg.default: operator.neg, aten.exp.default: math.exp,
+          aten.log.default: math.log, math.sqrt: math.sqrt, torch.sym_float: float, torch.sym_sqrt: math.sqrt}
+_BINARY = {aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul, aten.div.Tensor: operator.truediv,
+           aten.div.Scalar: operator.truediv, aten.add.Tensor: operator.add, aten.sub.Tensor: operator.sub,
+           aten.pow.Tensor_Scalar: operator.pow, aten.pow.Scalar: operator.pow, aten.pow.Tensor_Tensor: operator.pow,
+           operator.mul: operator.mul, operator.truediv: operator.truediv, operator.pow: operator.pow,
+           operator.add: operator.add, operator.sub: operator.sub}
+_SAME_VALUE = CASTS | COPIES | {aten.lift_fresh_copy.default, aten.detach.default, aten.detach_.default,
+                                aten.lift_fresh.default, aten.scalar_tensor.default}
+
+
+def const_value(x) -> float | None:
+    """The value of a constant scalar expression (python number, 0-d constant tensor, sqrt of a
+    static head_dim computed in the graph, a static sym value), or None when it is not constant."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, (torch.SymInt, torch.SymFloat)):
+        return float(x.node.expr) if x.node.expr.is_number else None
+    if not isinstance(x, fx.Node):
+        return None
+    v = x.meta.get("val")
+    if isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool):
+        return const_value(v)
+    if x.op == "get_attr":  # a lifted constant or buffer; a parameter may still be trained, so it is not
+        t = attr_value(x)
+        ok = isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.numel() == 1
+        return float(t.reshape(()).item()) if ok else None
+    if x.op != "call_function":
+        return None
+    t, a = x.target, x.args
+    if t in _SAME_VALUE:
+        return const_value(a[0])
+    if t in _UNARY:
+        z = const_value(a[0])
+        return None if z is None else float(_UNARY[t](z))
+    if t in _BINARY and len(a) == 2:
+        y, z = const_value(a[0]), const_value(a[1])
+        return None if y is None or z is None else float(_BINARY[t](y, z))
+    if t is aten.full.default and all(const_value(s) == 1 for s in a[0]):
+        return const_value(a[1])
+    return None
 
 
 def sdpa_args(n: fx.Node) -> dict:
@@ -43,6 +208,16 @@ def sdpa_args(n: fx.Node) -> dict:
     out.update(n.kwargs)
     return out
 
+
+def fetch_attr(gm: torch.nn.Module, qual: str):
+    """The attribute a get_attr target names, e.g. "layers.0.weight"."""
+    obj = gm
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------- editing a graph
 
 def buffer_name(rule: str, site: int | None, key: str) -> str:
     return re.sub(r"\W", "_", f"rw_{rule}_{'x' if site is None else site}_{key}")
@@ -76,8 +251,7 @@ def rewire(gm: fx.GraphModule, old: fx.Node, replacement: fx.Node) -> None:
 
 
 # Shape guards stay even when unused: they check the symbolic sizes the graph was traced under.
-_KEEP = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range.default,
-         torch.ops.aten.sym_constrain_range_for_size.default}
+_KEEP = {aten._assert_scalar.default, aten.sym_constrain_range.default, aten.sym_constrain_range_for_size.default}
 
 
 def _removable(n: fx.Node) -> bool:
@@ -123,19 +297,19 @@ def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
     result that an input-dependent node uses as a buffer, and drop what becomes dead. Exact (the
     same ops, run once instead of per call); trades memory for speed, e.g. MASA's weights rebuilt
     from atoms and coefficients become dense again. Returns the number of folded results."""
-    value: dict[fx.Node, object] = {}
+    values: dict[fx.Node, object] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            value[n] = fetch_attr(gm, n.target)
+            values[n] = fetch_attr(gm, n.target)
         elif n.op == "call_function" and _removable(n) and not _symbolic(n):
             inputs = n.all_input_nodes
-            if inputs and all(i in value for i in inputs):
-                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: value[a])
+            if inputs and all(i in values for i in inputs):
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: values[a])
                 with torch.no_grad():
-                    value[n] = n.target(*args, **kwargs)
+                    values[n] = n.target(*args, **kwargs)
     folded = 0
-    for n, v in value.items():
-        if n.op == "get_attr" or not isinstance(v, torch.Tensor) or all(u in value for u in n.users):
+    for n, v in values.items():
+        if n.op == "get_attr" or not isinstance(v, torch.Tensor) or all(u in values for u in n.users):
             continue
         name = f"{prefix}_{folded}"
         while hasattr(gm, name):
@@ -146,14 +320,5 @@ def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
     return folded
 
 
-def fetch_attr(gm: torch.nn.Module, qual: str):
-    """The attribute a get_attr target names, e.g. "layers.0.weight"."""
-    obj = gm
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _symbolic(n: fx.Node) -> bool:
-    val = n.meta.get("val")
-    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool))
+    return isinstance(value(n), (torch.SymInt, torch.SymFloat, torch.SymBool))

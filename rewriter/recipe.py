@@ -87,7 +87,7 @@ class _Spec(BaseModel):
 
 
 class CalibrationSpec(_Spec):
-    """Where calibration inputs come from and how many (see rewriter.calibrate.make_calibration)."""
+    """Where calibration inputs come from and how many (see rewriter.models.make_calibration)."""
 
     text: str = Field("bundled", description="bundled | pydoc | path to a .txt (one sample per line "
                       "or paragraph) or .jsonl file (objects with a \"text\" field); relative paths "
@@ -157,19 +157,24 @@ class GateSpec(_Spec):
     def higher_is_better(self) -> bool:
         return GATE_BOUNDS[self.metric][0] == "min"
 
-    def check(self, value: float, worst: float | None = None) -> str | None:
-        """None when `value` (and, for embedding_cosine with min_worst, `worst`) meets the gate,
-        else a sentence saying which bound failed, e.g. "embedding_cosine 0.951 < min 0.97"."""
+    def failures(self, value: float, worst: float | None = None) -> list[str]:
+        """Every bound `value` (and, for embedding_cosine with min_worst, `worst`) breaks, as
+        sentences such as "embedding_cosine 0.951 < min 0.97"; empty when the gate is met."""
         key, bound = self.bound
         if not math.isfinite(value):
-            return f"{self.metric} is {value}"
+            return [f"{self.metric} is {value}"]
+        out = []
         if key == "min" and value < bound:
-            return f"{self.metric} {value:.4g} < min {bound:g}"
+            out.append(f"{self.metric} {value:.4g} < min {bound:g}")
         if key == "max" and value > bound:
-            return f"{self.metric} {value:.4g} > max {bound:g}"
+            out.append(f"{self.metric} {value:.4g} > max {bound:g}")
         if self.min_worst is not None and worst is not None and not worst >= self.min_worst:
-            return f"{self.metric} of the worst sample {worst:.4g} < min_worst {self.min_worst:g}"
-        return None
+            out.append(f"{self.metric} of the worst sample {worst:.4g} < min_worst {self.min_worst:g}")
+        return out
+
+    def check(self, value: float, worst: float | None = None) -> str | None:
+        """None when the gate is met, else its failures joined by "; " (see `failures`)."""
+        return "; ".join(self.failures(value, worst)) or None
 
 
 def _bound_range(metric: str, key: str) -> tuple[float, float, str]:

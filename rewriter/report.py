@@ -9,9 +9,12 @@ gate, calibration, stop_reason, canonicalized, notes, seconds.
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import sympy
+import torch
 
 N = sympy.Symbol("N", positive=True, integer=True)
 
@@ -26,6 +29,58 @@ def projection_flops_per_token(site, d_model: int | None = None) -> sympy.Expr:
     d_model = d_model or site.heads * site.head_dim
     hd = site.head_dim
     return sympy.Integer(2 * d_model * (site.heads + 2 * site.kv_heads) * hd + 2 * site.heads * hd * d_model)
+
+
+def attention_flops(sites, records) -> tuple:
+    """Attention FLOPs per token (cores + projections) before and after, as sympy expressions in N:
+    each applied record swaps its sites' softmax cost for the rule's `cost`."""
+    from .rule import get_rule
+    cost = {s.index: sdpa_flops_per_token(s) + projection_flops_per_token(s) for s in sites}
+    before = after = sum(cost.values(), 0)
+    by_index = {s.index: s for s in sites}
+    for r in records:
+        rule = get_rule(r.rule) if r.status == "applied" else None
+        if rule is not None and rule.cost is not None:
+            opts = rule.options(**r.options)
+            for i in r.sites:
+                after = after - cost[i] + rule.cost(by_index[i], opts)
+    return before, after
+
+
+@torch.no_grad()
+def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
+    """Median wall time (ms) per call of each model on `batch`, after one warm-up call each, the calls
+    interleaved in one process so that load drifts hit all models alike. Benchmarks use it too."""
+    for m in models:
+        m(**batch)
+    times = [[] for _ in models]
+    for _ in range(repeats):
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            m(**batch)
+            times[i].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def latency(original, rewritten, batch: dict) -> dict:
+    """The report's latency entry: both models timed side by side on one calibration batch."""
+    before_ms, after_ms = latency_ms([original, rewritten], batch)
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return {"seq_len": int(first.shape[-1]) if first is not None else None,
+            "batch": int(first.shape[0]) if first is not None else None,
+            "input_shape": list(first.shape) if first is not None else None,
+            "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
+
+
+def unique_numel(module: torch.nn.Module) -> int:
+    """Floating-point parameters and buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen and t.is_floating_point():
+            seen.add(key)
+            total += t.numel()
+    return total
 
 
 @dataclass

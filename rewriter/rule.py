@@ -1,22 +1,28 @@
-"""The Rule contract and the rule registry.
+"""The rule contract and the rule registry.
 
-A rule is data: a name, the paper it implements, whether it is exact, a pydantic model of
-its recipe options, and three functions:
+A rule is data: a name, the paper it implements, whether it is exact, a pydantic model of its
+recipe options, and functions that pass values, never state:
 
-    check(site, opts)              -> None to accept, or a sentence saying why not
-    build(ctx, site, opts)         -> dict[str, Tensor]; pure tensor math, the model untouched
-    apply(gm, site, built, opts)   -> None; edits the traced graph through rewriter.graph helpers
+    plan(ctx, sites, opts)            -> list[Candidate]   optional; default one per site, graph order
+    check(candidate, opts)            -> None to accept, or a sentence saying why not
+    build(ctx, candidate, opts)       -> Built(tensors, facts); pure tensor math, the model untouched
+    apply(gm, candidate, built, opts) -> None; edits the traced graph through rewriter.graph
 
-`plan(ctx, sites, opts)` (optional) orders or ranks the candidate sites (LLM-Drop ranks by
-importance); without it, sites go in graph order. The driver snapshots, gates, records and
-rolls back; rules never do.
+A `Candidate` is the unit of decision: one site, or several that one decision rewrites together
+(a MASA group). What `plan` found travels in `candidate.facts`, what `build` measured in
+`built.facts`; both land in the decision's record. The driver (rewriter/driver.py) owns trial,
+run and replay: rules never snapshot, gate, record or roll back. Third-party rules register the
+way the built-in ones do: `register(Rule(...))` in a module named by the entry-point group
+`rewriter.rules` (pyproject.toml).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .site import AttentionSite
@@ -29,8 +35,16 @@ class StepOptions(BaseModel):
 
     layers: str | list[int] | None = Field(
         default=None,
-        description='Which sites to target: "all" (default), "auto" where the rule supports it, '
-        'a range such as "2-5", a comma list "0,3,5", or a YAML list [0, 3].')
+        description='Which sites to target: "all" (default), a range such as "2-5", a comma list "0,3,5", '
+        'or a YAML list [0, 3]; "auto" is "all" with order: damage.')
+    max_applied: int | None = Field(
+        default=None, ge=1, description="Apply at most this many candidates in this step; omitted = as many "
+        "as the gate allows.")
+    max_layers: int | None = Field(default=None, ge=1, description="Accepted alias of max_applied.")
+    order: Literal["plan", "damage"] = Field(
+        default="plan", description='"plan": the order the rule plans (graph order unless it ranks); '
+        '"damage": each candidate is first built and applied alone on the current model and the relative '
+        "RMS change of the model's output measured, then tried least damaging first.")
 
     @field_validator("layers")
     @classmethod
@@ -39,6 +53,15 @@ class StepOptions(BaseModel):
             if not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", v):
                 raise ValueError(f'layers must be "all", "auto", "A-B", "A,B,C" or a list of ints; got {v!r}')
         return v
+
+    @property
+    def limit(self) -> int | None:
+        """The per-step cap on applied candidates (max_applied, or its alias max_layers)."""
+        return self.max_applied if self.max_applied is not None else self.max_layers
+
+    @property
+    def by_damage(self) -> bool:
+        return self.order == "damage" or self.layers == "auto"
 
     def selects(self, site: AttentionSite) -> bool:
         """Whether `layers` selects this site (matched on site.layer, falling back to site.index)."""
@@ -59,10 +82,59 @@ def parse_layers(v: str | list[int]) -> set[int]:
     return out
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """What one decision rewrites: its sites (graph order within a group) and what plan found."""
+
+    sites: tuple[AttentionSite, ...]
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.sites:
+            raise ValueError("a Candidate needs at least one site")
+        object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
+
+    @property
+    def site(self) -> AttentionSite:
+        """The first site: the one whose index names the candidate's tensors and graph nodes."""
+        return self.sites[0]
+
+    @property
+    def indices(self) -> list[int]:
+        return [s.index for s in self.sites]
+
+
+@dataclass(frozen=True)
+class Built:
+    """What build made: tensors (saved with the model, handed to apply) and facts for the record."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: "Built | dict | None") -> "Built":
+        """A Built from what a build returned (a bare dict of tensors is accepted)."""
+        if isinstance(value, Built):
+            return value
+        if value is None or isinstance(value, dict):
+            return cls(dict(value or {}))
+        raise TypeError(f"build must return Built or a dict of tensors, not {type(value).__name__}")
+
+
 class Refused(Exception):
-    """Raised by a rule's build when what it measured or found rules the site out (a refusal
-    `check` could not make from the site alone): the driver records the site as rejected with
-    this message, not as an error."""
+    """Raised by a rule's build when what it measured or found rules the candidate out (a refusal
+    `check` could not make from the candidate alone): the driver records it as rejected with this
+    message, not as an error. `facts` (what was measured) land in the record."""
+
+    def __init__(self, message: str, facts: dict | None = None):
+        super().__init__(message)
+        self.facts = dict(facts or {})
+
+
+def one_per_site(ctx, sites: list[AttentionSite], opts) -> list[Candidate]:
+    """The default plan: one candidate per selected site, in graph order."""
+    return [Candidate((s,)) for s in sites]
 
 
 @dataclass(frozen=True)
@@ -72,15 +144,16 @@ class Rule:
     summary: str                   # one line: what the rewrite does
     exact: bool                    # exact rewrites may skip the gate; approximate ones never do
     options: type[StepOptions]
-    check: Callable[[AttentionSite, Any], str | None]
-    build: Callable[[Any, AttentionSite, Any], dict]
-    apply: Callable[[Any, AttentionSite, dict, Any], None]
-    plan: Callable[[Any, list[AttentionSite], Any], list[AttentionSite]] | None = None
+    check: Callable[[Candidate, Any], str | None]
+    build: Callable[[Any, Candidate, Any], Built | dict]
+    apply: Callable[[Any, Candidate, Built, Any], None]
+    plan: Callable[[Any, list[AttentionSite], Any], list[Candidate]] = one_per_site
     cost: Callable[[AttentionSite, Any], Any] | None = None   # attention FLOPs/token after the rewrite (sympy, in N)
     kind: Literal["attention", "memory", "structure"] = "attention"
 
 
 RULES: dict[str, Rule] = {}
+_LOADED = False
 
 
 def register(rule: Rule) -> Rule:
@@ -90,9 +163,24 @@ def register(rule: Rule) -> Rule:
     return rule
 
 
+def _load_entry_points() -> None:
+    """Import every module named in the `rewriter.rules` entry-point group (once)."""
+    global _LOADED
+    if _LOADED:
+        return
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="rewriter.rules"):
+        try:
+            ep.load()
+        except Exception as e:
+            raise ImportError(f"the rules of entry point {ep.name!r} ({ep.value}, group rewriter.rules) "
+                              f"failed to import: {type(e).__name__}: {e}") from e
+    _LOADED = True
+
+
 def all_rules() -> dict[str, Rule]:
-    """Every registered rule (importing rewriter.patterns registers the built-in ones)."""
-    import rewriter.patterns  # noqa: F401  (registers on import)
+    """Every registered rule: the built-in ones and third-party ones, through their entry points."""
+    _load_entry_points()
     return dict(sorted(RULES.items()))
 
 

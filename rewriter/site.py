@@ -1,7 +1,8 @@
 """AttentionSite: what the analyzer learned about one canonical SDPA node.
 
 Sites refer to graph nodes by *name*, never by object, so a site stays valid across graph
-snapshots and restores (node names are kept by `Graph.graph_copy`).
+snapshots and restores (node names are kept by `Graph.graph_copy`). A site is frozen: what a rule
+learns about it travels in its Candidate's facts, never back into the site.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 MASK_KINDS = ("none", "padding", "causal", "causal+padding", "arbitrary")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionSite:
     index: int                      # position among the model's attention sites, in graph order
     node: str                       # name of the aten.scaled_dot_product_attention node
@@ -36,7 +37,7 @@ class AttentionSite:
     norm: str = "none"              # "pre" | "post" | "none"
     norm_node: str | None = None    # the pre-norm feeding q/k/v, or the post-norm after the residual add
     branch_output: str | None = None  # the residual add's operand that carries the attention branch
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, hash=False)   # notes, proj_input, gqa_repeat
 
     def summary(self) -> dict:
         """The stable keys the report publishes."""

@@ -1,4 +1,4 @@
-"""Trace an nn.Module to an fx graph with torch.export (non-strict), batch and sequence dynamic.
+"""Trace an nn.Module to an fx graph with torch.export (non-strict), the dims the model's I/O names dynamic.
 
 The traced module is an unlifted GraphModule whose call signature and output pytree equal the
 model's (HF ModelOutputs come back as ModelOutputs). It is traced from a deep copy, so edits to
@@ -12,40 +12,35 @@ import inspect as _inspect
 import torch
 import torch.fx as fx
 
+from .io import ModelIO, PlainIO
+
 
 class TraceError(RuntimeError):
     """torch.export could not trace the model; the message says what it said and what to try."""
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
-    auto = torch.export.Dim.AUTO
-
-    def spec(x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            return None
-        # batch is dim 0; dim 1 is the sequence for token ids, masks and [B, T, D] embeddings;
-        # images ([B, C, H, W]) keep their spatial size static.
-        return {0: auto, 1: auto} if x.dim() in (2, 3) else {0: auto}
-
-    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+def dynamic_shapes(io: ModelIO, model: torch.nn.Module, args: tuple, kwargs: dict):
+    """torch.export dynamic_shapes for the call (args, kwargs): the dims the model's I/O says vary,
+    keyed by forward() parameter name (None where args cannot be named)."""
+    spec = lambda x: io.dynamic_dims(x) if isinstance(x, torch.Tensor) else None  # noqa: E731
+    dyn_args, dyn_kwargs = tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}
+    if not dyn_args:
+        return dyn_kwargs
+    named = dict(zip(_inspect.signature(model.forward).parameters, dyn_args)) | dyn_kwargs
+    return named if len(named) == len(dyn_args) + len(dyn_kwargs) else None
 
 
 def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
-          name: str | None = None, copy_model: bool = True) -> fx.GraphModule:
+          io: ModelIO | None = None, name: str | None = None, copy_model: bool = True) -> fx.GraphModule:
     """Export `model` on example inputs and return the unlifted GraphModule."""
     kwargs = dict(kwargs or {})
-    name = name or type(model).__name__
+    io = io or PlainIO(name or type(model).__name__)
+    name = name or io.name
     subject = copy.deepcopy(model) if copy_model else model
     subject.eval()
-    cfg = getattr(subject, "config", None)
-    if getattr(cfg, "use_cache", False):
-        cfg.use_cache = False   # a KV-cache object in the outputs cannot be exported; this is the copy's config
-    dyn_args, dyn_kwargs = _dynamic_shapes(subject, tuple(args), kwargs)
+    io.prepare_trace(subject)      # e.g. no KV cache in the outputs: this is the copy, never the user's module
     try:
-        params = _inspect.signature(subject.forward).parameters
-        dynamic = dict(zip(params, dyn_args)) | dyn_kwargs if dyn_args else dyn_kwargs
-        if dyn_args and len(dynamic) != len(dyn_args) + len(dyn_kwargs):
-            dynamic = None
+        dynamic = dynamic_shapes(io, subject, tuple(args), kwargs)
         with torch.no_grad():
             ep = torch.export.export(subject, tuple(args), kwargs, strict=False,
                                      dynamic_shapes=dynamic if dynamic else None)

@@ -37,6 +37,13 @@ def llama():
 
 
 @pytest.fixture(scope="session")
+def vit():
+    """Tiny seeded ViT (32x32 RGB, 4x4 patches: 65 tokens, fixed)."""
+    from rewriter.models import load_model
+    return load_model("vit")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     from rewriter.models import load_model
     return load_model("smollm2")

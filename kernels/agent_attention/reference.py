@@ -1,7 +1,7 @@
 """Agent attention, the readable fp32 ground truth.
 
 Han et al., "Agent Attention: On the Integration of Softmax and Linear Attention", ECCV 2024,
-arXiv:2312.08874 (code: LeapLabTHU/Agent-Attention). n ≪ N agent tokens A first aggregate
+arXiv:2312.08874. n ≪ N agent tokens A first aggregate
 the values, then broadcast them back to every query:
 
     V_A = softmax(A Kᵀ · s₁ + B₁) V          agents as queries   [n, Dv]   (padded keys excluded)

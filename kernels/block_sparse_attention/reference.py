@@ -10,7 +10,7 @@ attention, only to the key blocks listed in `block_table[b, h, i, :]` (-1 = unus
     lse_i = log Σ_{j visible} exp(q_i·k_j·scale)             (-inf when no key is visible)
 
 This file materializes the dense [T_q, T_k] mask on purpose: it is the definition, not the
-fast path (the CPU impl in __init__.py and the Triton kernel never build it).
+fast path (the CPU impl in cpu.py and the Triton kernel never build it).
 """
 from __future__ import annotations
 

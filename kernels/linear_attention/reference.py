@@ -11,9 +11,7 @@ own sum. The references below compute that expanded form, which is O(T²) but sh
 and no summation order with the chunked fast paths, so it is an independent check of them.
 
 The hybrid is LoLCATs' sliding window + linear attention (Zhang et al., "LoLCATs: On Low-Rank
-Linearizing of Large Language Models", arXiv:2410.10254, §3.2 eq. 6), following the official
-code, HazyResearch/lolcats src/model/linear_attention/linear_window_attention_sw.py,
-`hybrid_attention_quadratic`:
+Linearizing of Large Language Models", arXiv:2410.10254, §3.2 eq. 6):
 
     O_i = (Σ_{j∈W(i)} e^{s_ij − m_i} V_j + mix_h Σ_{j∈L(i)} φ(Q_i)·φ(K_j) V_j)
           / (Σ_{j∈W(i)} e^{s_ij − m_i}     + mix_h Σ_{j∈L(i)} φ(Q_i)·φ(K_j) + eps)

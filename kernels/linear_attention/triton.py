@@ -2,7 +2,7 @@
 
 Katharopoulos et al. 2020 (arXiv:2006.16236): O_i = φ(Q_i)ᵀ S_i / (φ(Q_i)ᵀ z_i + eps),
 S = Σ_j φ(K_j) V_jᵀ, z = Σ_j φ(K_j). Three forms, as in flash-linear-attention's `chunk` /
-`fused_recurrent` split (fla/ops/linear_attn):
+`fused_recurrent` split:
 
   non-causal   two GEMMs: `linear_attention_kv_fwd_kernel` builds S, z per (batch, kv head);
                `linear_attention_fwd_kernel` computes φQ S / (φQ z + eps) per query block.

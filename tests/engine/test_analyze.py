@@ -20,6 +20,8 @@ from rewriter.trace import trace
 
 transformers = pytest.importorskip("transformers")
 
+MASKS = {"attention_mask"}   # the inputs HF models take attention masks in (what io.mask_inputs() says)
+
 
 # ---- helpers -------------------------------------------------------------------------------------
 
@@ -68,7 +70,7 @@ def minilm_graph():
 
 def test_minilm(minilm_graph):
     gm = minilm_graph
-    sites = analyze(gm)
+    sites = analyze(gm, mask_inputs=MASKS)
     assert len(sites) == 6
     assert [s.layer for s in sites] == list(range(6))
     assert [s.index for s in sites] == list(range(6))
@@ -118,7 +120,7 @@ def test_smollm2(smollm2_graph):
     from, so at run time it can hold padding: the site's mask is "causal+padding". (Without an
     attention_mask input the same model gives "causal"; see test_tiny_llama.)"""
     gm = smollm2_graph
-    sites = analyze(gm)
+    sites = analyze(gm, mask_inputs=MASKS)
     assert len(sites) == 30
     assert [s.layer for s in sites] == list(range(30))
     params = dict(gm.named_parameters())
@@ -164,7 +166,7 @@ def _llama():
 def test_tiny_bert(with_mask):
     kw = {"input_ids": _ids()} | ({"attention_mask": _padded_mask()} if with_mask else {})
     gm = trace(_bert(), (), kw)
-    sites = analyze(gm)
+    sites = analyze(gm, mask_inputs=MASKS)
     assert len(sites) == 2
     for i, s in enumerate(sites):
         assert (s.module, s.layer) == (f"encoder.layer.{i}.attention.self", i)
@@ -179,7 +181,7 @@ def test_tiny_bert(with_mask):
 def test_tiny_gpt2_fused_qkv(with_mask):
     kw = {"input_ids": _ids(), "use_cache": False} | ({"attention_mask": _padded_mask()} if with_mask else {})
     gm = trace(_gpt2(), (), kw)
-    sites = analyze(gm)
+    sites = analyze(gm, mask_inputs=MASKS)
     assert len(sites) == 2
     for i, s in enumerate(sites):
         assert (s.module, s.layer) == (f"h.{i}.attn", i)
@@ -197,7 +199,7 @@ def test_tiny_gpt2_fused_qkv(with_mask):
 def test_tiny_llama_gqa(with_mask):
     kw = {"input_ids": _ids(), "use_cache": False} | ({"attention_mask": _padded_mask()} if with_mask else {})
     gm = trace(_llama(), (), kw)
-    sites = analyze(gm)
+    sites = analyze(gm, mask_inputs=MASKS)
     assert len(sites) == 2
     for i, s in enumerate(sites):
         assert (s.module, s.layer) == (f"model.layers.{i}.self_attn", i)
@@ -242,11 +244,11 @@ def test_canonicalized_eager_matches_sdpa(family):
         return model
 
     kw = {"input_ids": _ids(), "attention_mask": _padded_mask()} | ({"use_cache": False} if family == "llama" else {})
-    ref = analyze(trace(build("sdpa"), (), kw))
+    ref = analyze(trace(build("sdpa"), (), kw), mask_inputs=MASKS)
     gm = trace(build("eager"), (), kw)
     canonicalize(gm)
     G.clean(gm)
-    got = analyze(gm)
+    got = analyze(gm, mask_inputs=MASKS)
     assert [s.summary() for s in got] == [s.summary() for s in ref]
     for s, r in zip(got, ref):
         assert (s.q_weight, s.k_weight, s.v_weight, s.o_weight) == (r.q_weight, r.k_weight, r.v_weight, r.o_weight)
@@ -324,22 +326,31 @@ def test_mask_kinds(mask, expected):
         kw = {"x": x, "aux": torch.tensor([8, 5])}
     else:
         kw = {"x": x}
-    block = _Block(mask)
-    if mask == "key_padding":
-        # name the input like an attention mask, as HF models do
-        class Named(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.block = block
-
-            def forward(self, x, padding_mask):
-                return self.block(x, padding_mask)
-        block, kw = Named(), {"x": x, "padding_mask": kw["aux"]}
-    (site,) = analyze(trace(block, (), kw))
+    # the key-padding input is declared an attention mask (as io.mask_inputs() declares HF's attention_mask)
+    (site,) = analyze(trace(_Block(mask), (), kw), mask_inputs={"aux"} if mask == "key_padding" else ())
     assert site.mask == expected, site.extra["notes"]
     assert site.scale == pytest.approx(0.3)
     if expected == "arbitrary":
         assert any("mask" in note for note in site.extra["notes"])
+
+
+def test_mask_inputs_are_declared_not_guessed():
+    """A mask input is one the caller names in mask_inputs, whatever it is called: an undeclared
+    input named like a mask makes the mask "arbitrary", a declared one with any name "padding"."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = _Block("key_padding")
+
+        def forward(self, x, padding_mask):
+            return self.block(x, padding_mask)
+
+    gm = trace(Named(), (), {"x": torch.randn(2, 8, 32), "padding_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])})
+    (guessed,) = analyze(gm)
+    assert guessed.mask == "arbitrary"
+    assert any("padding_mask, which are not attention masks" in note for note in guessed.extra["notes"])
+    (declared,) = analyze(gm, mask_inputs={"padding_mask"})
+    assert declared.mask == "padding" and declared.extra["notes"] == []
 
 
 @pytest.mark.parametrize("norm", ["rms", "ln"])

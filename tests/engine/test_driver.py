@@ -6,20 +6,22 @@ import torch
 
 from rewriter import graph as G
 from rewriter import load, optimize
-from rewriter.rule import RULES, Refused, Rule, StepOptions, register
+from rewriter.rule import RULES, Built, Refused, Rule, StepOptions, register
 
 
 class _Opts(StepOptions):
     pass
 
 
-def _zero_attention(gm, site, built, opts):
+def _zero_attention(gm, c, built, opts):
     """Damaging edit: the attention output becomes its query scaled by 100."""
+    site = c.site
     n = G.node(gm, site.node)
     G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 100.0), rule="_damage", site=site.index)
 
 
-def _half_edit_then_raise(gm, site, built, opts):
+def _half_edit_then_raise(gm, c, built, opts):
+    site = c.site
     n = G.node(gm, site.node)
     G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 0.0), rule="_boom", site=site.index)
     raise RuntimeError("rule failed halfway through its edit")
@@ -31,11 +33,11 @@ for _name, _apply in (("_damage", _zero_attention), ("_boom", _half_edit_then_ra
                       check=lambda s, o: None, build=lambda c, s, o: {}, apply=_apply))
 
 
-def _refuse_odd_sites(ctx, site, opts):
-    ctx.info.setdefault(site.index, {})["measured"] = site.index
-    if site.index % 2:
-        raise Refused(f"site {site.index} measured unsuitable")
-    return {}
+def _refuse_odd_sites(ctx, c, opts):
+    facts = {"measured": c.site.index}
+    if c.site.index % 2:
+        raise Refused(f"site {c.site.index} measured unsuitable", facts)
+    return Built({}, facts)
 
 
 if "_refuse" not in RULES:
@@ -112,7 +114,7 @@ def test_torch_compile_runs_on_result(bert):
 def test_gate_judges_on_validation_samples_when_asked(bert):
     """With calibration.validation, each record's gate metric is the one measured on the
     validation batches (never fitted on), and the report says so."""
-    from rewriter.calibrate import make_calibration
+    from rewriter.models import make_calibration
     from rewriter.gate import Gate
     from rewriter.recipe import GateSpec
     rec = _recipe({"drop_attention": {"max_layers": 1}}, min=0.0)
@@ -121,8 +123,8 @@ def test_gate_judges_on_validation_samples_when_asked(bert):
     opt = optimize(bert, rec, calibration=calib, measure_latency=False, progress=False)
     (applied,) = [r for r in opt.report.records if r.status == "applied"]
     spec = GateSpec(metric="embedding_cosine", min=0.0)
-    on_val = Gate.from_model(spec, bert.model, calib.validation).measure(opt)
-    on_cal = Gate.from_model(spec, bert.model, calib.batches).measure(opt)
+    on_val = Gate.from_model(spec, bert.model, calib.validation, bert).measure(opt)
+    on_cal = Gate.from_model(spec, bert.model, calib.batches, bert).measure(opt)
     assert applied.metric_after == pytest.approx(on_val.value, abs=1e-6)
     assert on_val.value != pytest.approx(on_cal.value, abs=1e-6)
     assert "gate judged on 1 validation batches" in str(opt.report)

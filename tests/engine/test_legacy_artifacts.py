@@ -30,3 +30,17 @@ def test_legacy_artifact_loads_with_identical_outputs(name):
     with torch.no_grad():
         assert torch.equal(_digest(opt(**opt.example[1])), expected["example"])
         assert torch.equal(_digest(opt(**other)), expected["other"])
+
+
+def test_demo_recipe_gives_the_records_it_gave_before(minilm):
+    """`rewriter run examples/recipes/minilm-drop.yaml` (the demo) decides exactly as it did before the
+    redesign: the same sites in the same order, statuses, metrics, options, built tensors and facts."""
+    import json
+
+    from rewriter import optimize
+    root = Path(__file__).parents[2]
+    old = json.loads((LEGACY / "minilm-drop-records.json").read_text())
+    opt = optimize(minilm, root / "examples" / "recipes" / "minilm-drop.yaml", progress=False, measure_latency=False)
+    new = [{k: r[k] for k in old["records"][0]} for r in (r.to_dict() for r in opt.records)]
+    assert new == old["records"]
+    assert opt.report.heldout == old["heldout"]

@@ -234,7 +234,7 @@ def test_unknown_option_lists_the_rules_options(tmp_path):
     p = write(tmp_path, "steps:\n  - _test_rule: {max_layer: 2}\n")
     e = error_of(p)
     assert str(e) == (f"{p}: steps[0]._test_rule.max_layer: unknown option (did you mean 'max_layers'?); "
-                      "allowed: layers, max_layers, order")
+                      "allowed: layers, max_applied, max_layers, order")
 
 
 @pytest.mark.parametrize("opts,message", [
@@ -244,7 +244,7 @@ def test_unknown_option_lists_the_rules_options(tmp_path):
                           "allowed: 'importance' or 'graph'"),
     ({"layers": "x-y"}, 'steps[0]._test_rule.layers: layers must be "all", "auto", "A-B", "A,B,C" or a list of ints'),
     ({"layers": 3.5}, "steps[0]._test_rule.layers: invalid value 3.5 (number); allowed: Which sites to target"),
-    (7, "steps[0]._test_rule: options must be a mapping (or empty), got 7 (integer); allowed: layers, max_layers, order"),
+    (7, "steps[0]._test_rule: options must be a mapping (or empty), got 7 (integer); allowed: layers, max_applied, max_layers, order"),
 ])
 def test_bad_option_values(opts, message):
     e = error_of({"steps": [{"_test_rule": opts}]})
@@ -338,7 +338,7 @@ def test_schema_describes_every_rule_and_section():
     assert {"_test_rule", "drop_attention"} <= set(by_rule)
     ref = by_rule["_test_rule"]["properties"]["_test_rule"]["anyOf"][0]["$ref"]
     opts = s["$defs"][ref.rsplit("/", 1)[1]]
-    assert set(opts["properties"]) == {"layers", "max_layers", "order"} and opts["additionalProperties"] is False
+    assert set(opts["properties"]) == {"layers", "max_applied", "max_layers", "order"} and opts["additionalProperties"] is False
     cal_ref = s["properties"]["calibration"]["anyOf"][0]["$ref"].rsplit("/", 1)[1]
     assert s["$defs"][cal_ref]["properties"]["samples"]["exclusiveMinimum"] == 0
     gate_ref = s["properties"]["gate"]["anyOf"][0]["$ref"].rsplit("/", 1)[1]

@@ -1,16 +1,17 @@
 """rewriter::block_sparse_attention(_lse): Triton kernel (interpreter mode on CPU) and CPU impl vs
-the dense-mask reference, exactness with every block listed, BiFormer routing table, lse merge,
-gradients, torch.export / torch.compile / ONNX."""
+the dense-mask reference, exactness with every block listed, lse merge, gradients,
+torch.export / torch.compile / ONNX of a routed call. The tables come from the run-time BiFormer
+routing (rewriter.kernels.routed_attention.route_blocks), whose own tests are test_routed_attention.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rewriter.kernels as K
 from rewriter.kernels.block_sparse_attention import (
-    block_means, block_sparse_attention, block_sparse_attention_lse, block_sparse_attention_ref,
-    topk_block_table,
+    block_sparse_attention, block_sparse_attention_lse, block_sparse_attention_ref,
 )
 from rewriter.kernels.block_sparse_attention.triton import block_sparse_attention_triton
+from rewriter.kernels.routed_attention import route_blocks
 
 # Relative RMS error bounds. fp32: the kernels only reorder fp32 sums (online softmax over
 # blocks vs one dense softmax); observed ≈ 1e-7, bound 1e-5. bf16: the reference gets the same
@@ -54,7 +55,7 @@ CASES = [  # (B, H, Hkv, T, D, block_size, causal, masked)
 def test_triton_kernel_matches_reference(B, H, Hkv, T, D, bs, causal, masked, dtype):
     q, k, v = make_inputs(B, H, Hkv, T, D, dtype)
     key_mask = padding_mask(B, T) if masked else None
-    table = topk_block_table(q, k, bs, topk=1, causal=causal, sink_blocks=[0], key_mask=key_mask)
+    table = route_blocks(q, k, key_mask, block_size=bs, topk=1, causal=causal, sinks=("first",))
     assert (table < 0).any(), "the routing must leave blocks out, or this is not a sparse test"
     out = torch.full((B, H, T, D), float("nan"), dtype=dtype)
     out, lse = block_sparse_attention_triton(q, k, v, table, bs, causal, key_mask, D ** -0.5, out=out)
@@ -70,7 +71,7 @@ def test_triton_kernel_matches_reference(B, H, Hkv, T, D, bs, causal, masked, dt
 def test_cpu_impl_matches_reference(B, H, Hkv, T, D, bs, causal, masked):
     q, k, v = make_inputs(B, H, Hkv, T, D, Dv=D + 4)
     key_mask = padding_mask(B, T) if masked else None
-    table = topk_block_table(q, k, bs, topk=2, causal=causal, key_mask=key_mask)
+    table = route_blocks(q, k, key_mask, block_size=bs, topk=2, causal=causal, sinks=())
     out, lse = block_sparse_attention_lse(q, k, v, table, bs, causal=causal, key_mask=key_mask)
     ref, ref_lse = block_sparse_attention_ref(q, k, v, table, bs, causal, key_mask)
     assert rel_rms(out, ref) <= TOL[torch.float32]
@@ -84,7 +85,7 @@ def test_every_block_listed_is_exact_attention(causal):
     q, k, v = make_inputs(B, H, Hkv, T, D)
     key_mask = torch.ones(B, T, dtype=torch.bool)
     key_mask[1, 50:] = False                     # right padding: every query row sees a key
-    table = topk_block_table(q, k, bs, topk=T, causal=causal, key_mask=key_mask)
+    table = route_blocks(q, k, key_mask, block_size=bs, topk=T, causal=causal, sinks=())
     mask = key_mask[:, None, None, :] & (torch.ones(T, T, dtype=torch.bool).tril() if causal else True)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     out = block_sparse_attention(q, k, v, table, bs, causal=causal, key_mask=key_mask)
@@ -97,45 +98,12 @@ def test_rows_with_no_visible_key_are_zero():
     B, H, T, D, bs = 3, 2, 40, 16, 8
     q, k, v = make_inputs(B, H, H, T, D)
     key_mask = padding_mask(B, T)                # sample 2: keys 0..9 padded -> rows 0..9 see nothing
-    table = topk_block_table(q, k, bs, topk=10, causal=True, key_mask=key_mask)
+    table = route_blocks(q, k, key_mask, block_size=bs, topk=10, causal=True, sinks=())
     for out, lse in (block_sparse_attention_lse(q, k, v, table, bs, causal=True, key_mask=key_mask),
                      block_sparse_attention_triton(q, k, v, table, bs, True, key_mask, D ** -0.5)):
         assert not out.isnan().any()
         assert (out[2, :, :10] == 0).all() and torch.isneginf(lse[2, :, :10]).all()
         assert (out[2, :, 10:].abs().sum(-1) > 0).all() and lse[2, :, 10:].isfinite().all()
-
-
-def test_block_means_exclude_padding_and_ragged_tail():
-    x = torch.randn(2, 3, 10, 4)
-    key_mask = torch.tensor([[1] * 10, [1] * 5 + [0] * 5], dtype=torch.bool)
-    m = block_means(x, 4, key_mask)              # blocks [0,4) [4,8) [8,10)
-    assert m.shape == (2, 3, 3, 4)
-    torch.testing.assert_close(m[0, :, 2], x[0, :, 8:10].mean(1))
-    torch.testing.assert_close(m[1, :, 1], x[1, :, 4:5].mean(1))
-    assert (m[1, :, 2] == 0).all()               # no valid token in the block
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_topk_block_table_is_biformer_routing(causal):
-    B, H, Hkv, T, D, bs, topk, sinks = 2, 4, 2, 70, 8, 8, 2, [0]
-    q, k, _ = make_inputs(B, H, Hkv, T, D, seed=3)
-    key_mask = torch.ones(B, T, dtype=torch.bool)
-    key_mask[1, 60:] = False                     # sample 1: key block 8 (64..69) is all padding
-    table = topk_block_table(q, k, bs, topk, causal=causal, sink_blocks=sinks, key_mask=key_mask)
-    n_blocks = -(-T // bs)
-    assert table.dtype == torch.int32 and table.shape == (B, H, n_blocks, topk + 2)
-    affinity = block_means(q, bs) @ block_means(k, bs, key_mask).repeat_interleave(H // Hkv, 1).transpose(-1, -2)
-    for b in range(B):
-        for h in range(H):
-            for i in range(n_blocks):
-                row = table[b, h, i].tolist()
-                listed = [j for j in row if j >= 0]
-                assert listed == sorted(listed) and row[len(listed):] == [-1] * (len(row) - len(listed))
-                allowed = [j for j in range(n_blocks) if (not causal or j <= i)
-                           and key_mask[b, j * bs:(j + 1) * bs].any()]
-                forced = {j for j in [i, *sinks] if j in allowed}
-                others = sorted((j for j in allowed if j not in forced), key=lambda j: -affinity[b, h, i, j])
-                assert set(listed) == forced | set(others[:topk]), (b, h, i)
 
 
 def test_lse_merges_disjoint_block_sets_into_full_attention():
@@ -170,7 +138,7 @@ class _Routed(torch.nn.Module):
     """What a routing rule puts in the graph: table from the block means, then the op."""
 
     def forward(self, q, k, v, key_mask):
-        table = topk_block_table(q, k, 16, 1, causal=False, sink_blocks=[0], key_mask=key_mask)
+        table = route_blocks(q, k, key_mask, block_size=16, topk=1, sinks=("first",))
         out, lse = block_sparse_attention_lse(q, k, v, table, 16, key_mask=key_mask)
         return out * 2.0, lse
 
@@ -253,7 +221,7 @@ def test_cpu_impl_with_per_head_row_counts_matches_reference(B, H, Hkv, T, D, bs
     anywhere in a row: the CPU path groups heads by width and must still equal the reference."""
     q, k, v = make_inputs(B, H, Hkv, T, D, Dv=D + 4, seed=3)
     key_mask = padding_mask(B, T) if masked else None
-    table = topk_block_table(q, k, bs, topk=3, causal=causal, key_mask=key_mask).clone()
+    table = route_blocks(q, k, key_mask, block_size=bs, topk=3, causal=causal, sinks=()).clone()
     table[:, 0, :, 1:] = -1                               # head 0: one block per row
     table[:, 1, :, 0] = -1                                # head 1: -1 first, then its blocks
     assert len({int((table[:, h] >= 0).sum(-1).max()) for h in range(H)}) > 1

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import rewriter.kernels
-from rewriter.kernels import linear_attention as LA
+from rewriter.kernels.linear_attention import cpu as CPU
 from rewriter.kernels.linear_attention import reference as R
 
 try:
@@ -121,7 +121,7 @@ def test_triton_wrapper_refuses_cpu_without_interpreter(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("T", [63, 150])
 def test_linear_attention_op(T, causal, chunk, monkeypatch):
-    monkeypatch.setattr(LA, "CHUNK", chunk)            # T=150 with chunk 16: ten chunks carried
+    monkeypatch.setattr(CPU, "CHUNK", chunk)           # T=150 with chunk 16: ten chunks carried
     x, mask = inputs(3, 6, 2, T, 40, 60, masked=True)
     out = torch.ops.rewriter.linear_attention(x["fq"], x["fk"], x["v"], mask, causal, 1e-6)
     ref = R.linear_attention(x["fq"], x["fk"], x["v"], mask, causal, 1e-6)
@@ -239,7 +239,7 @@ def _double(x):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_linear_attention_gradcheck(causal, monkeypatch):
-    monkeypatch.setattr(LA, "CHUNK", 4)                  # T=9: three chunks, carried state in the graph
+    monkeypatch.setattr(CPU, "CHUNK", 4)                 # T=9: three chunks, carried state in the graph
     x, mask = inputs(2, 4, 2, 9, 3, 2, masked=True)
     x = _double(x)
     fn = lambda fq, fk, v: torch.ops.rewriter.linear_attention(fq, fk, v, mask, causal, 1e-6)

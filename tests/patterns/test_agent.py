@@ -7,9 +7,8 @@ import torch
 from rewriter import load, optimize
 from rewriter import graph as G
 from rewriter.driver import Context
-from rewriter.gate import main_tensor
-from rewriter.kernels.agent_attention import agent_attention_ref, agent_bias, agent_windows, pool_agents
-from rewriter.patterns.agent import agent_block
+from rewriter.kernels.agent_attention import agent_attention_ref, agent_bias, agent_block, agent_windows, pool_agents
+from rewriter.models import main_output as main_tensor
 
 CAL = {"samples": 16, "seq_len": 32, "batch_size": 8, "heldout": 8}
 

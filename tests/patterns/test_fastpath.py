@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from rewriter import load, optimize
-from rewriter.gate import main_tensor
 from rewriter.kernels.causal_attention import plain_causal
+from rewriter.models import main_output as main_tensor
 
 RECIPE = {"calibration": {"samples": 8, "seq_len": 32, "batch_size": 4, "heldout": 4},
           "gate": {"metric": "relative_rms", "max": 1e-5}, "steps": [{"causal_fastpath": {}}]}

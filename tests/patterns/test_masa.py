@@ -11,7 +11,7 @@ import torch.nn as nn
 import rewriter
 from rewriter import graph as G
 from rewriter import optimize
-from rewriter.api import _unique_numel
+from rewriter.report import unique_numel as _unique_numel
 from rewriter.calibrate import Calibration
 from rewriter.patterns import _masa_math as MM
 from rewriter.trace import trace
@@ -33,7 +33,7 @@ def _applied(opt):
 
 def _dense(loaded, batch):
     """The traced, un-rewritten model as the engine sees it (clean drops what export left unused)."""
-    gm = trace(loaded.model, (), batch)
+    gm = trace(loaded.model, (), batch, io=loaded)
     G.clean(gm)
     return gm
 

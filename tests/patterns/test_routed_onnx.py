@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rewriter import optimize
-from rewriter.gate import main_tensor
 from rewriter.models import load_model
+from rewriter.models import main_output as main_tensor
 
 CASES = {
     "bert": [{"block_routing": {"block_size": 4, "topk": 1, "layers": "0-1"}},

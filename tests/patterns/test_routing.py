@@ -9,9 +9,9 @@ import torch.nn as nn
 from rewriter import graph as G
 from rewriter import inspect, load, optimize
 from rewriter.calibrate import Calibration
-from rewriter.gate import main_tensor
 from rewriter.kernels.block_sparse_attention import dense_block_mask
-from rewriter.patterns import _routing as R
+from rewriter.models import main_output as main_tensor
+from rewriter.kernels.routed_attention import block_routing as R
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 CAL = {"samples": 16, "seq_len": 32, "batch_size": 8, "heldout": 8}

@@ -1,0 +1,168 @@
+"""Linear attention in PyTorch, the efficient form: the CPU impl of the ops, and what their
+backward ops differentiate (torch.func.vjp through these functions).
+
+    non-causal   two GEMMs: S = φKᵀV, z = Σ φK, then φQ S / (φQ z + eps)
+    causal       chunks of CHUNK tokens: tril(φQ φKᵀ) V within a chunk, φQ·S across chunks with S
+                 the exclusive prefix sum of the per-chunk φKᵀV
+    hybrid       LoLCATs: banded exact softmax over the last `window` keys + the chunked linear
+                 terms of the keys before it, one normalizer (reference.py states the math)
+    step         S += φk vᵀ, z += φk, o = φq S / (φq z + eps)
+
+GQA without repeated K/V or state: a kv head's G query heads are stacked as rows of one GEMM.
+Accumulation is fp32 for half types (float64 stays float64 for gradcheck); outputs take v's
+dtype, the step's new state the state's dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK = 64   # CPU chunk length: balances the intra-chunk C² term against the F·D state term
+             # (F = D = 64 makes both ~equal); chosen by reasoning, not a sweep
+
+
+def _acc(x: Tensor) -> Tensor:
+    """Accumulation dtype: fp32 for half types, else unchanged (float64 stays float64 for gradcheck)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _mask_keys(fk: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    if key_mask is None:
+        return fk, v
+    real = key_mask[:, None, :, None]                                   # [B, 1, Tk, 1]
+    return fk.masked_fill(~real, 0.0), v.masked_fill(~real, 0.0)
+
+
+def _fold_groups(x: Tensor, n: int, C: int) -> Tensor:
+    """[B, Hkv, G, n·C, X] -> [B, Hkv, n, G·C, X]: a chunk's G query heads stacked as rows, so
+    every product below has equal batch dims (a broadcast matmul would copy K/V/S G times)."""
+    B, Hkv, G, _, X = x.shape
+    return x.reshape(B, Hkv, G, n, C, X).transpose(2, 3).reshape(B, Hkv, n, G * C, X)
+
+
+def _unfold_groups(x: Tensor, G: int, T: int) -> Tensor:
+    """[B, Hkv, n, G·C, X] -> [B, Hkv, G, T, X] (inverse of _fold_groups, padding dropped)."""
+    B, Hkv, n, GC, X = x.shape
+    return x.reshape(B, Hkv, n, G, GC // G, X).transpose(2, 3).reshape(B, Hkv, G, -1, X)[:, :, :, :T]
+
+
+def _causal_linear_terms(fq: Tensor, fk: Tensor, v: Tensor, shift: int = 0) -> tuple[Tensor, Tensor]:
+    """Σ_{j ≤ i−shift} (φq_i·φk_j) v_j and Σ_{j ≤ i−shift} φq_i·φk_j, chunked.
+
+    fq [B, Hkv, G, T, F], fk [B, Hkv, T, F], v [B, Hkv, T, D] (padded keys already zeroed) ->
+    numerator [B, Hkv, G, T, D], denominator [B, Hkv, G, T]. Within a chunk tril(φQ φKᵀ) V;
+    across chunks φQ·S with S the exclusive prefix sum of per-chunk φKᵀV.
+    """
+    B, Hkv, G, T, F = fq.shape
+    D = v.shape[-1]
+    if shift >= T:
+        return fq.new_zeros(B, Hkv, G, T, D), fq.new_zeros(B, Hkv, G, T)
+    if shift > 0:                                      # key j' = j + shift: j ≤ i − shift ⟺ j' ≤ i
+        fk = torch.nn.functional.pad(fk[:, :, :T - shift], (0, 0, shift, 0))
+        v = torch.nn.functional.pad(v[:, :, :T - shift], (0, 0, shift, 0))
+    C = min(CHUNK, T)
+    n = -(-T // C)
+    pad = n * C - T
+    fq = torch.nn.functional.pad(fq, (0, 0, 0, pad))
+    q = _fold_groups(fq, n, C)                                          # [B, Hkv, n, G·C, F]
+    k = torch.nn.functional.pad(fk, (0, 0, 0, pad)).reshape(B, Hkv, n, C, F)
+    vv = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(B, Hkv, n, C, D)
+    r = torch.arange(G * C, device=fq.device)[:, None] % C              # query offset in chunk
+    tril = r >= torch.arange(C, device=fq.device)[None, :]              # [G·C, C]
+    A = (q @ k.transpose(-1, -2)).masked_fill_(~tril, 0.0)             # [B, Hkv, n, G·C, C]
+    num = A @ vv                                                        # [B, Hkv, n, G·C, D]
+    den = A.sum(-1, keepdim=True)                                       # [B, Hkv, n, G·C, 1]
+    if n > 1:
+        kv = k.transpose(-1, -2) @ vv                                   # [B, Hkv, n, F, D]
+        S = torch.cumsum(kv, dim=2) - kv                                # Σ over chunks < c
+        ksum = k.sum(-2, keepdim=True)                                  # [B, Hkv, n, 1, F]
+        z = torch.cumsum(ksum, dim=2) - ksum
+        num = num + q @ S
+        den = den + q @ z.transpose(-1, -2)
+    return _unfold_groups(num, G, T), _unfold_groups(den, G, T)[..., 0]
+
+
+def linear_attention_torch(fq: Tensor, fk: Tensor, v: Tensor, key_mask: Tensor | None = None,
+                           causal: bool = False, eps: float = 1e-6) -> Tensor:
+    """Efficient PyTorch form of `rewriter::linear_attention` (two GEMMs, or chunked if causal)."""
+    B, H, Tq, F = fq.shape
+    Hkv, D = fk.shape[1], v.shape[-1]
+    G = H // Hkv
+    out_dtype = v.dtype
+    fq, fk, v = _acc(fq), _acc(fk), _acc(v)
+    fk, v = _mask_keys(fk, v, key_mask)
+    if causal:
+        num, den = _causal_linear_terms(fq.reshape(B, Hkv, G, Tq, F), fk, v)
+        out = num / (den[..., None] + eps)                              # [B, Hkv, G, T, D]
+    else:
+        S = fk.transpose(-1, -2) @ v                                    # [B, Hkv, F, D]
+        z = fk.sum(-2)                                                  # [B, Hkv, F]
+        q = fq.reshape(B, Hkv, G * Tq, F)                               # head h = hkv·G + g
+        out = (q @ S) / ((q @ z[..., None]) + eps)                      # [B, Hkv, G·T, D]
+    return out.reshape(B, H, Tq, D).to(out_dtype)
+
+
+def _window_terms(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float,
+                  key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Σ_{j∈W(i)} e^{s_ij − m_i} v_j and Σ_{j∈W(i)} e^{s_ij − m_i}, m_i the max over the window.
+
+    q [B, Hkv, G, T, Dk], k [B, Hkv, T, Dk], v [B, Hkv, T, D]. Banded: with chunks of C ≥ window,
+    the window of a query in chunk c lies in chunks c−1 and c, so each chunk scores 2C keys.
+    """
+    B, Hkv, G, T, Dk = q.shape
+    C = min(max(window, CHUNK), T)
+    n = -(-T // C)
+    pad = n * C - T
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    q = _fold_groups(torch.nn.functional.pad(q, (0, 0, 0, pad)), n, C)   # [B, Hkv, n, G·C, Dk]
+    real = torch.nn.functional.pad(real, (0, pad), value=False).reshape(B, 1, n, 1, C)
+    k = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(B, Hkv, n, C, Dk)
+    v = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(B, Hkv, n, C, -1)
+    prev = lambda x: torch.nn.functional.pad(x[:, :, :-1], (0, 0) * (x.dim() - 3) + (1, 0))  # chunk c−1
+    k2 = torch.cat([prev(k), k], dim=3)                                 # [B, Hkv, n, 2C, Dk]
+    v2 = torch.cat([prev(v), v], dim=3)                                 # [B, Hkv, n, 2C, D]
+    real2 = torch.cat([prev(real), real], dim=4)                        # [B, 1, n, 1, 2C]
+    r = torch.arange(G * C, device=q.device)[:, None] % C               # query offset in chunk
+    rk = torch.arange(2 * C, device=q.device)[None, :] - C              # key offset from chunk start
+    allowed = (rk <= r) & (rk > r - window) & real2                     # [B, 1, n, G·C, 2C]
+    s = (q @ k2.transpose(-1, -2)).mul_(scale)                          # [B, Hkv, n, G·C, 2C]
+    s = s.masked_fill_(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))          # empty window: m = 0
+    p = torch.exp(s - m)
+    num, den = p @ v2, p.sum(-1, keepdim=True)
+    return _unfold_groups(num, G, T), _unfold_groups(den, G, T)[..., 0]
+
+
+def hybrid_window_attention_torch(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int,
+                                  scale: float, mix: Tensor, key_mask: Tensor | None = None,
+                                  eps: float = 1e-6) -> Tensor:
+    """Efficient PyTorch form of `rewriter::hybrid_window_attention` (banded softmax + chunked linear)."""
+    B, H, T, Dk = q.shape
+    Hkv, F, D = k.shape[1], fq.shape[-1], v.shape[-1]
+    G = H // Hkv
+    out_dtype = v.dtype
+    q, k, v, fq, fk = map(_acc, (q, k, v, fq, fk))
+    k, v = _mask_keys(k, v, key_mask)             # padded slots may hold anything, even NaN
+    fk, _ = _mask_keys(fk, v, key_mask)
+    num_w, den_w = _window_terms(q.reshape(B, Hkv, G, T, Dk), k, v, window, scale, key_mask)
+    num_l, den_l = _causal_linear_terms(fq.reshape(B, Hkv, G, T, F), fk, v, shift=window)
+    w = mix.to(num_l.dtype).reshape(1, Hkv, G, 1)
+    out = (num_w + w[..., None] * num_l) / (den_w + w * den_l + eps)[..., None]
+    return out.reshape(B, H, T, D).to(out_dtype)
+
+
+def linear_attention_step_torch(fq_t: Tensor, fk_t: Tensor, v_t: Tensor, state_S: Tensor,
+                                state_z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch form of `rewriter::linear_attention_step` (grouped, no repeated state)."""
+    B, H, _, F = fq_t.shape
+    Hkv, D = fk_t.shape[1], v_t.shape[-1]
+    fk = _acc(fk_t)[:, :, 0]                                            # [B, Hkv, F]
+    S_new = _acc(state_S) + fk[..., None] * _acc(v_t)[:, :, 0, None, :]  # [B, Hkv, F, D]
+    z_new = _acc(state_z) + fk
+    q = _acc(fq_t).reshape(B, Hkv, H // Hkv, F)                         # [B, Hkv, G, F]
+    num = q @ S_new                                                     # [B, Hkv, G, D]
+    den = q @ z_new[..., None]                                          # [B, Hkv, G, 1]
+    o = (num / (den + eps)).reshape(B, H, 1, D)
+    return o.to(v_t.dtype), S_new.to(state_S.dtype), z_new.to(state_z.dtype)
+

@@ -1,0 +1,23 @@
+"""Routed attention: the run-time routing of the block_routing and kmeans_routing rules, in
+front of `rewriter::block_sparse_attention(_lse)`.
+
+No custom op of its own. These are plain tensor functions with static Python hyperparameters,
+so they sit in a rewritten graph as `call_function` nodes: fx runs them eagerly, and
+torch.export, torch.compile and the ONNX exporter trace straight through them to aten ops plus
+the `rewriter::` custom ops. Routing tables are therefore computed IN the graph, from the
+site's own q/k at run time; the rules' `build` returns only calibrated constants. The attention
+itself, and its reference, Triton kernel and ONNX translation, is block_sparse_attention's.
+
+    masks.py           key_mask_from_attn_mask: the real keys from an SDPA padding mask
+    block_routing.py   BiFormer block routing: block scores, budgets, the table, block_routed_attention
+    kmeans_routing.py  Routing Transformer: routing vectors, balanced clusters, kmeans_routed_attention
+"""
+from .block_routing import (block_means, block_routed_attention, block_scores, causal_row_permille,
+                            default_sinks, pick_sample_rows, route_blocks, sample_positions, select_blocks,
+                            uniform_rows)
+from .kmeans_routing import kmeans_routed_attention, routing_vectors
+from .masks import NEG_INF, key_mask_from_attn_mask
+
+__all__ = ["NEG_INF", "block_means", "block_routed_attention", "block_scores", "causal_row_permille",
+           "default_sinks", "key_mask_from_attn_mask", "kmeans_routed_attention", "pick_sample_rows",
+           "route_blocks", "routing_vectors", "sample_positions", "select_blocks", "uniform_rows"]

@@ -1,0 +1,287 @@
+"""BiFormer bi-level routing at run time (Zhu et al., CVPR 2023, arXiv:2303.08125): score the key
+blocks for each query block, keep the forced blocks (own, sinks) and the best-scoring others
+within a budget, and attend exactly to the listed blocks with `rewriter::block_sparse_attention`.
+
+Scores: "means" (BiFormer's region affinity of block-mean q and k), "pooled" (attention mass under
+the block's mean query: FlexPrefill arXiv:2502.20766, MInference arXiv:2407.02490), "sampled"
+(value-aware output shares of exact sampled query rows: XAttention arXiv:2503.16428, Guo et al.
+arXiv:2406.12335). Budgets: a top-k, a fraction of the blocks resolved from the length at run
+time, or calibrated per-head row counts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .masks import NEG_INF
+
+
+def _slot_ok(t: int, block_size: int, key_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """bool [B, n_blocks, block_size]: the slot holds a real token (padding and the ragged tail excluded)."""
+    n_blocks = (t + block_size - 1) // block_size
+    ok = torch.arange(n_blocks * block_size, device=device) < t
+    if key_mask is None:
+        ok = ok.expand(batch, -1)
+    else:
+        ok = ok & F.pad(key_mask.bool(), (0, n_blocks * block_size - t))
+    return ok.view(batch, n_blocks, block_size)
+
+
+def block_means(x: torch.Tensor, block_size: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x [B, H, T, D] over the valid tokens of each block of `block_size` tokens
+    (padding from key_mask [B, T] and the ragged tail excluded) -> [B, H, ceil(T/bs), D] in
+    x.dtype; a block with no valid token gets zeros. BiFormer's region-level queries/keys."""
+    B, H, t, D = x.shape
+    ok = _slot_ok(t, block_size, key_mask, B, x.device)                           # [B, nb, bs]
+    counts, n_blocks = ok.sum(-1).float(), ok.shape[1]                            # [B, nb]
+    xp = F.pad(x.float(), (0, 0, 0, n_blocks * block_size - t))
+    xp = xp.view(B, H, n_blocks, block_size, D) * ok[:, None, :, :, None]
+    return (xp.sum(3) / counts.clamp(min=1)[:, None, :, None]).to(x.dtype)
+
+
+def _valid_blocks(t: int, block_size: int, key_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """bool [B, n_blocks]: the block holds at least one real key (ragged tail excluded)."""
+    return _slot_ok(t, block_size, key_mask, batch, device).any(-1)
+
+
+def _pooled_mass(q_r: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 causal: bool, scale: float) -> torch.Tensor:
+    """Estimated attention mass of each key block for each query block, fp32 [B, H, nb, nb]:
+    the block's mean query attends (softmax, the site's scale) to EVERY key it may see, and the
+    probabilities are summed per key block (the pooled-query estimate of training-free sparse
+    prefill attention: FlexPrefill arXiv:2502.20766, MInference arXiv:2407.02490). It sees a
+    block holding one strongly attended key, which the block-mean key of `means` averages away.
+    Causal: query block i sees keys before the end of block i. Cost nb·T·d per head."""
+    B, H, nb, D = q_r.shape
+    t, h_kv = k.shape[2], k.shape[1]
+    pad = nb * block_size - t
+    s = (q_r.reshape(B, h_kv, (H // h_kv) * nb, D) @ k.float().transpose(-1, -2)) * scale      # [B, Hkv, G·nb, T]
+    s = s.view(B, H, nb, t)
+    pos = torch.arange(t, device=q_r.device)
+    vis = torch.ones(B, 1, 1, t, dtype=torch.bool, device=q_r.device) if key_mask is None \
+        else key_mask.bool().view(B, 1, 1, t)
+    if causal:
+        end = (torch.arange(nb, device=q_r.device) + 1) * block_size
+        vis = vis & (pos.view(1, 1, 1, t) < end.view(1, 1, nb, 1))
+    p = torch.softmax(s.masked_fill(~vis, NEG_INF), dim=-1).nan_to_num(0.0)                # no visible key: 0
+    return F.pad(p, (0, pad)).view(B, H, nb, nb, block_size).sum(-1)
+
+
+def sample_positions(t: int, block_size: int, samples: int, device) -> torch.Tensor:
+    """Query positions sampled in each block, int64 [n_blocks · samples]: the last query of each
+    of the block's `samples` equal parts (the block's last query among them), clamped to t − 1."""
+    n_b = (t + block_size - 1) // block_size
+    step = max(1, block_size // samples)
+    offs = torch.arange(1, samples + 1, device=device) * step - 1                 # [S]
+    pos = torch.arange(n_b, device=device).view(-1, 1) * block_size + offs.clamp(max=block_size - 1)
+    return pos.reshape(-1).clamp(max=t - 1)
+
+
+def pick_sample_rows(q: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int, samples: int,
+                     how: str = "mixed") -> torch.Tensor:
+    """Query positions each block samples, per head, int64 [B, H, n_blocks · samples] (block-major).
+
+    "strided": `sample_positions`, the same rows for every head. "largest_q": the block's
+    `samples` real queries of largest ‖q‖ in that head. "mixed": ⌈samples/2⌉ strided rows plus the
+    ⌊samples/2⌋ other real queries of largest ‖q‖. The logit scale of a query grows with ‖q‖, so
+    the large-norm rows are the sharp ones, where a block left out costs most; the strided rows
+    keep the block's whole span in view. With samples ≥ block_size every row is sampled."""
+    B, H, t, _ = q.shape
+    n_b = (t + block_size - 1) // block_size
+    if how not in ("strided", "largest_q", "mixed"):
+        raise ValueError(f"pick_sample_rows: how must be 'strided', 'largest_q' or 'mixed', got {how!r}")
+    n_norm = 0 if how == "strided" or samples >= block_size else samples // 2 if how == "mixed" else samples
+    n_str = samples - n_norm
+    parts = []
+    if n_str:
+        parts.append(sample_positions(t, block_size, n_str, q.device).view(1, 1, n_b, n_str).expand(B, H, n_b, n_str))
+    if n_norm:
+        pad = n_b * block_size - t
+        norm = q.float().norm(dim=-1)                                                 # [B, H, T]
+        if key_mask is not None:
+            norm = norm.masked_fill(~key_mask.bool().view(B, 1, t), -1.0)            # padding: only if room is left
+        norm = F.pad(norm, (0, pad), value=-2.0).view(B, H, n_b, block_size)
+        if n_str:                                                                     # no row twice
+            offs = sample_positions(block_size, block_size, n_str, q.device)
+            norm = norm.index_fill(-1, offs, -3.0)
+        base = torch.arange(n_b, device=q.device).view(1, 1, n_b, 1) * block_size
+        parts.append((norm.topk(n_norm, dim=-1).indices + base).clamp(max=t - 1))
+    return torch.cat(parts, dim=-1).reshape(B, H, n_b * samples)
+
+
+def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *,
+                          block_size: int, samples: int, causal: bool, scale: float,
+                          sample_rows: str = "mixed") -> torch.Tensor:
+    """Value-aware key-block scores from sampled queries, fp32 [B, H, nb, nb]: `samples` queries
+    of each query block (`pick_sample_rows`, chosen by `sample_rows`) attend exactly, softmax over every key
+    they may see, and key block j scores max over the samples of ‖Σ_{i ∈ j} p_i v_i‖, the norm of
+    the block's share of the sample's output. Sampled rows are exact, so scores compare across rows
+    and heads (the mean query of `pooled` is not: under RoPE it loses the position-sensitive
+    part of q); the value norm discounts mass parked on a sink whose value is near zero (value
+    matters beside the attention score: Guo et al., EMNLP 2024, arXiv:2406.12335). Strided
+    sampled rows as the importance proxy: XAttention, Xu et al., arXiv:2503.16428.
+    Cost per head: (samples / b)·T²·(d + d_v), i.e. samples/b of dense attention."""
+    B, H, t, D = q.shape
+    h_kv, d_v = k.shape[1], v.shape[-1]
+    g = H // h_kv
+    n_b = (t + block_size - 1) // block_size
+    pad = n_b * block_size - t
+    pos = pick_sample_rows(q, key_mask, block_size=block_size, samples=samples, how=sample_rows)   # [B, H, nb·S]
+    n_s = pos.shape[-1]
+    qs = q.gather(2, pos.unsqueeze(-1).expand(B, H, n_s, D)).float().reshape(B, h_kv, g * n_s, D)
+    tp = n_b * block_size                                  # keys padded to whole blocks (masked below)
+    s = (qs * scale) @ F.pad(k.float(), (0, 0, 0, pad)).transpose(-1, -2)          # [B, Hkv, G·nb·S, tp]
+    keys = torch.arange(tp, device=q.device).view(1, 1, 1, tp)
+    vis = keys < t
+    if key_mask is not None:
+        vis = vis & F.pad(key_mask.bool(), (0, pad)).view(B, 1, 1, tp)
+    if causal:
+        vis = vis & (keys <= pos.unsqueeze(-1))
+    # in place: s is a fresh GEMM output (out-of-place copies of this [nb·S, T] score were 4× slower on CPU)
+    s.view(B, H, n_s, tp).masked_fill_(~vis, NEG_INF)
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+    p = p.view(B, h_kv, g * n_s, n_b, block_size).transpose(2, 3)
+    vb = F.pad(v.float(), (0, 0, 0, pad)).view(B, h_kv, n_b, block_size, d_v)
+    c = (p @ vb).norm(dim=-1).transpose(2, 3)                                      # [B, Hkv, G·nb·S, nb]
+    return c.reshape(B, H, n_b, n_s // n_b, n_b).amax(3)
+
+
+def default_sinks(causal: bool) -> tuple[str, ...]:
+    """Causal (LLM) sites: the first block (attention sink, BOS) and the previous block (local
+    context); encoders: the first and the last real token's blocks (CLS, SEP)."""
+    return ("first", "previous") if causal else ("first", "last")
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 causal: bool, sinks: tuple[str, ...], route_by: str, affinity: str = "means",
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 16,
+                 sample_rows: str = "mixed"):
+    """Routing scores of key blocks for each query block, with forced blocks at +inf and
+    disallowed ones at −inf: (score fp32 [B, H, nb, nb], n_forced [B, 1, nb, 1]).
+
+    `affinity="means"`: BiFormer region affinity Qʳ·Kʳᵀ of block means (padding excluded);
+    `"pooled"`: the estimated attention mass of each key block under the block's mean query
+    (`_pooled_mass`; `scale` defaults to 1/√d); `"sampled"`: value-aware scores of `samples`
+    exact query rows per block (`_sampled_contribution`, needs `v`; `route_by` does not apply).
+    Forced: the query block's own block and the sink blocks holding the first and/or the last
+    real key (CLS / BOS, and SEP for right-padded BERT inputs; per sample, from key_mask), and
+    with "previous" the block just before the query block (local context).
+    Allowed: blocks holding a real key, and for causal sites key block ≤ query block.
+    `route_by="previous"` routes query block i by the mean query of block i−1, so no token's key
+    set depends on later queries (strictly causal routing; block 0 sees only itself anyway)."""
+    B, H, t, _ = q.shape
+    n_b = (t + block_size - 1) // block_size
+    if affinity != "sampled":
+        q_r = block_means(q, block_size, key_mask).float()                         # [B, H, nb, D]
+        if route_by == "previous":
+            q_r = torch.cat([q_r[:, :, :1], q_r[:, :, :-1]], dim=2)
+    if affinity == "sampled":
+        if v is None:
+            raise ValueError("block_scores: affinity 'sampled' needs the values v")
+        affinity = _sampled_contribution(q, k, v, key_mask, block_size=block_size, samples=samples,
+                                         sample_rows=sample_rows, causal=causal,
+                                         scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    elif affinity == "pooled":
+        affinity = _pooled_mass(q_r, k, key_mask, block_size=block_size, causal=causal,
+                                scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    elif affinity == "means":
+        k_r = block_means(k, block_size, key_mask).float()
+        if k.shape[1] != H:
+            k_r = k_r.repeat_interleave(H // k.shape[1], dim=1)
+        affinity = q_r @ k_r.transpose(-1, -2)                                     # [B, H, nb, nb]
+    else:
+        raise ValueError(f"block_scores: affinity must be 'means', 'pooled' or 'sampled', got {affinity!r}")
+
+    blocks = torch.arange(n_b, device=q.device)
+    qb, kb = blocks.view(1, 1, -1, 1), blocks.view(1, 1, 1, -1)
+    forced = (kb == qb).expand(B, 1, n_b, n_b)
+    real = torch.ones(B, t, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    pos = torch.arange(t, device=q.device)
+    if "first" in sinks:
+        first = torch.where(real, pos, t).amin(-1).clamp(max=t - 1) // block_size   # [B]
+        forced = forced | (kb == first.view(B, 1, 1, 1))
+    if "last" in sinks:
+        last = torch.where(real, pos, -1).amax(-1).clamp(min=0) // block_size
+        forced = forced | (kb == last.view(B, 1, 1, 1))
+    if "previous" in sinks:                     # the block just before: every token keeps ≥ b tokens of local context
+        forced = forced | (kb == qb - 1)
+    allowed = _valid_blocks(t, block_size, key_mask, B, q.device).view(B, 1, 1, n_b)
+    if causal:
+        allowed = allowed & (kb <= qb)
+    forced = forced & allowed
+    score = torch.where(forced, float("inf"), affinity).masked_fill(~allowed, NEG_INF)
+    return score, forced.sum(-1, keepdim=True)
+
+
+def causal_row_permille(keep_permille: int) -> int:
+    """Blocks per row (per mille of the row count n) that keep `keep_permille` of a causal
+    triangle's (query, key) pairs when every query block lists the same number K of blocks:
+    K²/2 + (n − K)·K ≈ keep·n²/2  ⇒  K = n·(1 − √(1 − keep))."""
+    return round(1000 * (1 - (1 - keep_permille / 1000) ** 0.5))
+
+
+def uniform_rows(n_b, n_forced: torch.Tensor, *, topk: int | None, keep_permille: int | None, causal: bool,
+                 n_sinks: int):
+    """The uniform budget: (table width, blocks each query block lists [B, 1, nb, 1], before
+    clipping to the allowed ones): forced + `topk`, or ⌈n_b·keep⌉ in all (causal: the per-row
+    count that keeps `keep` of the causal pairs, `causal_row_permille`)."""
+    if topk is not None:
+        return torch.sym_min(n_b, topk + 1 + n_sinks), n_forced + topk
+    per_row = causal_row_permille(keep_permille) if causal else keep_permille
+    total = torch.sym_max((n_b * per_row + 999) // 1000, 1)
+    return torch.sym_min(n_b, torch.sym_max(total, 1 + n_sinks)), n_forced.clamp(min=total)
+
+
+def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
+                 topk: int | None = None, keep_permille: int | None = None, causal: bool = False,
+                 sinks: tuple[str, ...] = ("first", "last"), route_by: str = "own", affinity: str = "means",
+                 scale: float | None = None, v: torch.Tensor | None = None, samples: int = 16,
+                 sample_rows: str = "mixed", head_rows: torch.Tensor | None = None,
+                 max_row_permille: int | None = None) -> torch.Tensor:
+    """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
+    each query block lists its forced blocks (see `block_scores`) plus either `topk` further
+    blocks of highest score, or as many as make the row hold ⌈keep·n_blocks⌉ blocks in all
+    (resolved at run time from the length; keep = keep_permille/1000). Causal sites: `keep` is
+    the fraction of the causal (query, key) pairs, so every row holds ⌈n_blocks·(1 − √(1 − keep))⌉
+    blocks (rows near the start hold all they may see). Only allowed blocks are listed.
+    Per-head budgets: `head_rows` (int [H], per mille of n_blocks, calibrated) gives head h's
+    rows round(n_blocks·head_rows[h]/1000) blocks each (at least the forced ones);
+    `max_row_permille` = max(head_rows), static, sizes the table."""
+    score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
+                                   route_by=route_by, affinity=affinity, scale=scale, v=v, samples=samples,
+                                   sample_rows=sample_rows)
+    return select_blocks(score, n_forced, topk=topk, keep_permille=keep_permille, causal=causal,
+                         n_sinks=len(sinks), head_rows=head_rows, max_row_permille=max_row_permille)
+
+
+def select_blocks(score: torch.Tensor, n_forced: torch.Tensor, *, topk: int | None, keep_permille: int | None,
+                  causal: bool, n_sinks: int, head_rows: torch.Tensor | None = None,
+                  max_row_permille: int | None = None) -> torch.Tensor:
+    """The routing table from `block_scores`' output (see `route_blocks` for the budgets)."""
+    n_b = score.shape[-1]
+    if head_rows is not None:
+        width = torch.sym_min(n_b, torch.sym_max((n_b * max_row_permille + 500) // 1000, 1 + n_sinks))
+        per_head = ((n_b * head_rows.long() + 500) // 1000).clamp(min=1).view(1, -1, 1, 1)
+        count = torch.maximum(n_forced, per_head)
+    else:
+        width, count = uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep_permille, causal=causal,
+                                    n_sinks=n_sinks)
+    top = score.topk(width, dim=-1)                                                # forced ones first
+    keep = (torch.arange(width, device=score.device) < count) & (top.values > NEG_INF)
+    table = torch.where(keep, top.indices, n_b).sort(dim=-1).values                # ascending, unused last
+    table = torch.where(table == n_b, -1, table)
+    return table.to(torch.int32).contiguous()
+
+
+def block_routed_attention(q, k, v, key_mask, head_rows=None, *, block_size: int, topk: int | None,
+                           keep_permille: int | None, causal: bool, sinks: tuple[str, ...], route_by: str,
+                           scale: float, affinity: str = "means", samples: int = 16, sample_rows: str = "mixed",
+                           max_row_permille: int | None = None) -> torch.Tensor:
+    """Routing table from q/k (and v for `sampled`), then exact attention over the listed blocks (the custom op)."""
+    table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
+                         causal=causal, sinks=sinks, route_by=route_by, affinity=affinity, scale=scale,
+                         v=v, samples=samples, sample_rows=sample_rows, head_rows=head_rows,
+                         max_row_permille=max_row_permille)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
+    return torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
+

@@ -1,0 +1,89 @@
+"""Run-time routing (rewriter.kernels.routed_attention): BiFormer block means and routing tables,
+and that a model rewritten by the routed rules calls only kernel code and torch ops — so a
+rewritten, saved or exported graph never reaches into rewriter.patterns."""
+import operator
+
+import pytest
+import torch
+
+from rewriter.kernels.routed_attention import block_means, route_blocks
+
+
+def test_block_means_exclude_padding_and_ragged_tail():
+    x = torch.randn(2, 3, 10, 4)
+    key_mask = torch.tensor([[1] * 10, [1] * 5 + [0] * 5], dtype=torch.bool)
+    m = block_means(x, 4, key_mask)              # blocks [0,4) [4,8) [8,10)
+    assert m.shape == (2, 3, 3, 4)
+    torch.testing.assert_close(m[0, :, 2], x[0, :, 8:10].mean(1))
+    torch.testing.assert_close(m[1, :, 1], x[1, :, 4:5].mean(1))
+    assert (m[1, :, 2] == 0).all()               # no valid token in the block
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_route_blocks_is_biformer_routing(causal):
+    """Each query block lists, ascending and -1 padded, its own block and the sinks (the blocks of
+    each sample's first and last real token) plus the `topk` other allowed key blocks of highest
+    region affinity (block means of q and k, padding excluded); allowed = holds a real key and,
+    causal, ≤ the query block."""
+    B, H, Hkv, T, D, bs, topk = 2, 4, 2, 70, 8, 8, 2
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    key_mask[1, 60:] = False                     # sample 1: key block 8 (64..69) is all padding
+    table = route_blocks(q, k, key_mask, block_size=bs, topk=topk, causal=causal, sinks=("first", "last"))
+    n_blocks = -(-T // bs)
+    assert table.dtype == torch.int32 and table.shape == (B, H, n_blocks, topk + 3)
+    q_r, k_r = block_means(q, bs, key_mask), block_means(k, bs, key_mask).repeat_interleave(H // Hkv, 1)
+    affinity = q_r @ k_r.transpose(-1, -2)                                      # [B, H, nb, nb]
+    for b in range(B):
+        real = key_mask[b].nonzero().view(-1)
+        sinks = [int(real[0]) // bs, int(real[-1]) // bs]
+        for h in range(H):
+            for i in range(n_blocks):
+                row = table[b, h, i].tolist()
+                listed = [j for j in row if j >= 0]
+                assert listed == sorted(listed) and row[len(listed):] == [-1] * (len(row) - len(listed))
+                allowed = [j for j in range(n_blocks) if (not causal or j <= i)
+                           and key_mask[b, j * bs:(j + 1) * bs].any()]
+                forced = {j for j in [i, *sinks] if j in allowed}
+                others = [j for j in allowed if j not in forced]
+                chosen = set(listed) - forced
+                assert forced <= set(listed) and chosen <= set(others), (b, h, i)
+                assert len(chosen) == min(topk, len(others)), (b, h, i)
+                left_out = [affinity[b, h, i, j] for j in others if j not in chosen]
+                if chosen and left_out:              # the highest-affinity others (ties either way)
+                    assert min(affinity[b, h, i, j] for j in chosen) >= max(left_out), (b, h, i)
+
+
+ROUTED = {
+    "bert": [{"block_routing": {"block_size": 8, "topk": 1, "layers": [0]}},
+             {"kmeans_routing": {"clusters": 3, "layers": [1]}},
+             {"agent_attention": {"agents": 4, "layers": [2]}}],
+    "llama": [{"block_routing": {"block_size": 4, "layers": [0]}},
+              {"kmeans_routing": {"clusters": 4, "layers": [1]}}],
+}
+
+
+@pytest.mark.parametrize("model", ROUTED)
+def test_rewritten_graph_calls_only_kernels_and_torch_ops(model):
+    """After block_routing, kmeans_routing and agent_attention, every call_function node (the
+    routed attention, and the key mask the rules read from the SDPA mask) is a torch op or a
+    function of rewriter.kernels."""
+    from rewriter import optimize
+    from rewriter.models import load_model
+
+    recipe = {"model": model, "calibration": {"samples": 8, "seq_len": 32, "batch_size": 4, "heldout": 0},
+              "gate": {"metric": "relative_rms", "max": 100.0}, "steps": ROUTED[model]}
+    opt = optimize(load_model(model), recipe, measure_latency=False, progress=False)
+    applied = {r.rule for r in opt.report.records if r.status == "applied"}
+    assert applied == {rule for step in ROUTED[model] for rule in step}
+    ours = set()
+    for n in opt.graph_module.graph.nodes:
+        if n.op != "call_function" or isinstance(n.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+            continue
+        if n.target is operator.getitem:         # fx's projection of a multi-output op
+            continue
+        assert getattr(n.target, "__module__", "").startswith("rewriter.kernels"), (n.name, n.target)
+        ours.add(n.target.__name__)
+    expected = {"key_mask_from_attn_mask", "block_routed_attention", "kmeans_routed_attention"}
+    assert ours == (expected | {"agent_block"} if "agent_attention" in applied else expected)
