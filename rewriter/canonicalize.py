@@ -152,6 +152,8 @@ def rewrite(gm: fx.GraphModule, m: Match) -> fx.Node:
         qn = emit(aten.div.Tensor if inverse else aten.mul.Tensor, qn, f)
     if mask is not None and folded and len(q.shape) == 4:
         mask = _mask_to_4d(emit, mask, q.shape[1])
+    while mask is not None and rank(mask) < 2:   # a [Tk] mask broadcasts as [1, Tk]; SDPA wants ≥ 2 dims
+        mask = emit(aten.unsqueeze.default, mask, 0)
     emit.form = m.form()   # now with the causal tags the mask added
     gqa_kwargs = {"enable_gqa": True} if gqa else {}
     sdpa = out = emit(SDPA, qn, kn, vn, mask, 0.0, is_causal, scale=float(scale), **gqa_kwargs)

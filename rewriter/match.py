@@ -270,6 +270,9 @@ def _manual_softmax(d, m):
 
 def _cast_scores(x, m):
     src = x.args[0]
+    for t in (x, src):
+        if dtype(t) is not None and not dtype(t).is_floating_point:
+            raise NoMatch(f"{describe(t)} holds the scores as {dtype(t)} before the softmax")
     if dtype(x) is None or dtype(src) is None or torch.finfo(dtype(x)).bits < torch.finfo(dtype(src)).bits:
         raise NoMatch(f"{describe(x)} narrows the scores from {dtype(src)} to {dtype(x)} before the softmax")
     return src

@@ -285,3 +285,30 @@ def test_refusals_name_the_reason():
         assert canonicalize(gm) == []
         (msg,) = explain_unmatched(gm)
         assert reason in msg, msg
+
+
+class _OddScores(torch.nn.Module):
+    """Written-out attention with a 1-D keep mask over the keys, or scores rounded through int32."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-1, -2) / 4.0
+        s = torch.where(~keep, -1e9, s) if self.mode == "1d-mask" else s.to(torch.int32).to(torch.float32)
+        return torch.softmax(s, -1) @ v
+
+
+def test_a_1d_key_mask_is_raised_exactly_and_int_scores_are_refused_with_a_reason():
+    """Neither crashes canonicalize: a [Tk] mask broadcasts into SDPA, integer scores are explained."""
+    from rewriter.trace import trace as export
+    q, keep = torch.randn(2, 3, 5, 8), torch.tensor([True] * 4 + [False])
+    m = _OddScores("1d-mask")
+    gm = export(m, (q, q, q, keep))
+    assert [r["form"] for r in canonicalize(gm)] == ["matmul+div(scores)+where(finite)+softmax"]
+    torch.testing.assert_close(gm(q, q, q, keep), m(q, q, q, keep), rtol=1e-5, atol=1e-5)
+    gm = export(_OddScores("int"), (q, q, q, keep))
+    assert canonicalize(gm) == []
+    (why,) = explain_unmatched(gm)
+    assert "holds the scores as torch.int32" in why
