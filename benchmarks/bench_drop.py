@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rewriter import optimize
-from rewriter.api import latency_ms
+from rewriter.report import latency_ms
 from rewriter.models import load_model
 
 OUT = Path(__file__).parent / "results"

@@ -3,7 +3,7 @@ fused-causal swap, and the same with LLM-Drop's 6 drops on top (the drop benchma
 
     python benchmarks/bench_fastpath.py [--threads 2] [--repeats 5] [--lengths 512 2048]
 
-All models interleaved in one process (rewriter.api.latency_ms: median of --repeats calls after
+All models interleaved in one process (rewriter.report.latency_ms: median of --repeats calls after
 a warm-up), batch 1, no padding. Writes benchmarks/results/fastpath_smollm2.json.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rewriter import optimize                                  # noqa: E402
-from rewriter.api import _prepare, latency_ms                  # noqa: E402
+from rewriter.api import _prepare                              # noqa: E402
+from rewriter.report import latency_ms                         # noqa: E402
 from rewriter.models import load_model                         # noqa: E402
 
 OUT = Path(__file__).parent / "results"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rewriter import optimize
-from rewriter.api import latency_ms
+from rewriter.report import latency_ms
 from rewriter.gate import perplexity
 from rewriter.models import load_model
 from rewriter.report import N

@@ -11,12 +11,11 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from . import patterns  # noqa: F401  (the face wires the built-in rules in; entry points do it when installed)
 from .analyze import analyze
 from .canonicalize import canonicalize, explain_unmatched
 from .driver import Driver, Record, replay
 from .gate import Gate
-from .report import Report, attention_flops, latency, latency_ms, unique_numel  # noqa: F401 (latency_ms: benchmarks)
+from .report import Report, attention_flops, latency, unique_numel
 from .trace import dynamic_shapes, trace
 
 
