@@ -1,5 +1,5 @@
 """Linear attention custom ops: `rewriter::linear_attention`, `rewriter::hybrid_window_attention`,
-`rewriter::linear_attention_step`.
+`rewriter::linear_attention_step`, `rewriter::hybrid_window_step`.
 
 Katharopoulos et al., "Transformers are RNNs", ICML 2020, arXiv:2006.16236 (the ops);
 Zhang et al., "Hedgehog & the Porcupine", arXiv:2402.04347 and Zhang et al., "LoLCATs",
@@ -15,6 +15,19 @@ The ops take ALREADY-MAPPED features fq = φ(q), fk = φ(k): the feature map sta
                             mix [H], key_mask, eps) -> [B,H,T,D]       (causal)
     linear_attention_step(fq_t [B,H,1,F], fk_t [B,Hkv,1,F], v_t [B,Hkv,1,D],
                           S [B,Hkv,F,D], z [B,Hkv,F], eps) -> (o_t [B,H,1,D], S_new, z_new)
+    hybrid_window_step(q_t [B,H,1,Dk], k_t [B,Hkv,1,Dk], v_t [B,Hkv,1,D], fq_t [B,H,1,F], fk_t [B,Hkv,1,F],
+                       S [B,Hkv,F,D], z [B,Hkv,F], k_win [B,Hkv,W,Dk], v_win [B,Hkv,W,D], fk_win [B,Hkv,W,F],
+                       win_valid bool [B,W], position int [1], scale, mix [H], token_valid bool [B] | None,
+                       eps) -> (o_t [B,H,1,D], S, z, k_win, v_win, fk_win, win_valid)   (the new state)
+
+The decode form of the hybrid (LoLCATs with window W = k_win.shape[2]): `position` is the index t
+of the new token in the sequence, left padding included (the lowered graph's cache_position; the
+same for every row); slot t mod W of the ring buffer holds token t − W, which is folded into
+(S, z) if valid, and then token t. Prefill + steps reproduce the full-sequence op: build the
+state of the first T0 tokens with `hybrid_window_prefill_state(k, v, fk, W, key_mask)`
+(`linear_attention_prefill_state(fk, v, key_mask)` for linear_attention_step), then step with
+positions T0, T0 + 1, … and token_valid = the key mask's column (None = real). The ring buffers
+keep the model's dtypes; S, z stay fp32. Functional (no input is mutated); no autograd (decode).
 
 key_mask is bool, True = real token; padded keys contribute nothing. Outputs take v's dtype
 (the step's new state takes the state's dtype; keep the state in fp32). Computation is fp32.
@@ -33,15 +46,18 @@ from torch import Tensor
 from rewriter.kernels import register_onnx
 
 from . import reference
-from .cpu import hybrid_window_attention_torch, linear_attention_step_torch, linear_attention_torch
+from .cpu import (hybrid_window_attention_torch, hybrid_window_prefill_state, hybrid_window_step_torch,
+                  linear_attention_prefill_state, linear_attention_step_torch, linear_attention_torch)
 
 try:
     from . import triton as _triton
 except ImportError:            # triton is an optional dependency; CUDA then uses the torch math
     _triton = None
 
-__all__ = ["linear_attention", "hybrid_window_attention", "linear_attention_step", "reference",
-           "linear_attention_torch", "hybrid_window_attention_torch", "linear_attention_step_torch"]
+__all__ = ["linear_attention", "hybrid_window_attention", "linear_attention_step", "hybrid_window_step",
+           "reference", "linear_attention_torch", "hybrid_window_attention_torch",
+           "linear_attention_step_torch", "hybrid_window_step_torch", "linear_attention_prefill_state",
+           "hybrid_window_prefill_state"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +135,39 @@ def _check_step(fq_t, fk_t, v_t, S, z) -> None:
         _fail(op, f"state_z must be [batch, kv_heads, F] = {[B, Hkv, F]}; got {tuple(z.shape)}")
 
 
+def _check_hybrid_step(q_t, k_t, v_t, fq_t, fk_t, S, z, k_win, v_win, fk_win, win_valid, position, mix,
+                       token_valid) -> None:
+    op = "hybrid_window_step"
+    _check_heads(op, q_t, k_t, "q_t", "k_t")
+    B, H = q_t.shape[:2]
+    Hkv, Dk = k_t.shape[1], k_t.shape[3]
+    for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("fq_t", fq_t), ("fk_t", fk_t)):
+        if t.dim() != 4 or t.shape[2] != 1 or t.shape[0] != B:
+            _fail(op, f"{name} must hold one token ([batch={B}, heads, 1, dim]); got {tuple(t.shape)}")
+    if q_t.shape[3] != Dk:
+        _fail(op, f"q_t has head dim {q_t.shape[3]} but k_t has {Dk}")
+    D, F = v_t.shape[3], fk_t.shape[3]
+    if v_t.shape[1] != Hkv or fk_t.shape[1] != Hkv or fq_t.shape[1] != H or fq_t.shape[3] != F:
+        _fail(op, f"v_t {tuple(v_t.shape)} / fk_t {tuple(fk_t.shape)} must have the {Hkv} kv heads of "
+                  f"k_t and fq_t {tuple(fq_t.shape)} the {H} heads of q_t and fk_t's feature dim {F}")
+    if k_win.dim() != 4 or k_win.shape[2] < 1:
+        _fail(op, f"k_win must be [batch, kv_heads, window >= 1, Dk]; got {tuple(k_win.shape)}")
+    W = k_win.shape[2]
+    want = {"state_S": (S, (B, Hkv, F, D)), "state_z": (z, (B, Hkv, F)), "k_win": (k_win, (B, Hkv, W, Dk)),
+            "v_win": (v_win, (B, Hkv, W, D)), "fk_win": (fk_win, (B, Hkv, W, F)),
+            "win_valid": (win_valid, (B, W)), "mix": (mix, (H,))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            _fail(op, f"{name} must be {list(shape)}; got {tuple(t.shape)}")
+    if win_valid.dtype != torch.bool:
+        _fail(op, f"win_valid must be bool (True = the slot holds a real token); got {win_valid.dtype}")
+    if position.dtype not in (torch.int64, torch.int32) or position.numel() != 1:
+        _fail(op, f"position must be one int64 (or int32) index, the new token's; got {position.dtype} "
+                  f"{tuple(position.shape)}")
+    if token_valid is not None and (token_valid.dtype != torch.bool or tuple(token_valid.shape) != (B,)):
+        _fail(op, f"token_valid must be bool [batch={B}]; got {token_valid.dtype} {tuple(token_valid.shape)}")
+
+
 # --------------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------------
@@ -186,6 +235,37 @@ def _(fq_t, fk_t, v_t, state_S, state_z, eps=1e-6):
     B, H = fq_t.shape[:2]
     return (fq_t.new_empty(B, H, 1, v_t.shape[3], dtype=v_t.dtype),
             state_S.new_empty(state_S.shape), state_z.new_empty(state_z.shape))
+
+
+@torch.library.custom_op("rewriter::hybrid_window_step", mutates_args=())
+def hybrid_window_step(q_t: Tensor, k_t: Tensor, v_t: Tensor, fq_t: Tensor, fk_t: Tensor, state_S: Tensor,
+                       state_z: Tensor, k_win: Tensor, v_win: Tensor, fk_win: Tensor, win_valid: Tensor,
+                       position: Tensor, scale: float, mix: Tensor, token_valid: Tensor | None = None,
+                       eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = (q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid, position)
+    _check_hybrid_step(*args, mix, token_valid)
+    return hybrid_window_step_torch(*args, scale, mix, token_valid, eps)
+
+
+@hybrid_window_step.register_kernel("cuda")
+def _(q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid, position, scale, mix,
+      token_valid=None, eps=1e-6):
+    args = (q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid, position)
+    _check_hybrid_step(*args, mix, token_valid)
+    if _triton is None:
+        return hybrid_window_step_torch(*args, scale, mix, token_valid, eps)
+    return _triton.hybrid_window_step(*args, scale, mix, token_valid, eps)
+
+
+@hybrid_window_step.register_fake
+def _(q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid, position, scale, mix,
+      token_valid=None, eps=1e-6):
+    _check_hybrid_step(q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid, position,
+                       mix, token_valid)
+    B, H = q_t.shape[:2]
+    return (q_t.new_empty(B, H, 1, v_t.shape[3], dtype=v_t.dtype), state_S.new_empty(state_S.shape),
+            state_z.new_empty(state_z.shape), k_win.new_empty(k_win.shape), v_win.new_empty(v_win.shape),
+            fk_win.new_empty(fk_win.shape), win_valid.new_empty(win_valid.shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ backward ops differentiate (torch.func.vjp through these functions).
     hybrid       LoLCATs: banded exact softmax over the last `window` keys + the chunked linear
                  terms of the keys before it, one normalizer (reference.py states the math)
     step         S += φk vᵀ, z += φk, o = φq S / (φq z + eps)
+    hybrid step  LoLCATs decode: fold the token leaving the W-slot ring buffer into (S, z), write
+                 the new token into its slot, softmax over the W slots beside φq·S
+    prefill      `linear_attention_prefill_state`, `hybrid_window_prefill_state`: the step state
+                 after a prefill, so that prefill + steps reproduces the full-sequence ops
 
 GQA without repeated K/V or state: a kv head's G query heads are stacked as rows of one GEMM.
 Accumulation is fp32 for half types (float64 stays float64 for gradcheck); outputs take v's
@@ -166,3 +170,77 @@ def linear_attention_step_torch(fq_t: Tensor, fk_t: Tensor, v_t: Tensor, state_S
     o = (num / (den + eps)).reshape(B, H, 1, D)
     return o.to(v_t.dtype), S_new.to(state_S.dtype), z_new.to(state_z.dtype)
 
+
+
+def hybrid_window_step_torch(q_t: Tensor, k_t: Tensor, v_t: Tensor, fq_t: Tensor, fk_t: Tensor,
+                             state_S: Tensor, state_z: Tensor, k_win: Tensor, v_win: Tensor, fk_win: Tensor,
+                             win_valid: Tensor, position: Tensor, scale: float, mix: Tensor,
+                             token_valid: Tensor | None = None, eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """PyTorch form of `rewriter::hybrid_window_step` (reference.py states the math): fold the
+    leaving token, write the new one into slot position mod W, then one W-key softmax beside
+    φq·S. Grouped (no repeated K/V or state); the ring slot is a tensor index, so the step traces
+    without a host sync. Returns (o_t, S, z, k_win, v_win, fk_win, win_valid), new tensors."""
+    B, H, _, Dk = q_t.shape
+    Hkv, W, D = k_win.shape[1], k_win.shape[2], v_win.shape[3]
+    G, F = H // Hkv, fq_t.shape[3]
+    slot = position.reshape(1).long() % W                               # [1]
+    leave = win_valid.index_select(1, slot)[:, :, None]                 # [B, 1, 1]
+    fk_leave = _acc(fk_win.index_select(2, slot))[:, :, 0].masked_fill(~leave, 0.0)   # [B, Hkv, F]
+    v_leave = _acc(v_win.index_select(2, slot))[:, :, 0].masked_fill(~leave, 0.0)     # [B, Hkv, D]
+    S = _acc(state_S) + fk_leave[..., :, None] * v_leave[..., None, :]  # [B, Hkv, F, D]
+    z = _acc(state_z) + fk_leave                                        # [B, Hkv, F]
+
+    real = torch.ones(B, dtype=torch.bool, device=q_t.device) if token_valid is None else token_valid
+    padding = ~real[:, None, None, None]
+    put = lambda buf, new: buf.index_copy(2, slot, new.to(buf.dtype).masked_fill(padding, 0.0))   # noqa: E731
+    k_win, v_win, fk_win = put(k_win, k_t), put(v_win, v_t), put(fk_win, fk_t)
+    win_valid = win_valid.index_copy(1, slot, real[:, None])
+
+    q = _acc(q_t).reshape(B, Hkv, G, Dk)
+    s = (q @ _acc(k_win).transpose(-1, -2)).mul_(scale)                 # [B, Hkv, G, W]
+    s = s.masked_fill_(~win_valid[:, None, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))          # empty window: m = 0
+    p = torch.exp(s - m)
+    num = p @ _acc(v_win).masked_fill(~win_valid[:, None, :, None], 0.0)   # [B, Hkv, G, D]
+    den = p.sum(-1)                                                     # [B, Hkv, G]
+    fq = _acc(fq_t).reshape(B, Hkv, G, F)
+    w = mix.to(num.dtype).reshape(1, Hkv, G)
+    num = num + w[..., None] * (fq @ S)
+    den = den + w * (fq @ z[..., None])[..., 0] + eps
+    o = (num / den[..., None]).reshape(B, H, 1, D)
+    return (o.to(v_t.dtype), S.to(state_S.dtype), z.to(state_z.dtype), k_win, v_win, fk_win, win_valid)
+
+
+def linear_attention_prefill_state(fk: Tensor, v: Tensor,
+                                   key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The state (S [B, Hkv, F, D], z [B, Hkv, F]) that `linear_attention_step` carries after the
+    tokens fk, v [B, Hkv, T0, ·]: S = Σ_j φK_j V_jᵀ, z = Σ_j φK_j over the real (key_mask) tokens.
+    fp32 (float64 stays float64)."""
+    state = lambda x: x if x.dtype == torch.float64 else x.float()      # noqa: E731
+    fk, v = _mask_keys(state(fk), state(v), key_mask)
+    return fk.transpose(-1, -2) @ v, fk.sum(2)
+
+
+def hybrid_window_prefill_state(k: Tensor, v: Tensor, fk: Tensor, window: int,
+                                key_mask: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The state `hybrid_window_step` carries after the T0 tokens k, v, fk [B, Hkv, T0, ·] of a
+    prefill (T0 ≥ 0), as `hybrid_window_attention(..., window)` saw them:
+
+        S, z        Σ over the real tokens j < T0 − window (fp32; float64 stays float64)
+        k_win, v_win, fk_win  [B, Hkv, window, ·]: token j of the last `window` in ring slot j mod window
+        win_valid   bool [B, window]: the slot holds a real token (False: padding, or T0 < window)
+
+    Written without host syncs or branches on T0, so it traces with a dynamic prefill length."""
+    B, Hkv, T0, _ = k.shape
+    W = int(window)
+    real = torch.ones(B, T0, dtype=torch.bool, device=k.device) if key_mask is None else key_mask
+    lin = real & (torch.arange(T0, device=k.device) < T0 - W)[None, :]  # [B, T0]
+    S, z = linear_attention_prefill_state(fk, v, lin)
+    idx = torch.remainder(torch.arange(W, device=k.device) - T0, W)     # slot w ← the ((w − T0) mod W)-th
+                                                                        # of the last W tokens
+    last = lambda x: torch.nn.functional.pad(x, (0, 0, W, 0)).narrow(2, T0, W).index_select(2, idx)
+    win_valid = torch.nn.functional.pad(real, (W, 0), value=False).narrow(1, T0, W).index_select(1, idx)
+    hide = ~win_valid[:, None, :, None]
+    return (S, z, last(k).masked_fill(hide, 0.0), last(v).masked_fill(hide, 0.0),
+            last(fk).masked_fill(hide, 0.0), win_valid)

@@ -77,7 +77,62 @@ def translations() -> dict:
         o = ungrouped(op.Div(num, den), fq_t)
         return op.CastLike(o, v_t), S_new, z_new
 
+    def hybrid_window_step_onnx(q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid,
+                                position, scale: float, mix, token_valid=None, eps: float = 1e-6):
+        ints = lambda vals: op.Constant(value_ints=list(vals))          # noqa: E731
+        zero = lambda x: op.CastLike(op.Constant(value_float=0.0), x)   # noqa: E731
+        W = op.Shape(k_win, start=2, end=3)                                 # [1]
+        slots = op.Range(op.Constant(value_int=0), op.Squeeze(W), op.Constant(value_int=1))   # [W]
+        here = op.Equal(slots, op.Mod(op.Reshape(op.Cast(position, to=7), ints([1])), W))    # [W] one-hot
+        here4 = op.Unsqueeze(here, ints([0, 1, 3]))                         # [1, 1, W, 1]
+        # 1. fold the token leaving the window (the slot's old content, if valid) into S, z
+        leave = op.And(op.Unsqueeze(here, ints([0])), win_valid)            # [B, W]
+        leave4 = op.Unsqueeze(leave, ints([1, 3]))                          # [B, 1, W, 1]
+        fk_l = op.ReduceSum(op.Where(leave4, fk_win, zero(fk_win)), ints([2]), keepdims=0)     # [B, Hkv, F]
+        v_l = op.ReduceSum(op.Where(leave4, v_win, zero(v_win)), ints([2]), keepdims=0)        # [B, Hkv, D]
+        S_new = op.Add(state_S, op.CastLike(op.MatMul(op.Unsqueeze(fk_l, ints([3])),
+                                                      op.Unsqueeze(v_l, ints([2]))), state_S))
+        z_new = op.Add(state_z, op.CastLike(fk_l, state_z))
+        # 2. the new token into its slot (zeros and invalid if it is padding)
+        if token_valid is None:
+            real, valid_new = None, op.Or(win_valid, op.Unsqueeze(here, ints([0])))
+        else:
+            real = op.Unsqueeze(token_valid, ints([1, 2, 3]))                # [B, 1, 1, 1]
+            here2 = op.Unsqueeze(here, ints([0]))                            # (onnxruntime has no bool Where)
+            valid_new = op.Or(op.And(here2, op.Unsqueeze(token_valid, ints([1]))),
+                              op.And(op.Not(here2), win_valid))
+
+        def put(buf, new):
+            new = op.CastLike(new, buf)
+            if real is not None:
+                new = op.Where(real, new, zero(new))
+            return op.Where(here4, new, buf)
+
+        kw_new, vw_new, fw_new = put(k_win, k_t), put(v_win, v_t), put(fk_win, fk_t)
+        # 3. W-slot softmax (max over the valid slots, 0 if none) beside mix·φq·S
+        q5 = grouped(q_t, k_t)                                              # [B, Hkv, G, 1, Dk]
+        fq5 = grouped(fq_t, k_t)                                            # [B, Hkv, G, 1, F]
+        vis = op.Unsqueeze(valid_new, ints([1, 2, 3]))                      # [B, 1, 1, 1, W]
+        kT = op.Transpose(op.CastLike(kw_new, q_t), perm=[0, 1, 3, 2])     # [B, Hkv, Dk, W]
+        k5 = op.Unsqueeze(kT, ints([2]))                                    # [B, Hkv, 1, Dk, W]
+        s = op.Mul(op.MatMul(q5, k5), op.CastLike(scale, q_t))             # [B, Hkv, G, 1, W]
+        s = op.Where(vis, s, op.CastLike(float("-inf"), s))
+        m = op.ReduceMax(s, ints([-1]), keepdims=1)
+        m = op.Where(op.IsInf(m), zero(m), m)
+        p = op.Exp(op.Sub(s, m))
+        vv = op.Where(op.Unsqueeze(valid_new, ints([1, 3])), vw_new, zero(vw_new))          # [B, Hkv, W, D]
+        num = op.MatMul(p, op.Unsqueeze(op.CastLike(vv, p), ints([2])))    # [B, Hkv, G, 1, D]
+        den = op.ReduceSum(p, ints([-1]), keepdims=1)                       # [B, Hkv, G, 1, 1]
+        mix5 = op.Reshape(op.CastLike(mix, p), op.Concat(ints([1]), op.Shape(k_t, start=1, end=2),
+                                                         ints([-1, 1, 1]), axis=0))
+        num = op.Add(num, op.Mul(mix5, op.MatMul(fq5, op.Unsqueeze(op.CastLike(S_new, p), ints([2])))))
+        z5 = op.Unsqueeze(op.CastLike(z_new, p), ints([2, 4]))             # [B, Hkv, 1, F, 1]
+        den = op.Add(op.Add(den, op.Mul(mix5, op.MatMul(fq5, z5))), op.CastLike(eps, p))
+        o = op.CastLike(ungrouped(op.Div(num, den), q_t), v_t)
+        return o, S_new, z_new, kw_new, vw_new, fw_new, valid_new
+
     return {
+        torch.ops.rewriter.hybrid_window_step.default: hybrid_window_step_onnx,
         torch.ops.rewriter.linear_attention.default: linear_attention_onnx,
         torch.ops.rewriter.hybrid_window_attention.default: hybrid_window_attention_onnx,
         torch.ops.rewriter.linear_attention_step.default: linear_attention_step_onnx,

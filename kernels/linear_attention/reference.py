@@ -120,3 +120,50 @@ def linear_attention_step(fq_t: Tensor, fk_t: Tensor, v_t: Tensor, state_S: Tens
     num = torch.einsum("bhf,bhfd->bhd", phi_q, S)
     den = torch.einsum("bhf,bhf->bh", phi_q, z)[..., None]
     return (num / (den + eps))[:, :, None, :], S_new, z_new
+
+
+def hybrid_window_step(q_t: Tensor, k_t: Tensor, v_t: Tensor, fq_t: Tensor, fk_t: Tensor,
+                       state_S: Tensor, state_z: Tensor, k_win: Tensor, v_win: Tensor, fk_win: Tensor,
+                       win_valid: Tensor, position: Tensor, scale: float, mix: Tensor,
+                       token_valid: Tensor | None = None, eps: float = 1e-6) -> tuple[Tensor, ...]:
+    """One decoding step of the LoLCATs hybrid (arXiv:2410.10254), the recurrent form of
+    `hybrid_window_attention` at query index t = position.
+
+    State after the tokens 0..t−1 (window W = k_win.shape[2]): S = Σ_{j ≤ t−1−W} φ(K_j) V_jᵀ,
+    z = Σ_{j ≤ t−1−W} φ(K_j) over real j, and a ring buffer whose slot j mod W holds K_j, V_j, φ(K_j)
+    of the last W tokens (win_valid False for padded or never-filled slots). The step
+
+      1. folds the token leaving the window, t − W (slot t mod W, if valid), into S and z,
+      2. writes token t into slot t mod W (win_valid = token_valid),
+      3. returns o_t = (Σ_slots e^{s−m} V + mix_h φ(Q_t)ᵀ S) / (Σ e^{s−m} + mix_h φ(Q_t)ᵀ z + eps),
+         s = scale·Q_t·K over the valid slots, m their max (0 if none): the module docstring's O_t.
+
+    Returns (o_t fp32 [B, H, 1, D], S, z (fp32), k_win, v_win, fk_win, win_valid) — the new state.
+    """
+    B, H = q_t.shape[:2]
+    W = k_win.shape[2]
+    slot = int(position.reshape(-1)[0]) % W
+    real = torch.ones(B, dtype=torch.bool, device=q_t.device) if token_valid is None else token_valid.bool()
+    leave = win_valid[:, slot].bool()[:, None, None]                     # [B, 1, 1]
+    fk_leave = torch.where(leave, fk_win[:, :, slot].float(), 0.0)       # [B, Hkv, F]
+    v_leave = torch.where(leave, v_win[:, :, slot].float(), 0.0)         # [B, Hkv, D]
+    S = state_S.float() + fk_leave[..., :, None] * v_leave[..., None, :]
+    z = state_z.float() + fk_leave
+
+    k_win, v_win, fk_win, win_valid = k_win.clone(), v_win.clone(), fk_win.clone(), win_valid.clone()
+    for buf, new in ((k_win, k_t), (v_win, v_t), (fk_win, fk_t)):
+        buf[:, :, slot] = torch.where(real[:, None, None], new[:, :, 0].to(buf.dtype), 0.0)
+    win_valid[:, slot] = real
+
+    valid = win_valid[:, None, None, :]                                  # [B, 1, 1, W]
+    s = scale * (q_t.float() @ repeat_kv(k_win.float(), H).transpose(-1, -2))   # [B, H, 1, W]
+    s = s.masked_fill(~valid, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    a_win = torch.exp(s - m)                                             # 0 at invalid slots
+    vv = repeat_kv(v_win.float(), H).masked_fill(~win_valid[:, None, :, None], 0.0)
+    fq = fq_t.float()
+    mixh = mix.float()[None, :, None, None]
+    num = a_win @ vv + mixh * (fq @ repeat_kv(S, H))                     # [B, H, 1, D]
+    den = a_win.sum(-1, keepdim=True) + mixh * (fq @ repeat_kv(z[..., None], H)) + eps
+    return num / den, S, z, k_win, v_win, fk_win, win_valid

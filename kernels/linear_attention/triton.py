@@ -10,6 +10,10 @@ S = Σ_j φ(K_j) V_jᵀ, z = Σ_j φ(K_j). Three forms, as in flash-linear-atten
                walks the sequence in chunks of BLOCK_T, carrying S, z in registers:
                within a chunk tril(φQ φKᵀ) V, across chunks φQ S.
   decode       `linear_attention_step_fwd_kernel`: S += φk vᵀ, z += φk, o = φq S / (φq z + eps).
+  hybrid step  `hybrid_window_step_fwd_kernel` (LoLCATs decode): one program per (D slice, batch,
+               kv head) folds the token leaving the W-slot ring buffer into S, z, writes the new
+               token into its slot while streaming the W slots through an online softmax (the
+               kv head's G query heads as rows), and adds φq S; the buffers are copied once.
 
 `hybrid_window_attention_fwd_kernel` (LoLCATs, arXiv:2410.10254) adds exact softmax terms over
 the last `window` keys (online softmax, FlashAttention-style) to the linear terms of the keys
@@ -431,3 +435,153 @@ def linear_attention_step(fq_t: Tensor, fk_t: Tensor, v_t: Tensor, state_S: Tens
         o.stride(0), o.stride(1), H, H // Hkv, F, D, eps,
         BLOCK_F=_pow2(F), BLOCK_D=BLOCK_D)
     return o, S_new, z_new
+
+
+# --------------------------------------------------------------------------------------------
+# LoLCATs decode: fold the leaving token into (S, z), ring-buffer write, W-slot softmax + φq S
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def hybrid_window_step_fwd_kernel(
+    p_q, p_k, p_v, p_fq, p_fk, p_S, p_z, p_kw, p_vw, p_fw, p_valid, p_pos, p_mix, p_tv,
+    p_o, p_S_new, p_z_new, p_kw_new, p_vw_new, p_fw_new, p_valid_new,
+    s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_fqb, s_fqh, s_fkb, s_fkh, s_Sb, s_Sh, s_Sf, s_zb, s_zh,
+    s_kwb, s_kwh, s_kwt, s_vwb, s_vwh, s_vwt, s_fwb, s_fwh, s_fwt, s_mb, s_ob, s_oh,
+    H, G, DK, F, D, W, scale, eps,
+    HAS_TV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program per (D slice, batch, kv head): the kv head's G query heads are the rows of its
+    # tiles; slice 0 also writes the K / φK ring buffers (and kv head 0 the shared win_valid)
+    i_d = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    HKV = H // G
+    i_b = i_bh // HKV
+    i_hkv = i_bh % HKV
+    o_g = tl.arange(0, BLOCK_G)
+    o_k = tl.arange(0, BLOCK_K)
+    o_f = tl.arange(0, BLOCK_F)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_g = o_g < G
+    m_k = o_k < DK
+    m_f = o_f < F
+    m_d = o_d < D
+    slot = tl.load(p_pos).to(tl.int64) % W
+    real = True
+    if HAS_TV:
+        real = tl.load(p_tv + i_b) != 0
+
+    # 1. fold the token leaving the window (slot `slot`, if it holds a real one) into S, z
+    leave = tl.load(p_valid + i_b * s_mb + slot) != 0
+    p_fw_bh = p_fw + i_b * s_fwb + i_hkv * s_fwh
+    p_vw_bh = p_vw + i_b * s_vwb + i_hkv * s_vwh
+    b_fl = tl.load(p_fw_bh + slot * s_fwt + o_f, mask=m_f, other=0.0).to(tl.float32)          # [BLOCK_F]
+    b_vl = tl.load(p_vw_bh + slot * s_vwt + o_d, mask=m_d, other=0.0).to(tl.float32)          # [BLOCK_D]
+    b_fl = tl.where(leave, b_fl, 0.0)
+    b_vl = tl.where(leave, b_vl, 0.0)
+    m_fd = m_f[:, None] & m_d[None, :]
+    b_S = tl.load(p_S + i_b * s_Sb + i_hkv * s_Sh + o_f[:, None] * s_Sf + o_d[None, :], mask=m_fd,
+                  other=0.0).to(tl.float32) + b_fl[:, None] * b_vl[None, :]          # [BLOCK_F, BLOCK_D]
+    b_z = tl.load(p_z + i_b * s_zb + i_hkv * s_zh + o_f, mask=m_f, other=0.0).to(tl.float32) + b_fl
+    tl.store(p_S_new + i_bh * F * D + o_f[:, None] * D + o_d[None, :], b_S.to(p_S_new.dtype.element_ty),
+             mask=m_fd)
+    if i_d == 0:
+        tl.store(p_z_new + i_bh * F + o_f, b_z.to(p_z_new.dtype.element_ty), mask=m_f)
+
+    # 2. the new token (zeros if it is padding)
+    b_kn = tl.load(p_k + i_b * s_kb + i_hkv * s_kh + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_vn = tl.load(p_v + i_b * s_vb + i_hkv * s_vh + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_fn = tl.load(p_fk + i_b * s_fkb + i_hkv * s_fkh + o_f, mask=m_f, other=0.0).to(tl.float32)
+    b_kn = tl.where(real, b_kn, 0.0)
+    b_vn = tl.where(real, b_vn, 0.0)
+    b_fn = tl.where(real, b_fn, 0.0)
+
+    # 3. softmax over the W slots (online over BLOCK_W tiles), the new token in its slot
+    b_q = tl.load(p_q + i_b * s_qb + (i_hkv * G + o_g)[:, None] * s_qh + o_k[None, :],
+                  mask=m_g[:, None] & m_k[None, :], other=0.0).to(tl.float32)        # [BLOCK_G, BLOCK_K]
+    b_m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    p_kw_bh = p_kw + i_b * s_kwb + i_hkv * s_kwh
+    for w0 in range(0, W, BLOCK_W):
+        o_w = (w0 + tl.arange(0, BLOCK_W)).to(tl.int64)
+        m_w = o_w < W
+        here = (o_w == slot)[:, None]
+        b_val = tl.load(p_valid + i_b * s_mb + o_w, mask=m_w, other=0) != 0
+        b_val = tl.where(o_w == slot, real, b_val) & m_w                                        # [BLOCK_W]
+        b_kt = tl.load(p_kw_bh + o_w[:, None] * s_kwt + o_k[None, :], mask=m_w[:, None] & m_k[None, :],
+                       other=0.0)
+        b_kt = tl.where(here, b_kn[None, :], b_kt.to(tl.float32))                     # [BLOCK_W, BLOCK_K]
+        b_vt = tl.load(p_vw_bh + o_w[:, None] * s_vwt + o_d[None, :], mask=m_w[:, None] & m_d[None, :],
+                       other=0.0)
+        b_vt = tl.where(here, b_vn[None, :], b_vt.to(tl.float32))                     # [BLOCK_W, BLOCK_D]
+        tl.store(p_vw_new + i_bh * W * D + o_w[:, None] * D + o_d[None, :],
+                 b_vt.to(p_vw_new.dtype.element_ty), mask=m_w[:, None] & m_d[None, :])
+        if i_d == 0:
+            tl.store(p_kw_new + i_bh * W * DK + o_w[:, None] * DK + o_k[None, :],
+                     b_kt.to(p_kw_new.dtype.element_ty), mask=m_w[:, None] & m_k[None, :])
+            b_ft = tl.load(p_fw_bh + o_w[:, None] * s_fwt + o_f[None, :], mask=m_w[:, None] & m_f[None, :],
+                           other=0.0)
+            b_ft = tl.where(here, b_fn[None, :], b_ft.to(tl.float32))
+            tl.store(p_fw_new + i_bh * W * F + o_w[:, None] * F + o_f[None, :],
+                     b_ft.to(p_fw_new.dtype.element_ty), mask=m_w[:, None] & m_f[None, :])
+            if i_hkv == 0:
+                tl.store(p_valid_new + i_b * W + o_w, b_val.to(tl.uint8), mask=m_w)
+        b_vt = tl.where(b_val[:, None], b_vt, 0.0)                    # garbage in unused slots stays out
+        b_s = tl.dot(b_q, tl.trans(b_kt), input_precision="ieee") * scale             # [BLOCK_G, BLOCK_W]
+        b_s = tl.where(b_val[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp(b_m - b_m_safe)
+        b_p = tl.exp(b_s - b_m_safe[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_vt, input_precision="ieee")
+        b_m = b_m_new
+
+    # 4. beside the linear state; the softmax terms are relative to m (0 if the window is empty)
+    b_fq = tl.load(p_fq + i_b * s_fqb + (i_hkv * G + o_g)[:, None] * s_fqh + o_f[None, :],
+                   mask=m_g[:, None] & m_f[None, :], other=0.0).to(tl.float32)       # [BLOCK_G, BLOCK_F]
+    b_mix = tl.load(p_mix + i_hkv * G + o_g, mask=m_g, other=0.0)                             # [BLOCK_G]
+    b_num = b_acc + b_mix[:, None] * tl.dot(b_fq, b_S, input_precision="ieee")
+    b_den = b_l + b_mix * tl.sum(b_fq * b_z[None, :], 1) + eps
+    tl.store(p_o + i_b * s_ob + (i_hkv * G + o_g)[:, None] * s_oh + o_d[None, :],
+             (b_num / b_den[:, None]).to(p_o.dtype.element_ty), mask=m_g[:, None] & m_d[None, :])
+
+
+def hybrid_window_step(q_t: Tensor, k_t: Tensor, v_t: Tensor, fq_t: Tensor, fk_t: Tensor, state_S: Tensor,
+                       state_z: Tensor, k_win: Tensor, v_win: Tensor, fk_win: Tensor, win_valid: Tensor,
+                       position: Tensor, scale: float, mix: Tensor, token_valid: Tensor | None = None,
+                       eps: float = 1e-6, *, out: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
+    """Host wrapper for `rewriter::hybrid_window_step` (shapes checked by the op): returns
+    (o_t, S, z, k_win, v_win, fk_win, win_valid), new tensors (`out` may pre-allocate them, contiguous)."""
+    _check_device(q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, win_valid, position)
+    q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win = map(
+        _lastdim_contiguous, (q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win))
+    B, H, _, DK = q_t.shape
+    Hkv, W, D, F = k_win.shape[1], k_win.shape[2], v_win.shape[3], fq_t.shape[3]
+    if out is None:
+        out = (torch.empty(B, H, 1, D, dtype=v_t.dtype, device=v_t.device),
+               torch.empty(B, Hkv, F, D, dtype=state_S.dtype, device=state_S.device),
+               torch.empty(B, Hkv, F, dtype=state_z.dtype, device=state_z.device),
+               torch.empty_like(k_win, memory_format=torch.contiguous_format),
+               torch.empty_like(v_win, memory_format=torch.contiguous_format),
+               torch.empty_like(fk_win, memory_format=torch.contiguous_format),
+               torch.empty(B, W, dtype=torch.bool, device=win_valid.device))
+    o, S_new, z_new, kw_new, vw_new, fw_new, valid_new = out
+    assert all(t.is_contiguous() for t in out[1:]) and o.stride(-1) == 1
+    valid = win_valid.to(torch.uint8).contiguous()
+    valid_u8 = valid_new.view(torch.uint8) if valid_new.dtype == torch.bool else valid_new
+    tv = token_valid.to(torch.uint8).contiguous() if token_valid is not None else valid   # never read if None
+    pos = position.reshape(1).to(torch.int64)
+    BLOCK_D = min(_pow2(D), BLOCK_D_MAX)
+    hybrid_window_step_fwd_kernel[(triton.cdiv(D, BLOCK_D), B * Hkv)](
+        q_t, k_t, v_t, fq_t, fk_t, state_S, state_z, k_win, v_win, fk_win, valid, pos,
+        mix.to(torch.float32).contiguous(), tv, o, S_new, z_new, kw_new, vw_new, fw_new, valid_u8,
+        q_t.stride(0), q_t.stride(1), k_t.stride(0), k_t.stride(1), v_t.stride(0), v_t.stride(1),
+        fq_t.stride(0), fq_t.stride(1), fk_t.stride(0), fk_t.stride(1),
+        state_S.stride(0), state_S.stride(1), state_S.stride(2), state_z.stride(0), state_z.stride(1),
+        k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win.stride(0), v_win.stride(1), v_win.stride(2),
+        fk_win.stride(0), fk_win.stride(1), fk_win.stride(2), valid.stride(0), o.stride(0), o.stride(1),
+        H, H // Hkv, DK, F, D, W, float(scale), eps,
+        HAS_TV=token_valid is not None, BLOCK_G=_pow2(H // Hkv), BLOCK_W=min(_pow2(W), 64),
+        BLOCK_K=_pow2(DK), BLOCK_F=_pow2(F), BLOCK_D=BLOCK_D)
+    return o, S_new, z_new, kw_new, vw_new, fw_new, valid_new

@@ -1,8 +1,10 @@
-"""rewriter::linear_attention, ::hybrid_window_attention, ::linear_attention_step.
+"""rewriter::linear_attention, ::hybrid_window_attention, ::linear_attention_step, ::hybrid_window_step.
 
 Each Triton kernel (interpreter mode on CPU, compiled on a GPU) and the CPU impl against the fp32
 references at odd sizes (T=63, D=60, F=40 → padded to 64 inside the kernels), GQA and padded keys;
-gradients; torch.export, torch.compile and ONNX export of a module calling the ops.
+gradients; torch.export, torch.compile and ONNX export of a module calling the ops. Decode: a
+prefill state followed by single-token steps reproduces the full-sequence ops (hybrid with left
+padding for several windows, W > T included; linear with a left-padded prefill).
 
 Tolerances are relative RMS error vs the fp32 reference computed from the same (rounded) inputs:
   fp32 1e-5: observed ~2e-7; only the summation order differs (chunked vs expanded), which
@@ -368,3 +370,207 @@ def test_onnx_export_matches_cpu_impl(tmp_path):
         for name, g, w in zip(["full", "causal", "hybrid", "o_t", "S_new", "z_new"], got, want):
             err = (torch.from_numpy(g) - w).abs().max().item()
             assert err <= 1e-4, f"{name}: max abs error {err:.2e}"
+
+
+# --------------------------------------------------------------------------------------------
+# decode: hybrid_window_step (LoLCATs ring buffer + state) and the prefill states
+# --------------------------------------------------------------------------------------------
+from rewriter.kernels.linear_attention import (  # noqa: E402
+    hybrid_window_prefill_state, linear_attention_prefill_state)
+
+STATE = ["o_t", "S", "z", "k_win", "v_win", "fk_win", "win_valid"]
+
+
+def left_padded(B, T, pads):
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for b, p in enumerate(pads[:B]):
+        mask[b, :p] = False
+    return mask.to(DEVICE)
+
+
+def step_args(x, t, mask, state, scale=0.4):
+    """The hybrid_window_step arguments for token t of the sequence x (state = the 6 tensors)."""
+    one = lambda n: x[n][:, :, t:t + 1]                          # noqa: E731
+    token_valid = None if mask is None else mask[:, t].contiguous()
+    return (one("q"), one("k"), one("v"), one("fq"), one("fk"), *state,
+            torch.tensor([t], device=DEVICE), scale, x["mix"], token_valid, 1e-6)
+
+
+def assert_step_close(got, ref, tol):
+    for name, a, b in zip(STATE, got, ref):
+        if name == "win_valid":
+            assert torch.equal(a, b), name
+        elif b.abs().max() > 0:
+            assert rel_rms(a, b) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [5, 70], ids=["W5", "W70-two-tiles"])
+@pytest.mark.parametrize("B,H,Hkv,T,Fd,D", CASES)
+@pytest.mark.parametrize("impl", ["op", pytest.param("triton", marks=needs_triton)])
+def test_hybrid_window_step_matches_reference(impl, B, H, Hkv, T, Fd, D, window, dtype):
+    """One step from a state with wrapped-around ring slots (position 67 ≥ W), padded slots in the
+    window and, for B > 1, a padded new token; every output and new state tensor checked."""
+    x, _ = inputs(B, H, Hkv, 68, Fd, D, Dk=20, dtype=dtype)
+    mask = left_padded(B, 68, [0, 64, 3]) if B > 1 else None
+    if B > 1:
+        mask[1, 67] = False                                          # the new token itself is padding
+    state = hybrid_window_prefill_state(x["k"][:, :, :67], x["v"][:, :, :67], x["fk"][:, :, :67], window,
+                                        None if mask is None else mask[:, :67])
+    args = step_args(x, 67, mask, state)
+    if impl == "op":
+        got = torch.ops.rewriter.hybrid_window_step(*args)
+    else:
+        shapes = [(B, H, 1, D)] + [tuple(s.shape) for s in state]
+        out = tuple(nan_like(s, t.dtype) if t.dtype != torch.bool else torch.zeros(s, dtype=torch.bool)
+                    for s, t in zip(shapes, (x["v"], *state)))
+        got = TK.hybrid_window_step(*args, out=out)
+    ref = R.hybrid_window_step(*args)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[3].dtype == dtype
+    assert_step_close(got, ref, TOL[dtype])
+
+
+# (impl, window): the interpreter is slow, so Triton runs the windows that differ in kind
+PREFILL_CASES = [("op", w) for w in (1, 5, 16, 40)] + [
+    pytest.param("triton", w, marks=needs_triton) for w in (1, 5, 40)]
+
+
+@pytest.mark.parametrize("T0", [0, 9, 29], ids=["T0=0", "T0=9", "T0=T-1"])
+@pytest.mark.parametrize("impl,window", PREFILL_CASES)
+def test_prefill_then_hybrid_steps_equal_full_sequence(impl, window, T0):
+    """What LoLCATs generation relies on: hybrid_window_attention over T tokens equals a prefill
+    state of the first T0 followed by T − T0 single-token steps, with left padding (row 1's 11
+    padded tokens outlast a 9-token prefill, so padded tokens are stepped too), GQA, and a window
+    longer than the sequence (W40: nothing ever leaves it)."""
+    B, H, Hkv, T, Fd, D, Dk = 3, 4, 2, 30, 12, 10, 8
+    x, _ = inputs(B, H, Hkv, T, Fd, D, Dk=Dk, seed=11)
+    mask = left_padded(B, T, [0, 11, 1])
+    full = torch.ops.rewriter.hybrid_window_attention(x["q"], x["k"], x["v"], x["fq"], x["fk"], window, 0.4,
+                                                      x["mix"], mask, 1e-6)
+    state = hybrid_window_prefill_state(x["k"][:, :, :T0], x["v"][:, :, :T0], x["fk"][:, :, :T0], window,
+                                        mask[:, :T0])
+    step = torch.ops.rewriter.hybrid_window_step if impl == "op" else TK.hybrid_window_step
+    outs = []
+    for t in range(T0, T):
+        o, *state = step(*step_args(x, t, mask, state))
+        outs.append(o)
+    assert rel_rms(torch.cat(outs, dim=2), full[:, :, T0:]) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("T0", [11, 18])
+def test_prefill_then_linear_steps_equal_causal_linear_attention(T0):
+    """Katharopoulos' RNN view after a left-padded prefill: linear_attention_prefill_state of the
+    first T0 tokens (row 1 padded for 11 of them) then single-token steps give the causal op."""
+    B, H, Hkv, T, Fd, D = 3, 4, 2, 25, 12, 10
+    x, _ = inputs(B, H, Hkv, T, Fd, D, seed=12)
+    mask = left_padded(B, T, [0, 11, 1])
+    full = torch.ops.rewriter.linear_attention(x["fq"], x["fk"], x["v"], mask, True, 1e-6)
+    S, z = linear_attention_prefill_state(x["fk"][:, :, :T0], x["v"][:, :, :T0], mask[:, :T0])
+    outs = []
+    for t in range(T0, T):
+        o, S, z = torch.ops.rewriter.linear_attention_step(
+            x["fq"][:, :, t:t + 1], x["fk"][:, :, t:t + 1], x["v"][:, :, t:t + 1], S, z, 1e-6)
+        outs.append(o)
+    assert S.dtype == torch.float32
+    assert rel_rms(torch.cat(outs, dim=2), full[:, :, T0:]) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", ["op", pytest.param("triton", marks=needs_triton)])
+def test_hybrid_step_is_functional_and_never_reads_unused_slots(impl):
+    """The inputs are left as they were, and NaN in the slots win_valid marks unused (never filled,
+    padding) changes nothing: those slots are neither attended to nor folded into the state."""
+    x, _ = inputs(3, 4, 2, 12, 8, 6, Dk=8, seed=13)
+    mask = left_padded(3, 12, [0, 6, 2])
+    pre = [x[n][:, :, :9] for n in ("k", "v", "fk")]
+    state = hybrid_window_prefill_state(*pre, 10, mask[:, :9])
+    assert not state[5].all(), "the window must hold unused slots for this test"
+    dirty = list(state)
+    for i in (2, 3, 4):                                       # k_win, v_win, fk_win
+        dirty[i] = state[i].masked_fill(~state[5][:, None, :, None], float("nan"))
+    before = [t.clone() for t in dirty]
+    step = torch.ops.rewriter.hybrid_window_step if impl == "op" else TK.hybrid_window_step
+    clean_out = step(*step_args(x, 9, mask, state))
+    dirty_out = step(*step_args(x, 9, mask, dirty))
+    for a, b in zip(dirty, before):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    for name, a, b in zip(STATE[:3], dirty_out, clean_out):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(win_valid_dtype=torch.uint8), "win_valid must be bool"),
+    (dict(position=torch.tensor([3, 4])), "position must be one int64"),
+    (dict(k_win_heads=4), "k_win must be \\[2, 2, 5, 8\\]"),
+    (dict(token_valid=torch.ones(3, dtype=torch.bool)), "token_valid must be bool \\[batch=2\\]"),
+])
+def test_hybrid_step_errors_name_the_argument(bad, match):
+    x, _ = inputs(2, 4, 2, 1, 6, 5, Dk=8)
+    S, z = torch.zeros(2, 2, 6, 5), torch.zeros(2, 2, 6)
+    k_win = torch.zeros(2, bad.get("k_win_heads", 2), 5, 8)
+    v_win, fk_win = torch.zeros(2, 2, 5, 5), torch.zeros(2, 2, 5, 6)
+    win_valid = torch.zeros(2, 5, dtype=bad.get("win_valid_dtype", torch.bool))
+    with pytest.raises(ValueError, match="rewriter::hybrid_window_step: " + match):
+        torch.ops.rewriter.hybrid_window_step(
+            x["q"], x["k"], x["v"], x["fq"], x["fk"], S, z, k_win, v_win, fk_win, win_valid,
+            bad.get("position", torch.tensor([3])), 0.3, x["mix"], bad.get("token_valid"), 1e-6)
+
+
+class HybridDecodeBlock(torch.nn.Module):
+    """A lowered LoLCATs site: prefill state from the prompt's k/v/φk, then one decode step."""
+
+    def __init__(self, heads=4, window=5):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.full((heads,), 0.5))
+        self.window = window
+
+    def forward(self, k, v, fk, key_mask, q_t, k_t, v_t, fq_t, fk_t, token_valid):
+        state = hybrid_window_prefill_state(k, v, fk, self.window, key_mask)
+        position = torch.full((1,), k.shape[2], dtype=torch.int64)
+        return torch.ops.rewriter.hybrid_window_step(q_t, k_t, v_t, fq_t, fk_t, *state, position, 0.35,
+                                                     self.mix, token_valid, 1e-6)
+
+
+def _decode_args(B=2, T0=9, seed=0):
+    x, _ = inputs(B, 4, 2, T0 + 1, 6, 5, Dk=8, seed=seed)
+    mask = left_padded(B, T0 + 1, [0, 3, 1])
+    one = lambda n: x[n][:, :, T0:].contiguous()             # noqa: E731
+    pre = lambda n: x[n][:, :, :T0]                            # noqa: E731
+    return (pre("k"), pre("v"), pre("fk"), mask[:, :T0], one("q"), one("k"), one("v"), one("fq"), one("fk"),
+            mask[:, T0].contiguous())
+
+
+_DEC_DYN = ({0: A, 2: A}, {0: A, 2: A}, {0: A, 2: A}, {0: A, 1: A}) + ({0: A},) * 6   # batch; prompt length
+
+
+def test_hybrid_decode_export_with_dynamic_batch_and_prompt_length():
+    """The prefill state traces without host syncs (prompt length dynamic, shorter and longer than
+    the window) and the step op stays one node."""
+    m = HybridDecodeBlock().eval()
+    ep = torch.export.export(m, _decode_args(), strict=False, dynamic_shapes=_DEC_DYN)
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.rewriter.hybrid_window_step.default) == 1
+    for args in (_decode_args(B=3, T0=3, seed=1), _decode_args(B=2, T0=17, seed=2)):
+        for name, a, b in zip(STATE, ep.module()(*args), m(*args)):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_hybrid_decode_onnx_matches_op(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    m = HybridDecodeBlock().eval()
+    onx = torch.onnx.export(m, _decode_args(), dynamo=True, dynamic_shapes=_DEC_DYN,
+                            custom_translation_table=rewriter.kernels.ONNX_TRANSLATIONS, verbose=False)
+    path = tmp_path / "hybrid_window_step.onnx"
+    onx.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for args in (_decode_args(), _decode_args(B=3, T0=3, seed=1), _decode_args(B=3, T0=17, seed=2)):
+        got = sess.run(None, {n: t.numpy() for n, t in zip(names, args)})
+        with torch.no_grad():
+            want = m(*args)
+        for name, g, w in zip(STATE, got, want):
+            if name == "win_valid":
+                assert torch.equal(torch.from_numpy(g), w), name
+                continue
+            err = (torch.from_numpy(g) - w).abs().max().item()
+            assert err <= 1e-5, f"{name}: max abs error {err:.2e}"
