@@ -76,23 +76,6 @@ def hedgehog_init(heads: int, head_dim: int, feature_dim: int, seed: int) -> tup
     return w, torch.zeros(heads, 1, feature_dim)
 
 
-# ---- masks ---------------------------------------------------------------------------------------
-
-def key_mask_from_sdpa_mask(mask: Tensor | None, batch: int) -> Tensor | None:
-    """[B, Tk] bool, True = a real key, from an SDPA attn_mask broadcastable to [B, H, Tq, Tk].
-
-    Key j is real iff some query row may attend to it: for a padding mask every row is the same,
-    and for a causal(+padding) mask the last row allows every real key, so the reduction is exact
-    for the mask kinds the rule accepts. Float (additive) masks allow an entry iff it is above the
-    dtype's lowest value (HF writes finfo.min or −inf for "masked"). Head 0 stands for all heads."""
-    if mask is None:
-        return None
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    return allowed.any(dim=-2).select(1, 0).expand(batch, -1)       # [B, Tk]
-
-
 # ---- attention transfer --------------------------------------------------------------------------
 
 @dataclass
@@ -101,7 +84,7 @@ class Sample:
     q: Tensor                  # [B, H, T, d]
     k: Tensor                  # [B, Hk, T, d]   (Hk = H when k arrives repeated)
     v: Tensor                  # [B, Hk, T, Dv]
-    key_mask: Tensor | None    # [B, T] bool
+    key_mask: Tensor | None    # [B, T] bool: rewriter.kernels.keymask.key_valid of the SDPA mask
     target: Tensor             # [B, H, T, Dv]  softmax attention output
 
     @property

@@ -1,10 +1,10 @@
 """Graph-edit and calibration helpers the routed-attention rules share (agent_attention,
 block_routing, kmeans_routing).
 
-The run-time math these rules put in a graph — the key mask read from the SDPA mask, block
-routing, k-means routing, agent pooling — is kernel code: rewriter.kernels.routed_attention and
-rewriter.kernels.agent_attention. A rewritten graph calls only those functions and torch ops,
-never a function of rewriter.patterns.
+The run-time math these rules put in a graph — the key mask read from the SDPA mask
+(rewriter.kernels.keymask, the one definition of a real key), block routing, k-means routing, agent
+pooling — is kernel code: rewriter.kernels.keymask, .routed_attention and .agent_attention. A
+rewritten graph calls only those functions and torch ops, never a function of rewriter.patterns.
 """
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from rewriter import graph as G
-from rewriter.kernels.routed_attention import key_mask_from_attn_mask
+from rewriter.kernels.keymask import key_valid
+
+aten = torch.ops.aten
 
 
 def site_tensors(gm, site):
-    """(sdpa node, q, k, v, key-mask node or None, causal) for a site; inserts the key-mask node
-    right before the SDPA node when the mask is a padding mask."""
+    """(sdpa node, q, k, v, key-mask node or None, causal) for a site; inserts the key-mask node,
+    `key_valid(mask, batch)` [B, Tk], right before the SDPA node when the mask is a padding mask."""
     sd = G.node(gm, site.node)
     a = G.sdpa_args(sd)
     key_mask = None
     if site.mask in ("padding", "causal+padding"):
         with gm.graph.inserting_before(sd):
-            key_mask = gm.graph.call_function(key_mask_from_attn_mask, (a["attn_mask"], a["query"]))
+            batch = gm.graph.call_function(aten.sym_size.int, (a["query"], 0))
+            key_mask = gm.graph.call_function(key_valid, (a["attn_mask"], batch))
     causal = site.mask in ("causal", "causal+padding")
     return sd, a["query"], a["key"], a["value"], key_mask, causal
 

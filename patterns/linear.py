@@ -16,7 +16,7 @@ site alone on the current model first, and convert them least damaging first; ev
 Before:  o = sdpa(q, k, v, mask, scale)
 After:   fq = cat(softmax(q·Wq + bq), softmax(−(q·Wq + bq)))        (hedgehog; elu1: elu(q) + 1)
          fk = cat(softmax(k·Wk + bk), softmax(−(k·Wk + bk)))
-         km = any(mask, over query rows)[:, head 0]                  (real keys, [B, Tk])
+         km = key_valid(mask)         (real keys [B, Tk]: some query row may attend; rewriter.kernels.keymask)
          o  = rewriter::linear_attention(fq, fk, v, km, causal, eps)
            or rewriter::hybrid_window_attention(q, k, v, fq, fk, window, scale, mix, km, eps)
 Exact setting: `window` ≥ the sequence length (causal models): the linear part is empty and the
@@ -31,11 +31,12 @@ import torch
 from pydantic import Field
 
 from rewriter import graph as G
+from rewriter.kernels.keymask import key_valid
 from rewriter.report import projection_flops_per_token
 from rewriter.rule import Built, Candidate, Rule, StepOptions, register
 from rewriter.site import AttentionSite
 
-from ._feature_maps import Sample, key_mask_from_sdpa_mask, transfer
+from ._feature_maps import Sample, transfer
 
 aten = torch.ops.aten
 NAME = "linear_attention"
@@ -86,7 +87,7 @@ def _samples(ctx, site: AttentionSite) -> list[Sample]:
     for i in range(len(ctx.batches)):
         q, k, v, y = (acts[n][i].float() for n in names[:4])
         mask = acts[names[4]][i] if len(names) > 4 else None
-        out.append(Sample(q, k, v, key_mask_from_sdpa_mask(mask, q.shape[0]), y))
+        out.append(Sample(q, k, v, key_valid(mask, q.shape[0]), y))
     return out
 
 
@@ -138,15 +139,8 @@ def apply(gm, c: Candidate, built: Built, opts: LinearOptions) -> None:
 
     fq, fk = phi(q, "q"), phi(k, "k")
     km = None
-    if mask is not None:          # key j is real iff some query row may attend to it (see key_mask_from_sdpa_mask)
-        mval = mask.meta.get("val")
-        allowed = mask
-        if isinstance(mval, torch.Tensor) and mval.dtype != torch.bool:
-            allowed = op(aten.gt.Scalar, mask, torch.finfo(mval.dtype).min)
-        for _ in range(4 - (mval.dim() if isinstance(mval, torch.Tensor) else 4)):
-            allowed = op(aten.unsqueeze.default, allowed, 0)
-        reduced = op(aten.select.int, op(aten.any.dim, allowed, -2), 1, 0)                    # [B | 1, Tk]
-        km = op(aten.expand.default, reduced, [op(aten.sym_size.int, q, 0), -1])             # [B, Tk]
+    if mask is not None:          # the calibration's reading of the mask, as a graph node (kernels code)
+        km = op(key_valid, mask, op(aten.sym_size.int, q, 0))                                  # [B, Tk]
     causal = site.mask in ("causal", "causal+padding")
     if opts.window is not None:
         args = (q, k, v, fq, fk, opts.window, float(site.scale), buf("mix"), km, opts.eps)

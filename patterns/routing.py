@@ -7,9 +7,9 @@ its top-k key blocks plus its own block plus "sink" blocks (the first real token
 CLS / BOS — and the last real token's block — SEP in right-padded BERT inputs), then exact
 softmax attention over the gathered blocks (`rewriter::block_sparse_attention`, never
 materializing the gathered K/V). Causal sites list only blocks at or before the query block.
-top-k is fixed, a fraction of the blocks (`keep`), or chosen on calibration data as the
-smallest k whose blocks hold `mass` of the exact attention probability (the training-free
-cumulative-mass selection). Exact setting: top-k ≥ number of blocks, or keep = 1.
+top-k is fixed, a fraction of the blocks (`keep`, of each sample's real blocks), or chosen on
+calibration data as the smallest k whose blocks hold `mass` of the exact attention probability
+(the training-free cumulative-mass selection). Exact setting: top-k ≥ number of blocks, or keep = 1.
 
 Causal (LLM) sites default to two training-free refinements, without which SmolLM2 at 2048
 tokens lost +15 % perplexity at 26 % of the causal pairs (target ≤ 3 %):
@@ -44,7 +44,10 @@ Before:  o = sdpa(q, k, v, mask)
 After:   o = block_routed_attention(q, k, v, key_mask(mask), head_rows; b, k, sinks)  (table built in-graph)
          o = kmeans_routed_attention(q, k, v, key_mask(mask), centroids; w, local block)
 Both approximate: the gate is mandatory. Routing decisions depend on the input, so they are
-computed in the graph at run time; `build` returns only calibrated constants.
+computed in the graph at run time; `build` returns only calibrated constants. key_mask(mask) is
+rewriter.kernels.keymask.key_valid; the run-time routing aligns each sample's first real token to
+position 0 and resolves fractions on its real length, so a sample's output does not depend on the
+padding of its batch (tests/reliability/test_padding.py).
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ from pydantic import Field, model_validator
 
 from rewriter import graph as G
 from rewriter.kernels import routed_attention as RA
+from rewriter.kernels.keymask import key_valid
 from rewriter.report import N, projection_flops_per_token
 from rewriter.rule import Rule, StepOptions, register
 
@@ -74,7 +78,8 @@ class BlockRoutingOptions(StepOptions):
     block_size: int = Field(64, ge=1, description="tokens per block (BiFormer region)")
     topk: int | None = Field(None, ge=0, description="routed key blocks per query block, besides its own and the sinks")
     keep: float | None = Field(None, gt=0, le=1, description="fraction of the key blocks each query block lists "
-                               "(sinks and own block included), resolved at run time from the length; default 0.25")
+                               "(sinks and own block included), resolved at run time per sample from its "
+                               "real length (padding excluded); default 0.25")
     mass: float | None = Field(None, gt=0, le=1, description="choose top-k on calibration data: the smallest k whose "
                                "blocks hold this fraction of the exact attention probability, on average")
     sinks: list[Literal["first", "last", "previous"]] | None = Field(
@@ -171,9 +176,10 @@ def _output_shares(p: torch.Tensor, v: torch.Tensor, qw: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
-    """Per-head blocks per query block, as fractions of n_blocks, fp64 [H], for one calibration
-    batch. The uniform budget's total number of listed blocks is handed out again over
-    (head, query block, key block) triples by each block's EXACT share of the output, mean over
+    """Per-head blocks per query block, as fractions of the blocks, fp64 [H], for one calibration
+    batch (left-aligned, see `build_block`; a fraction f gives a sample of n real blocks
+    round(n·f) per row, as at run time). The uniform budget's total number of listed blocks is
+    handed out again over (head, query block, key block) triples by each block's EXACT share of the output, mean over
     the block's real queries of ‖Σ_{j ∈ block} p_j v_j‖; head h's share c_h then becomes the
     per-row count K_h whose rows Σ_i min(max(K_h, forced_i), allowed_i) come closest to c_h.
     Heads whose attention is diffuse get more blocks, sink-and-local heads fewer: the
@@ -195,7 +201,9 @@ def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     rows_allowed = allowed.sum(-1)                                                      # [B, H, nb]
     rows_forced = forced.sum(-1)
     topk, keep = _budget({}, opts)
-    _, rows = RA.uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep, causal=causal, n_sinks=len(sinks))
+    n_real = RA.real_blocks(score)                                                      # [B, 1, 1, 1]
+    _, rows = RA.uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep, causal=causal, n_sinks=len(sinks),
+                              n_real=n_real)
     uniform = torch.minimum(rows[..., 0].expand(B, H, n_b), rows_allowed)
     extra = int(uniform.sum() - rows_forced.sum())
     free = exact.masked_fill(forced | ~allowed, RA.NEG_INF).reshape(-1)
@@ -203,7 +211,8 @@ def _head_rows(q, k, v, key_mask, causal, scale, opts) -> torch.Tensor:
     if extra > 0:
         chosen[free.topk(extra).indices] = True
     per_head = (chosen.view(B, H, -1).sum(-1) + forced.reshape(B, H, -1).sum(-1)).double().mean(0)   # [H]
-    K = torch.arange(1, n_b + 1).view(-1, 1, 1, 1)                                      # candidates
+    K = torch.arange(1, n_b + 1).view(-1, 1, 1, 1)                                      # candidates K / n_b
+    K = ((2 * K * n_real.view(1, B, 1, 1) + n_b) // (2 * n_b)).clamp(min=1)   # per sample: round(n·K/n_b)
     listed = torch.minimum(torch.maximum(K, rows_forced[None]), rows_allowed[None]).sum(-1).double().mean(1)
     best = (listed - per_head[None]).abs().argmin(0)                                    # [H]
     return (best + 1).double() / n_b
@@ -250,7 +259,10 @@ def build_block(ctx, c, opts) -> dict:
     results = []
     for i in range(len(ctx.batches)):
         q, k, v = (acts[n][i] for n in names[:3])
-        km = RA.key_mask_from_attn_mask(acts[names[3]][i], q) if padded else None
+        km = key_valid(acts[names[3]][i], q.shape[0]) if padded else None
+        if km is not None:          # as the run-time routing sees them: first real token at position 0
+            to, _ = RA.alignment(km)
+            q, k, v, km = (RA.along_tokens(x, to) for x in (q, k, v, km))
         fn = _head_rows if heads else _captured_mass
         results.append(fn(q, k, v, km, causal, site.scale, opts))
     mean = torch.stack(results).mean(0)
@@ -337,7 +349,7 @@ def build_kmeans(ctx, c, opts) -> dict:
     for i in range(len(ctx.batches)):
         q, k = acts[names[0]][i], acts[names[1]][i]
         t_cal = max(t_cal, q.shape[2])
-        real = (RA.key_mask_from_attn_mask(acts[names[2]][i], q) if padded
+        real = (key_valid(acts[names[2]][i], q.shape[0]) if padded
                 else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool))
         r = RA.routing_vectors(q, k)                                                 # [B, H, T, D]
         points.append(r.permute(1, 0, 2, 3)[:, real])                                # [H, M_i, D]

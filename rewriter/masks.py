@@ -6,6 +6,10 @@ inputs the model's I/O names attention masks) set to ones, i.e. no padding, and 
 all-true and the causal triangle; when that cannot run, by structure (tril/triu, or an ordering
 comparison of two arange-derived tensors). A mask built from a mask input is a padding mask whatever
 values the example held: a causal LM's mask is "causal+padding" even if the example had only ones.
+
+What counts as masked is rewriter.kernels.keymask's one definition (bool False; additive ≤ −1e4,
+−inf included), the one the rules read their key masks with: a mask the analyzer calls padding is
+a mask whose padded keys every rule drops.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from collections.abc import Collection
 
 import torch
 import torch.fx as fx
+
+from rewriter.kernels.keymask import is_masked
 
 from .graph import data_inputs, fetch_attr, is_data, is_op, sdpa_args, size_hint, value
 
@@ -101,7 +107,7 @@ def _classify(m: torch.Tensor, lq: int, lk: int) -> str:
     if m.dtype == torch.bool:
         allowed = m
     elif m.is_floating_point():
-        blocked = (m <= -1e4) | torch.isneginf(m)
+        blocked = is_masked(m)
         if not bool(((m == 0) | blocked).all()):
             return "arbitrary"  # an additive bias (ALiBi, relative position), not a mask
         allowed = ~blocked

@@ -8,16 +8,18 @@ the `rewriter::` custom ops. Routing tables are therefore computed IN the graph,
 site's own q/k at run time; the rules' `build` returns only calibrated constants. The attention
 itself, and its reference, Triton kernel and ONNX translation, is block_sparse_attention's.
 
-    masks.py           key_mask_from_attn_mask: the real keys from an SDPA padding mask
+    masks.py           key_mask_from_attn_mask (the real keys, rewriter.kernels.keymask) and the left
+                       alignment that keeps a padded sample's blocks where they are when it runs alone
     block_routing.py   BiFormer block routing: block scores, budgets, the table, block_routed_attention
     kmeans_routing.py  Routing Transformer: routing vectors, balanced clusters, kmeans_routed_attention
 """
 from .block_routing import (block_means, block_routed_attention, block_scores, causal_row_permille,
-                            default_sinks, pick_sample_rows, route_blocks, sample_positions, select_blocks,
-                            uniform_rows)
+                            default_sinks, pick_sample_rows, real_blocks, route_blocks, sample_positions,
+                            select_blocks, uniform_rows)
 from .kmeans_routing import kmeans_routed_attention, routing_vectors
-from .masks import NEG_INF, key_mask_from_attn_mask
+from .masks import NEG_INF, alignment, along_tokens, key_mask_from_attn_mask
 
-__all__ = ["NEG_INF", "block_means", "block_routed_attention", "block_scores", "causal_row_permille",
-           "default_sinks", "key_mask_from_attn_mask", "kmeans_routed_attention", "pick_sample_rows",
-           "route_blocks", "routing_vectors", "sample_positions", "select_blocks", "uniform_rows"]
+__all__ = ["NEG_INF", "alignment", "along_tokens", "block_means", "block_routed_attention", "block_scores",
+           "causal_row_permille", "default_sinks", "key_mask_from_attn_mask", "kmeans_routed_attention",
+           "pick_sample_rows", "real_blocks", "route_blocks", "routing_vectors", "sample_positions",
+           "select_blocks", "uniform_rows"]

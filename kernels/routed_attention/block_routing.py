@@ -5,15 +5,18 @@ within a budget, and attend exactly to the listed blocks with `rewriter::block_s
 Scores: "means" (BiFormer's region affinity of block-mean q and k), "pooled" (attention mass under
 the block's mean query: FlexPrefill arXiv:2502.20766, MInference arXiv:2407.02490), "sampled"
 (value-aware output shares of exact sampled query rows: XAttention arXiv:2503.16428, Guo et al.
-arXiv:2406.12335). Budgets: a top-k, a fraction of the blocks resolved from the length at run
-time, or calibrated per-head row counts.
+arXiv:2406.12335). Budgets: a top-k, a fraction of the blocks resolved at run time from each
+sample's real length, or calibrated per-head row counts (also per sample).
+
+Padding never changes a real row's output: samples are routed left-aligned (masks.py), fractions
+are resolved on the sample's real blocks, and sampled rows never read a padded query.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .masks import NEG_INF
+from .masks import NEG_INF, alignment, along_tokens
 
 
 def _slot_ok(t: int, block_size: int, key_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
@@ -85,7 +88,9 @@ def pick_sample_rows(q: torch.Tensor, key_mask: torch.Tensor | None, *, block_si
     `samples` real queries of largest ‖q‖ in that head. "mixed": ⌈samples/2⌉ strided rows plus the
     ⌊samples/2⌋ other real queries of largest ‖q‖. The logit scale of a query grows with ‖q‖, so
     the large-norm rows are the sharp ones, where a block left out costs most; the strided rows
-    keep the block's whole span in view. With samples ≥ block_size every row is sampled."""
+    keep the block's whole span in view. With samples ≥ block_size every row is sampled. A pick
+    beyond the sequence or on padding becomes the sample's last real query, as a pick beyond the
+    end does in the sample alone: padding never adds a sampled row."""
     B, H, t, _ = q.shape
     n_b = (t + block_size - 1) // block_size
     if how not in ("strided", "largest_q", "mixed"):
@@ -106,7 +111,13 @@ def pick_sample_rows(q: torch.Tensor, key_mask: torch.Tensor | None, *, block_si
             norm = norm.index_fill(-1, offs, -3.0)
         base = torch.arange(n_b, device=q.device).view(1, 1, n_b, 1) * block_size
         parts.append((norm.topk(n_norm, dim=-1).indices + base).clamp(max=t - 1))
-    return torch.cat(parts, dim=-1).reshape(B, H, n_b * samples)
+    pos = torch.cat(parts, dim=-1).reshape(B, H, n_b * samples)
+    if key_mask is not None:
+        real = key_mask.bool()
+        last = torch.where(real, torch.arange(t, device=q.device), -1).amax(-1).clamp(min=0)      # [B]
+        ok = real.gather(1, pos.reshape(B, -1)).view(B, H, -1)
+        pos = torch.where(ok, pos, last.view(B, 1, 1))
+    return pos
 
 
 def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *,
@@ -220,16 +231,27 @@ def causal_row_permille(keep_permille: int) -> int:
     return round(1000 * (1 - (1 - keep_permille / 1000) ** 0.5))
 
 
+def real_blocks(score: torch.Tensor) -> torch.Tensor:
+    """int64 [B, 1, 1, 1]: each sample's real length in blocks, the key blocks some query block may
+    see (`block_scores`' score > −inf). For a left-aligned sample of L real keys: ⌈L/b⌉."""
+    return (score[:, :1] > NEG_INF).any(-2).sum(-1).view(-1, 1, 1, 1)
+
+
 def uniform_rows(n_b, n_forced: torch.Tensor, *, topk: int | None, keep_permille: int | None, causal: bool,
-                 n_sinks: int):
+                 n_sinks: int, n_real: torch.Tensor | None = None):
     """The uniform budget: (table width, blocks each query block lists [B, 1, nb, 1], before
-    clipping to the allowed ones): forced + `topk`, or ⌈n_b·keep⌉ in all (causal: the per-row
-    count that keeps `keep` of the causal pairs, `causal_row_permille`)."""
+    clipping to the allowed ones): forced + `topk`, or ⌈n·keep⌉ in all with n the sample's real
+    length in blocks, `n_real` [B, 1, 1, 1] (default n_b; causal: the per-row count that keeps
+    `keep` of the causal pairs, `causal_row_permille`). Resolving `keep` per sample on its real
+    length, not on the padded n_b, is what keeps a sample's rows independent of its batch; the
+    width is the padded length's budget, the most any sample lists."""
     if topk is not None:
         return torch.sym_min(n_b, topk + 1 + n_sinks), n_forced + topk
     per_row = causal_row_permille(keep_permille) if causal else keep_permille
-    total = torch.sym_max((n_b * per_row + 999) // 1000, 1)
-    return torch.sym_min(n_b, torch.sym_max(total, 1 + n_sinks)), n_forced.clamp(min=total)
+    width = torch.sym_min(n_b, torch.sym_max(torch.sym_max((n_b * per_row + 999) // 1000, 1), 1 + n_sinks))
+    if n_real is None:
+        return width, n_forced.clamp(min=torch.sym_max((n_b * per_row + 999) // 1000, 1))
+    return width, torch.maximum(n_forced, ((n_real * per_row + 999) // 1000).clamp(min=1))
 
 
 def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, *, block_size: int,
@@ -240,13 +262,14 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
                  max_row_permille: int | None = None) -> torch.Tensor:
     """BiFormer bi-level routing table, int32 [B, H, n_blocks, width] (-1 padded, ascending):
     each query block lists its forced blocks (see `block_scores`) plus either `topk` further
-    blocks of highest score, or as many as make the row hold ⌈keep·n_blocks⌉ blocks in all
-    (resolved at run time from the length; keep = keep_permille/1000). Causal sites: `keep` is
-    the fraction of the causal (query, key) pairs, so every row holds ⌈n_blocks·(1 − √(1 − keep))⌉
-    blocks (rows near the start hold all they may see). Only allowed blocks are listed.
-    Per-head budgets: `head_rows` (int [H], per mille of n_blocks, calibrated) gives head h's
-    rows round(n_blocks·head_rows[h]/1000) blocks each (at least the forced ones);
-    `max_row_permille` = max(head_rows), static, sizes the table."""
+    blocks of highest score, or as many as make the row hold ⌈keep·n⌉ blocks in all, n the
+    sample's real length in blocks (resolved at run time per sample; keep = keep_permille/1000).
+    Causal sites: `keep` is the fraction of the causal (query, key) pairs, so every row holds
+    ⌈n·(1 − √(1 − keep))⌉ blocks (rows near the start hold all they may see). Only allowed blocks
+    are listed. Per-head budgets: `head_rows` (int [H], per mille of the blocks, calibrated) gives
+    head h's rows round(n·head_rows[h]/1000) blocks each (at least the forced ones);
+    `max_row_permille` = max(head_rows), static, sizes the table. Blocks count from position 0:
+    callers with left padding align first (`block_routed_attention` does)."""
     score, n_forced = block_scores(q, k, key_mask, block_size=block_size, causal=causal, sinks=sinks,
                                    route_by=route_by, affinity=affinity, scale=scale, v=v, samples=samples,
                                    sample_rows=sample_rows)
@@ -257,15 +280,17 @@ def route_blocks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None
 def select_blocks(score: torch.Tensor, n_forced: torch.Tensor, *, topk: int | None, keep_permille: int | None,
                   causal: bool, n_sinks: int, head_rows: torch.Tensor | None = None,
                   max_row_permille: int | None = None) -> torch.Tensor:
-    """The routing table from `block_scores`' output (see `route_blocks` for the budgets)."""
+    """The routing table from `block_scores`' output (see `route_blocks` for the budgets; fractions
+    resolve on each sample's real blocks, `real_blocks`)."""
     n_b = score.shape[-1]
+    n_real = real_blocks(score)                                                    # [B, 1, 1, 1]
     if head_rows is not None:
         width = torch.sym_min(n_b, torch.sym_max((n_b * max_row_permille + 500) // 1000, 1 + n_sinks))
-        per_head = ((n_b * head_rows.long() + 500) // 1000).clamp(min=1).view(1, -1, 1, 1)
+        per_head = ((n_real * head_rows.long().view(1, -1, 1, 1) + 500) // 1000).clamp(min=1)   # [B, H, 1, 1]
         count = torch.maximum(n_forced, per_head)
     else:
         width, count = uniform_rows(n_b, n_forced, topk=topk, keep_permille=keep_permille, causal=causal,
-                                    n_sinks=n_sinks)
+                                    n_sinks=n_sinks, n_real=n_real)
     top = score.topk(width, dim=-1)                                                # forced ones first
     keep = (torch.arange(width, device=score.device) < count) & (top.values > NEG_INF)
     table = torch.where(keep, top.indices, n_b).sort(dim=-1).values                # ascending, unused last
@@ -277,11 +302,18 @@ def block_routed_attention(q, k, v, key_mask, head_rows=None, *, block_size: int
                            keep_permille: int | None, causal: bool, sinks: tuple[str, ...], route_by: str,
                            scale: float, affinity: str = "means", samples: int = 16, sample_rows: str = "mixed",
                            max_row_permille: int | None = None) -> torch.Tensor:
-    """Routing table from q/k (and v for `sampled`), then exact attention over the listed blocks (the custom op)."""
+    """Routing table from q/k (and v for `sampled`), then exact attention over the listed blocks (the
+    custom op). With a key mask, each sample is routed left-aligned (its first real token at
+    position 0, masks.py) and the output rotated back, so left padding moves no block boundary."""
+    back = None
+    if key_mask is not None:
+        to, back = alignment(key_mask)
+        q, k, v, key_mask = (along_tokens(x, to) for x in (q, k, v, key_mask))
     table = route_blocks(q, k, key_mask, block_size=block_size, topk=topk, keep_permille=keep_permille,
                          causal=causal, sinks=sinks, route_by=route_by, affinity=affinity, scale=scale,
                          v=v, samples=samples, sample_rows=sample_rows, head_rows=head_rows,
                          max_row_permille=max_row_permille)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # the op's CPU path views its inputs
-    return torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
+    out = torch.ops.rewriter.block_sparse_attention(q, k, v, table, block_size, causal, key_mask, scale)
+    return out if back is None else along_tokens(out, back)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_routing import route_blocks
-from .masks import NEG_INF
+from .masks import NEG_INF, alignment, along_tokens
 
 
 def routing_vectors(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,13 @@ def kmeans_routed_attention(q, k, v, key_mask, centroids, *, window: int, causal
     local heads; it guarantees every token some context). A token's partial results — one per
     cluster it joined, plus the local one — are merged by log-sum-exp:
         out = Σ_p exp(lse_p − lse)·out_p,  lse = log Σ_p exp(lse_p)
-    (a (query, key) pair that falls in two partials is counted in both: the approximation)."""
+    (a (query, key) pair that falls in two partials is counted in both: the approximation).
+    With a key mask, each sample runs left-aligned (masks.py) and its output is rotated back, so
+    left padding moves no local block."""
+    back = None
+    if key_mask is not None:
+        to, back = alignment(key_mask)
+        q, k, v, key_mask = (along_tokens(x, to) for x in (q, k, v, key_mask))
     B, H, t, D = q.shape
     d_v, C = v.shape[-1], centroids.shape[1]
     if k.shape[1] != H:                                      # GQA: clusters are per query head
@@ -80,5 +86,6 @@ def kmeans_routed_attention(q, k, v, key_mask, centroids, *, window: int, causal
     w_c = torch.exp(lse_c - m.gather(2, idx))
     den = w_l.scatter_add(2, idx, w_c)
     num = (out_l * w_l[..., None]).scatter_add(2, idx[..., None].expand(-1, -1, -1, d_v), out_c * w_c[..., None])
-    return (num / den.clamp(min=1e-30)[..., None]).to(q.dtype)
+    out = (num / den.clamp(min=1e-30)[..., None]).to(q.dtype)
+    return out if back is None else along_tokens(out, back)
 

@@ -85,5 +85,74 @@ def test_rewritten_graph_calls_only_kernels_and_torch_ops(model):
             continue
         assert getattr(n.target, "__module__", "").startswith("rewriter.kernels"), (n.name, n.target)
         ours.add(n.target.__name__)
-    expected = {"key_mask_from_attn_mask", "block_routed_attention", "kmeans_routed_attention"}
+    expected = {"key_valid", "block_routed_attention", "kmeans_routed_attention"}
     assert ours == (expected | {"agent_block"} if "agent_attention" in applied else expected)
+
+
+def _padded(x: torch.Tensor, t: int, left: bool, g) -> torch.Tensor:
+    """x [1, H, L, D] inside t positions, the rest filled with noise (padding may hold anything)."""
+    noise = torch.randn(1, x.shape[1], t - x.shape[2], x.shape[3], generator=g)
+    return torch.cat([noise, x] if left else [x, noise], 2)
+
+
+BUDGETS = {"topk": dict(topk=1, keep_permille=None), "keep": dict(topk=None, keep_permille=400),
+           "head_rows": dict(topk=None, keep_permille=None, head_rows=torch.tensor([250, 600]),
+                             max_row_permille=600)}
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("affinity", ["means", "pooled", "sampled"])
+def test_routed_attention_of_a_padded_sample_is_the_sample_alone(left, causal, affinity):
+    """A sample padded to 32 positions (right or left, noise in the padding) gives, on its 19 real
+    rows, what it gives alone, for every budget and ranking: blocks are counted from its first real
+    token, `keep` and per-head budgets resolve on its real length, sampled rows never read padding.
+    Before: `keep` was resolved on the padded length, and left padding moved every block boundary."""
+    from rewriter.kernels.routed_attention import block_routed_attention
+    g = torch.Generator().manual_seed(4)
+    H, D, t, L = 2, 8, 32, 19
+    q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    key_mask = torch.zeros(1, t, dtype=torch.bool)
+    real = slice(t - L, t) if left else slice(0, L)
+    key_mask[:, real] = True
+    padded = [_padded(x, t, left, g) for x in (q, k, v)]
+    for name, budget in BUDGETS.items():
+        kw = dict(block_size=4, causal=causal, sinks=("first", "previous") if causal else ("first", "last"),
+                  route_by="own", scale=D ** -0.5, affinity=affinity, samples=3, sample_rows="mixed",
+                  **budget)
+        together = block_routed_attention(*padded, key_mask, **kw)[:, :, real]
+        alone = block_routed_attention(q, k, v, torch.ones(1, L, dtype=torch.bool), **kw)
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kmeans_routed_attention_of_a_padded_sample_is_the_sample_alone(left, causal):
+    """The same for the Routing Transformer: clusters take real tokens first, local blocks count from
+    the first real token (before, left padding moved them)."""
+    import torch.nn.functional as F
+
+    from rewriter.kernels.routed_attention import kmeans_routed_attention
+    g = torch.Generator().manual_seed(5)
+    H, D, t, L = 2, 8, 32, 19
+    q, k, v = (torch.randn(1, H, L, D, generator=g) for _ in range(3))
+    key_mask = torch.zeros(1, t, dtype=torch.bool)
+    real = slice(t - L, t) if left else slice(0, L)
+    key_mask[:, real] = True
+    centroids = F.normalize(torch.randn(H, 3, D, generator=g), dim=-1)
+    kw = dict(window=8, causal=causal, scale=D ** -0.5, local_block=4)
+    padded = [_padded(x, t, left, g) for x in (q, k, v)]
+    together = kmeans_routed_attention(*padded, key_mask, centroids, **kw)
+    alone = kmeans_routed_attention(q, k, v, torch.ones(1, L, dtype=torch.bool), centroids, **kw)
+    torch.testing.assert_close(together[:, :, real], alone, rtol=0, atol=1e-5)
+
+
+def test_alignment_rotates_each_sample_to_its_first_real_token_and_back():
+    from rewriter.kernels.routed_attention import alignment, along_tokens
+    key_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    to, back = alignment(key_mask)
+    x = torch.arange(15.0).view(3, 1, 5, 1)
+    aligned = along_tokens(x, to)
+    assert aligned[:, 0, :, 0].tolist() == [[2, 3, 4, 0, 1], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    assert along_tokens(key_mask, to).tolist()[0] == [True, True, True, False, False]
+    assert torch.equal(along_tokens(aligned, back), x)

@@ -8,8 +8,9 @@ import torch
 from rewriter import graph as G
 from rewriter import load, optimize
 from rewriter.driver import Context
-from rewriter.patterns._feature_maps import (Sample, elu1, evaluate, hedgehog, hedgehog_init, key_mask_from_sdpa_mask,
-                                             minibatches, predict, transfer, weights_and_output)
+from rewriter.kernels.keymask import key_valid
+from rewriter.patterns._feature_maps import (Sample, elu1, evaluate, hedgehog, hedgehog_init, minibatches,
+                                             predict, transfer, weights_and_output)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.rewriter.linear_attention.default
@@ -73,22 +74,31 @@ def test_rewritten_graph_computes_the_fitted_attention(bert):
     p = rec.built
     torch.testing.assert_close(got[fq.name][0], hedgehog(q, p["wq"], p["bq"]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[fk.name][0], hedgehog(k, p["wk"], p["bk"]), rtol=1e-6, atol=1e-6)
+    assert km.target is key_valid                       # the calibration's reading of the mask, in the graph
     assert torch.equal(got[km.name][0], batch["attention_mask"].bool())
-    s = Sample(q, k, got[v.name][0], key_mask_from_sdpa_mask(mask, q.shape[0]), y)
+    s = Sample(q, k, got[v.name][0], key_valid(mask, q.shape[0]), y)
     eager = predict(s, p, feature_map="hedgehog", causal=False, window=None, scale=site.scale, eps=1e-6)
     torch.testing.assert_close(got[new.name][0], eager, rtol=1e-5, atol=1e-5)
 
 
 def test_key_mask_reduction_is_exact_for_padding_and_causal_masks():
+    """The rule's reading of the SDPA mask (rewriter.kernels.keymask.key_valid), in every encoding
+    models write: before, an additive mask counted a key as real when its bias was above
+    finfo.min, so the −1e9 and −10000 of older code let padded keys into linear attention."""
     real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)            # [B, T]
+    left = real.flip(-1)                                                            # left padding
     causal = torch.ones(4, 4, dtype=torch.bool).tril()
-    for m in (real[:, None, None, :].expand(2, 1, 4, 4),                           # padding
-              causal[None, None] & real[:, None, None, :]):                        # causal + padding
-        assert torch.equal(key_mask_from_sdpa_mask(m, 2), real)
-        additive = torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
-        assert torch.equal(key_mask_from_sdpa_mask(additive, 2), real)
-    assert torch.equal(key_mask_from_sdpa_mask(causal, 2), torch.ones(2, 4, dtype=torch.bool))  # [T, T], no batch
-    assert key_mask_from_sdpa_mask(None, 2) is None
+    for keys in (real, left):
+        for m in (keys[:, None, None, :].expand(2, 1, 4, 4),                        # padding
+                  causal[None, None] & keys[:, None, None, :]):                     # causal + padding
+            assert torch.equal(key_valid(m, 2), keys)
+            for fill in (float("-inf"), torch.finfo(torch.float32).min, -1e9, -1e4):
+                additive = torch.zeros(m.shape).masked_fill(~m, fill)
+                assert torch.equal(key_valid(additive, 2), keys), fill
+            older = (1.0 - keys[:, None, None, :].float()) * -10000.0             # (1 − mask) · −10000
+            assert torch.equal(key_valid(older, 2), keys)
+    assert torch.equal(key_valid(causal, 2), torch.ones(2, 4, dtype=torch.bool))  # [T, T], no batch
+    assert key_valid(None, 2) is None
     x = torch.tensor([-1.0, 0.0, 2.0])
     assert torch.equal(elu1(x), torch.tensor([torch.exp(torch.tensor(-1.0)).item(), 1.0, 3.0]))
 

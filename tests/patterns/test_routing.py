@@ -281,7 +281,8 @@ def test_sampled_scores_are_the_exact_output_shares_of_the_sampled_rows():
 def test_sample_rows_mixed_takes_strided_rows_then_each_heads_largest_queries():
     """sample_rows "mixed": half the block's rows strided (the same for every head), half the other
     REAL queries of largest ‖q‖ in that head — never a strided row twice, never a padded query
-    while real ones are left; "largest_q" only the latter."""
+    (a pick on padding reads the sample's last real query, as a pick beyond the end does when the
+    sample runs alone: the same rows either way); "largest_q" only the latter."""
     torch.manual_seed(0)
     B, H, T, D, bs = 2, 2, 13, 4, 8                       # blocks [0, 8) and a ragged [8, 13)
     q = torch.randn(B, H, T, D)
@@ -295,8 +296,10 @@ def test_sample_rows_mixed_takes_strided_rows_then_each_heads_largest_queries():
     assert pos[0, 0, 0, :2].tolist() == [3, 7]            # strided: last of each half
     assert pos[0, 0, 0, 2] == 2 and pos[0, 1, 0, 2] == 5  # each head's own largest
     assert len(set(pos[0, 0, 0].tolist())) == 4
-    assert pos[1, :, 1, :2].tolist() == [[11, 12], [11, 12]]              # strided rows of the ragged block
+    assert pos[1, :, 1, :2].tolist() == [[9, 9], [9, 9]]  # strided rows 11, 12 are padding: the last real row
     assert (pos[1, :, 1, 2:] < 10).all()                  # then only real queries (8, 9 in sample 1)
+    alone = R.pick_sample_rows(q[1:, :, :10], None, block_size=bs, samples=4, how="mixed").view(1, H, 2, 4)
+    assert [set(b) for h in pos[1].tolist() for b in h] == [set(b) for h in alone[0].tolist() for b in h]
     only = R.pick_sample_rows(q, key_mask, block_size=bs, samples=2, how="largest_q").view(B, H, 2, 2)
     assert only[0, 0, 0].tolist() == [7, 2] and only[0, 1, 0].tolist() == [7, 5]
     every = R.pick_sample_rows(q, None, block_size=bs, samples=bs, how="mixed")
