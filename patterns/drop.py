@@ -5,14 +5,21 @@ He et al., "What Matters in Transformers? Not All Attention is Needed", arXiv:24
 
 Importance of a sublayer F with residual input X:  I = 1 − mean_tokens cos(X, X + F(X)).
 The sublayers with the smallest I are the most redundant and are dropped first; each drop is
-gated. Graph edit (drop_attention): the residual add `X + F(X)` is rewired to `X`, so the whole
-attention subgraph (projections, SDPA, output projection) becomes dead and is removed. In a
-post-norm model (BERT) the LayerNorm after the add stays: only F's contribution is removed.
-drop_block removes the whole block: its output is rewired to its input.
+gated. Graph edit (drop_attention): the attention sublayer contributes nothing — the add where its
+branch F (everything from the projections to the add: a norm of the branch, Swin's window reverse
+and roll back) meets the rest is rewired to that add's other operand, so the whole attention
+subgraph becomes dead and is removed. Where the analyzer found it (`rewriter.analyze`, the site's
+extra["residual"]):
 
-Before (pre-norm):  h = x + o_proj(sdpa(q(norm(x)), k(norm(x)), v(norm(x))))
-After:              h = x
-Exact setting: none (every drop changes the function); the gate is mandatory.
+    sequential (pre-norm):        h = x + F(norm(x))            → h = x
+    sandwich (Gemma 2/3, OLMo-2): h = x + norm'(F(norm(x)))     → h = x
+    post-norm (BERT):             h = LN(x + F(x))              → h = LN(x)   (the LayerNorm stays)
+    parallel (GPT-J, Falcon):     h = x + (MLP(n(x)) + F(n(x))) → h = x + MLP(n(x))  (the MLP stays;
+                                  also written (x + MLP(n(x))) + F(n(x)))
+
+drop_block removes the whole block: its output is rewired to its input (for a parallel block, the
+residual add that ends it). Exact setting: none (every drop changes the function); the gate is
+mandatory.
 """
 from __future__ import annotations
 
@@ -50,14 +57,48 @@ def check(c: Candidate, opts: DropOptions) -> str | None:
     return _refusal(c.site)
 
 
+def _merge(site: AttentionSite) -> tuple[str, str, str]:
+    """(add, its attention operand, its other operand): where dropping the attention cuts. The
+    residual add itself in a sequential block (x + F → x); in a parallel block the add where the
+    attention meets the other branch ((M + F) → M)."""
+    r = site.extra.get("residual") or {}
+    if r.get("merge"):
+        return r["merge"], r["merge_branch"], r["merge_other"]
+    return site.residual_add, site.branch_output, site.residual_input
+
+
+def _now(gm, name: str, add: str, branch: str):
+    """The node `name` — the other operand of the add `add` beside `branch` — as the graph has it now.
+    A site's names are those of the graph it was analyzed on, and an earlier drop may have erased
+    one: Whisper's cross-attention reads the stream at its block's self-attention residual add,
+    which dropping that self-attention rewires to the block input. That add's other operand then is
+    the value the stream now holds."""
+    n = G.find(gm, name)
+    if n is not None:
+        return n
+    a, b = G.node(gm, add), G.node(gm, branch)
+    return a.args[1] if a.args[0] is b else a.args[0]
+
+
+def _input(gm, site: AttentionSite):
+    """The residual input x of `site` in the current graph."""
+    return _now(gm, site.residual_input, site.residual_add, site.branch_output)
+
+
+def _parallel(site: AttentionSite) -> bool:
+    """Attention and MLP in parallel off one stream: the attention's sublayer output x + F is no graph
+    value, and one add ends the block."""
+    return (site.extra.get("residual") or {}).get("form") == "parallel"
+
+
 def _block_output(gm, site: AttentionSite):
     """The node that ends the block holding `site`: the MLP's residual add (pre-norm), or the norm
     after it (post-norm). The MLP add may read the stream through a dtype cast (Llama). None if the
     block's MLP residual cannot be found."""
     post = site.norm == "post" and site.norm_node
     start = G.find(gm, site.norm_node if post else site.residual_add)
-    if start is None:
-        return None
+    if start is None or _parallel(site):       # attention and MLP in parallel: one add ends the block
+        return start
     stream = [start] + [u for u in start.users if G.is_op(u, G.CASTS)]
     for s in stream:
         for u in s.users:
@@ -67,20 +108,30 @@ def _block_output(gm, site: AttentionSite):
 
 
 def _importance(ctx, sites: list[AttentionSite], end_of) -> dict[int, float]:
-    """I = 1 − mean over valid calibration tokens of cos(X, sublayer output), one forward pass."""
-    pairs = {s.index: (s.residual_input, end_of(ctx.gm, s)) for s in sites}
-    names = sorted({n for p in pairs.values() for n in p if n})
+    """I = 1 − mean over valid calibration tokens of cos(X, sublayer output), one forward pass.
+    `end_of(gm, site)` names the sublayer output, or (name, True) for a branch F whose sublayer
+    output X + F is no graph value (parallel attention)."""
+    ends = {s.index: end_of(ctx.gm, s) for s in sites}
+    pairs = {i: (_input(ctx.gm, s).name, *(e if isinstance(e, tuple) else (e, False)))
+             for s in sites for i, e in [(s.index, ends[s.index])]}
+    names = sorted({n for x, y, _ in pairs.values() for n in (x, y) if n})
     acts = ctx.capture(names)
     scores = {}
-    for idx, (x_name, y_name) in pairs.items():
+    for idx, (x_name, y_name, plus_x) in pairs.items():
         num = den = 0.0
         for b, x, y in zip(ctx.batches, acts[x_name], acts[y_name]):
-            cos = F.cosine_similarity(x.double(), y.double(), dim=-1)          # [B, T]
+            y = x.double() + y.double().reshape(x.shape) if plus_x else y.double()
+            cos = F.cosine_similarity(x.double(), y, dim=-1)          # [B, T]
             w = ctx.valid(b, x).to(cos.dtype)
             num += (cos * w).sum().item()
             den += w.sum().item()
         scores[idx] = 1.0 - num / den
     return scores
+
+
+def _attention_end(gm, site: AttentionSite):
+    """The attention sublayer's output x + F(x): the residual add, or F alone where it is parallel."""
+    return (_merge(site)[1], True) if _parallel(site) else site.residual_add
 
 
 def _plan(end_of):
@@ -106,30 +157,42 @@ def _mean_over_valid_tokens(ctx, name: str) -> torch.Tensor:
 
 def build(ctx, c: Candidate, opts) -> dict:
     if opts.compensate == "mean":
-        return {"mean": _mean_over_valid_tokens(ctx, c.site.branch_output)}
+        return {"mean": _mean_over_valid_tokens(ctx, _merge(c.site)[1])}
     return {}
 
 
 def build_block(ctx, c: Candidate, opts) -> dict:
     if opts.compensate == "mean":
         end = _block_end_name(ctx.gm, c.site)
-        shift = _mean_over_valid_tokens(ctx, end) - _mean_over_valid_tokens(ctx, c.site.residual_input)
+        shift = _mean_over_valid_tokens(ctx, end) - _mean_over_valid_tokens(ctx, _input(ctx.gm, c.site).name)
         return {"mean": shift}
     return {}
 
 
-def _rewire_to_input(gm, end, site: AttentionSite, built: Built) -> None:
-    x = G.node(gm, site.residual_input)
+def _rewire_to_input(gm, end, site: AttentionSite, built: Built, keep=None) -> None:
+    """Route the uses of `end` to `keep` (default: the block's residual input), plus the stored
+    mean when compensating. An in-place `end` (Falcon's add_) is erased, and the later reads of
+    the tensor it wrote read the replacement too."""
+    x = keep if keep is not None else _input(gm, site)
     if "mean" in built.tensors:
         c = G.register_tensor(gm, G.buffer_name("drop", site.index, "mean"), built.tensors["mean"], before=end)
         with gm.graph.inserting_before(end):
             x = gm.graph.call_function(torch.ops.aten.add.Tensor, (x, c))
         x.meta["rewriter"] = {"rule": "drop", "site": site.index}
-    G.rewire(gm, end, x)
+    end.replace_all_uses_with(x)
+    if isinstance(end.target, torch._ops.OpOverload) and end.target._schema.is_mutable:
+        written, after = end.args[0], False
+        for n in list(gm.graph.nodes):
+            if after and n is not x and written in n.all_input_nodes:
+                n.replace_input_with(written, x)
+            after = after or n is end
+        gm.graph.erase_node(end)
+    G.clean(gm)
 
 
 def apply_attention(gm, c: Candidate, built: Built, opts) -> None:
-    _rewire_to_input(gm, G.node(gm, c.site.residual_add), c.site, built)
+    merge, branch, other = _merge(c.site)
+    _rewire_to_input(gm, G.node(gm, merge), c.site, built, keep=_now(gm, other, merge, branch))
 
 
 def apply_block(gm, c: Candidate, built: Built, opts) -> None:
@@ -144,8 +207,9 @@ PAPER = 'He et al., "What Matters in Transformers? Not All Attention is Needed",
 
 register(Rule(
     name="drop_attention", paper=PAPER, exact=False, options=DropOptions,
-    summary="remove redundant attention sublayers (x + Attn(x) → x), least important first",
-    check=check, build=build, apply=apply_attention, plan=_plan(lambda gm, s: s.residual_add),
+    summary="remove redundant attention sublayers (x + Attn(x) → x; parallel: the MLP branch stays), "
+    "least important first",
+    check=check, build=build, apply=apply_attention, plan=_plan(_attention_end),
     cost=lambda site, opts: 0, kind="structure"))
 
 

@@ -8,9 +8,14 @@ Read-only. For each SDPA node (graph order) the analyzer walks the traced graph:
   HF `repeat_kv` = unsqueeze + expand + reshape) to the projection: aten.linear, aten.addmm
   (GPT-2 Conv1D, weight [in, out]) or aten.mm/matmul with a weight attribute;
 * forward from the SDPA output through the head merge to the output projection, then through
-  dropout / casts / layer scale to the residual add whose other operand is the stream the q/k/v
-  projections read (directly: post-norm, or through a norm: pre-norm; Xiong et al., "On Layer
-  Normalization in the Transformer Architecture", arXiv:2002.04745; norms: `rewriter.norms`);
+  whatever is computed from the attention alone (dropout, layer scale, a norm of the branch as in
+  Gemma 2/3 and OLMo-2, Swin's window reverse and roll back; Liu et al., arXiv:2103.14030) to the
+  residual add whose other operand is the stream the q/k/v projections read — directly (post-norm),
+  through a norm (pre-norm; Xiong et al., "On Layer Normalization in the Transformer Architecture",
+  arXiv:2002.04745; norms: `rewriter.norms`) or through per-token rearrangements (view, pad, roll,
+  window partition). A parallel block (GPT-J, Falcon: x + Attn(n(x)) + MLP(n(x))) first merges the
+  attention with a branch computed from the same stream; `site.extra["residual"]` says which form
+  (sequential / parallel), where the attention merges (the add a drop cuts) and the branch norm;
 * up the attention mask's ancestors to decide its kind (`rewriter.masks`).
 
 A field that cannot be determined is None (projections, residual) and the reason is written to
@@ -29,14 +34,15 @@ import math
 import operator
 import re
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .graph import SDPA, data_inputs, is_op, module_path, sdpa_args, size_hint, value
+from .graph import SDPA, arg, data_inputs, is_data, is_op, module_path, sdpa_args, size_hint, value
 from .masks import mask_kind
 from .norms import QK_NORM, RESHAPES, VALUE_CASTS, first_user, norm_input, norm_kind, norm_output_after, \
-    operands, same_value, strip, strip_cast
+    same_value, strip, strip_cast
 from .site import AttentionSite
 
 __all__ = ["analyze", "norm_kind", "norm_input", "norm_output_after"]
@@ -49,9 +55,13 @@ _LAYOUT = RESHAPES | {aten.transpose, aten.permute, aten.t, aten.expand, aten.ex
 _ROPE_ARITH = {aten.mul, aten.add, aten.sub, aten.neg, aten.cat, aten.stack, aten.view_as_complex,
                aten.view_as_real, aten.div}
 # q/k normalization (QK-norm, e.g. OLMo / Qwen3) sits between projection and SDPA
-_WALK_BACK = VALUE_CASTS | _LAYOUT | _ROPE_ARITH | QK_NORM | {aten.dropout, operator.getitem}
+_WALK_BACK = VALUE_CASTS | _LAYOUT | _ROPE_ARITH | QK_NORM | {aten.dropout, operator.getitem, aten.index}
 _WALK_TO_OPROJ = VALUE_CASTS | _LAYOUT | {operator.getitem}
-_WEIGHT_WRAPPERS = VALUE_CASTS | {aten.t, aten.transpose, aten.permute}
+_WEIGHT_WRAPPERS = VALUE_CASTS | {aten.t, aten.transpose, aten.permute, aten.numpy_T, aten.mT}
+# what the residual stream may pass through on its way to the projections (Swin: view, pad, roll, window
+# partition); norms are looked through separately
+_STREAM_OPS = VALUE_CASTS | _LAYOUT | {aten.roll, aten.pad, aten.constant_pad_nd, aten.dropout,
+                                     operator.getitem}
 
 _MAX_WALK = 400        # nodes visited per walk: a transformer block is far smaller; stops runaway walks
 _MAX_PARALLEL_ADDS = 3  # parallel blocks (GPT-J: x + attn(ln x) + mlp(ln x)) add branches before x
@@ -63,10 +73,11 @@ def analyze(gm: fx.GraphModule, mask_inputs: Collection[str] = ()) -> list[Atten
     built from one is a padding mask). The graph is not modified."""
     sites: list[AttentionSite] = []
     mask_cache: dict = {}
+    order = _Order(gm)
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is SDPA:
             try:
-                sites.append(_site(gm, n, len(sites), mask_cache, mask_inputs))
+                sites.append(_site(gm, n, len(sites), mask_cache, mask_inputs, order))
             except Exception as e:  # an unforeseen graph shape must not stop inspect/optimize
                 sites.append(_bare_site(n, len(sites), e))
     return sites
@@ -106,7 +117,8 @@ def _bare_site(sdpa: fx.Node, index: int, error: Exception) -> AttentionSite:
 
 
 def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
-          mask_inputs: Collection[str] = ()) -> AttentionSite:
+          mask_inputs: Collection[str] = (), order: "_Order | None" = None) -> AttentionSite:
+    order = order or _Order(gm)
     notes: list[str] = []
     a = sdpa_args(sdpa)
     module = module_path(sdpa)
@@ -133,26 +145,30 @@ def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
                         limit=_MAX_WALK)
     if o_proj is None:
         notes.append("no output projection (linear/addmm/matmul with a weight) follows the SDPA output")
+    # the query side reads the residual stream (cross-attention: k/v read the encoder's output)
     x_in = next((_projection(p)[0] for p in (q_proj, k_proj) if p is not None), None)
+    stream, pre_at = _stream(x_in) if x_in is not None else ([], None)
+    pre = strip_cast(stream[pre_at]) if pre_at is not None else None
+    start = o_proj if o_proj is not None else sdpa
+    found = _find_residual(start, sdpa, stream, order, notes) if stream else None
     residual_add = branch = res_in = norm_node = None
-    norm, pre, stream = "none", None, []
-    if x_in is not None:
-        x = strip(x_in)
-        stream.append(x)
-        if norm_kind(x) is not None:
-            pre = x
-            stream.append(norm_input(x))
-    residual = _find_residual(o_proj, stream) if o_proj is not None and stream else None
-    if residual is not None:
-        residual_add, branch, res_in = residual
-        if pre is not None and same_value(res_in, norm_input(pre)) and not same_value(res_in, pre):
+    norm, residual = "none", {}
+    if found is not None:
+        residual_add, branch, res_in = found.add, found.branch, found.stream
+        at = next(i for i, v in enumerate(stream) if same_value(res_in, v))
+        if pre is not None and at > pre_at:          # a norm between the stream and the projections
             norm, norm_node = "pre", pre
         elif (post := norm_output_after(residual_add)) is not None:
             norm, norm_node = "post", post
+        inner = strip_cast(found.merge_branch)     # a norm of the branch (Gemma 2/3, OLMo-2: "sandwich")
+        branch_norm = norm_kind(inner) is not None and order.depends(norm_input(inner), [sdpa])
+        sequential = found.merge is found.add and found.merge_other is res_in
+        residual = {"form": "sequential" if sequential else "parallel", "merge": found.merge.name,
+                    "merge_branch": found.merge_branch.name, "merge_other": found.merge_other.name,
+                    "branch_norm": inner.name if branch_norm else None}
     else:
-        if o_proj is not None:
-            notes.append("no residual add whose other operand is the attention's input stream was found "
-                         "after the output projection")
+        notes.append("no residual add whose other operand is the attention's input stream was found "
+                     f"after {'the output projection' if o_proj is not None else 'the SDPA output'}")
         if pre is not None:
             norm, norm_node = "pre", pre
             notes.append("pre-norm reported from the projection input alone (no residual add found)")
@@ -167,7 +183,7 @@ def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
         o_proj=name(o_proj), q_weight=weight(q_proj), k_weight=weight(k_proj), v_weight=weight(v_proj),
         o_weight=weight(o_proj), fused_qkv=fused, residual_add=name(residual_add), residual_input=name(res_in),
         norm=norm, norm_node=name(norm_node), branch_output=name(branch),
-        extra={"notes": notes, "proj_input": name(x_in), "gqa_repeat": gqa_repeat},
+        extra={"notes": notes, "proj_input": name(x_in), "gqa_repeat": gqa_repeat, "residual": residual},
     )
 
 
@@ -285,41 +301,119 @@ def _multiplied(n: fx.Node, path: set[fx.Node], depth: int = 4) -> bool:
 
 
 # ---- residual ------------------------------------------------------------------------------------
-
-def _is_branch_passthrough(u: fx.Node, cur: fx.Node) -> bool:
-    """dropout, casts, head-merge reshapes, and layer scale (x · γ) on the attention branch."""
-    if is_op(u, VALUE_CASTS | RESHAPES | {aten.dropout, aten.native_dropout}):
-        return bool(u.args) and u.args[0] is cur
-    if is_op(u, operator.getitem):
-        return is_op(cur, aten.native_dropout) and u.args[1] == 0
-    if is_op(u, aten.mul):
-        a, b = operands(u)
-        other = b if a is cur else a
-        return isinstance(other, (int, float)) or (isinstance(other, fx.Node) and strip_cast(other).op == "get_attr")
-    return False
+#
+# A block adds its attention branch F to the stream x it reads: h = x + F(x). Between x and the
+# projections there may be a norm and any per-token rearrangement (Swin's view → pad → roll →
+# window partition, Liu et al., arXiv:2103.14030); between the output projection and the add there
+# may be anything computed from the attention alone (dropout, layer scale, a norm of the branch:
+# Gemma 2 / OLMo-2 "sandwich" norms; the window reverse and roll back). In a parallel block
+# (GPT-J, Falcon: x + Attn(n(x)) + MLP(n(x))) the attention branch first meets the MLP branch, a
+# value also computed from x, at a *merge* add, and only then the stream.
 
 
-def _find_residual(o_node: fx.Node, stream: list[fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """(residual add, branch operand, residual operand): walking forward from the output projection,
-    the first aten.add whose other operand is one of the `stream` values."""
-    frontier, seen, adds = [o_node], {o_node}, 0
+def _stream(x_in: fx.Node) -> tuple[list[fx.Node], int | None]:
+    """The values the attention's input is a per-token rearrangement or normalization of, nearest
+    first: `x_in` and back through casts, layout ops (view, permute, pad, roll, ...), identity
+    dropout and norms; and the position in that list of the first norm met (a pre-norm), or None."""
+    chain, pre, n = [], None, x_in
+    while isinstance(n, fx.Node) and len(chain) < _MAX_WALK and n not in chain:
+        chain.append(n)
+        if norm_kind(n) is not None:
+            pre = len(chain) - 1 if pre is None else pre
+            n = norm_input(n)
+        elif is_op(n, _STREAM_OPS) and n.args and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+        else:
+            break
+    return chain, pre
+
+
+class _Order:
+    """Graph positions, to bound dependence walks: a node placed before `n` cannot depend on `n`."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def depends(self, n: fx.Node, targets: Collection[fx.Node]) -> bool:
+        """Whether `n` is computed from one of `targets` (looked through casts and reshapes)."""
+        ids = {strip(t) for t in targets} | set(targets)
+        low = min(self.pos.get(t, 0) for t in ids)
+        stack, seen = [n], set()
+        while stack and len(seen) < 4 * _MAX_WALK:
+            m = stack.pop()
+            if m in seen or self.pos.get(m, -1) < low:
+                continue
+            if m in ids:
+                return True
+            seen.add(m)
+            stack.extend(m.all_input_nodes)
+        return False
+
+
+@dataclass(frozen=True)
+class _Residual:
+    add: fx.Node            # the add of the attention branch and the stream x
+    branch: fx.Node         # its operand carrying the branch
+    stream: fx.Node         # its operand x (for (x + MLP) + F: the summand x of its other operand)
+    merge: fx.Node          # where the attention branch meets another value (= add unless parallel)
+    merge_branch: fx.Node   # the merge's operand carrying the attention
+    merge_other: fx.Node    # the merge's other operand (= stream unless parallel: the other branch)
+
+
+def _is_add(u: fx.Node, cur: fx.Node) -> bool:
+    return is_op(u, aten.add, aten.add_) and len(u.args) >= 2 and cur in u.args[:2] \
+        and all(isinstance(a, fx.Node) for a in u.args[:2]) and arg(u, 2, "alpha", 1) == 1
+
+
+def _summand_in(n, stream: list[fx.Node], depth: int = _MAX_PARALLEL_ADDS) -> fx.Node | None:
+    """The operand, among the summands of the sum `n` (nested adds), that is one of the `stream` values."""
+    if not (depth and is_op(n, aten.add, aten.add_) and arg(n, 2, "alpha", 1) == 1):
+        return None
+    for a in n.args[:2]:
+        if isinstance(a, fx.Node):
+            if any(same_value(a, s) for s in stream):
+                return a
+            found = _summand_in(a, stream, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _find_residual(start: fx.Node, sdpa: fx.Node, stream: list[fx.Node], order: _Order,
+                   notes: list[str]) -> _Residual | None:
+    """Walking forward (breadth first) from `start` (the output projection, else the SDPA) through
+    whatever is computed from the attention: the first add whose other operand is one of the
+    `stream` values, or a sum holding one ((x + MLP) + F). Adds met before it whose other operand
+    is computed from the stream but not from the attention are merges with parallel branches (the
+    first is where a drop cuts); adds of the attention's own values, constants or parameters are
+    part of the branch."""
+    frontier, seen, merge, passed = [start], {start}, None, 0
     while frontier and len(seen) < _MAX_WALK:
         nxt = []
         for cur in frontier:
             for u in cur.users:
-                if u in seen:
+                if u in seen or not is_data(u):
                     continue
-                if is_op(u, aten.add) and len(u.args) >= 2 and isinstance(u.args[0], fx.Node) \
-                        and isinstance(u.args[1], fx.Node) and cur in u.args[:2]:
-                    seen.add(u)
-                    other = u.args[1] if u.args[0] is cur else u.args[0]
-                    if any(same_value(other, s) for s in stream):
-                        return u, cur, other
-                    if adds < _MAX_PARALLEL_ADDS:
-                        adds += 1
-                        nxt.append(u)
-                elif _is_branch_passthrough(u, cur):
-                    seen.add(u)
-                    nxt.append(u)
+                seen.add(u)
+                nxt.append(u)
+                if not _is_add(u, cur) or u.args[0] is u.args[1]:
+                    continue
+                other = u.args[1] if u.args[0] is cur else u.args[0]
+                if any(same_value(other, s) for s in stream):
+                    m = merge or (u, cur, other)
+                    return _Residual(u, cur, other, *m)
+                if order.depends(other, [sdpa]):
+                    continue
+                if order.depends(other, stream):
+                    inner = _summand_in(other, stream)
+                    if inner is not None:     # (x + MLP(n(x))) + F(n(x)): the stream entered one add earlier
+                        return _Residual(u, cur, inner, *(merge or (u, cur, other)))
+                    if merge is None:
+                        merge = (u, cur, other)
+                    passed += 1
+                if passed > _MAX_PARALLEL_ADDS:
+                    notes.append(f"the attention branch meets more than {_MAX_PARALLEL_ADDS} other branches "
+                                 "before any add of its input stream; no residual reported")
+                    return None
         frontier = nxt
     return None

@@ -2,13 +2,14 @@
 
 After this pass the rules see a single form, whatever way the model wrote its attention
 (the counter-example is inductor's attention-fusion pass, which keeps 18 near-copies of
-one pattern). The matcher is written once, with the variants as alternatives at each step,
-and anchors at the probabilities·V product, walking back (as torch.fx's SubgraphMatcher does):
+one pattern). The matcher (match.py) is written once, with the variants as alternatives:
 
     P·V  ←  [dropout(eval) | cast]*  ←  softmax  ←  [cast | scale | additive mask | fill mask]*  ←  Q·Kᵀ
 
-    product     aten.matmul / aten.bmm / aten.einsum / aten.baddbmm (scores only); heads
-                either a separate dim ([B, H, T, D]) or folded into the batch ([B·H, T, D])
+    product     aten.matmul / aten.bmm / aten.einsum / aten.baddbmm (scores only, its input an
+                additive bias: BLOOM's ALiBi); heads either a separate dim ([B, H, T, D]) or folded
+                into the batch ([B·H, T, D]), also folded products around a softmax over the scores
+                viewed as [B, H, Tq, Tk] (BLOOM, DeBERTa-v2: masks on either side of the view)
     Kᵀ          transpose / permute / mT of K (any other Kᵀ gets an explicit transpose)
     scale       mul or div by a constant (python number, 0-d constant tensor, in-graph
                 sqrt(head_dim), a sym float resolved from static shapes) on Q, on K or on the
@@ -16,11 +17,16 @@ and anchors at the probabilities·V product, walking back (as torch.fx's Subgrap
     mask        add (additive float mask), masked_fill / where with −inf (bool keep-mask) or
                 with a finite value ≤ −1e4 (−1e9, finfo.min: an equivalent additive mask
                 where(mask, value, 0)); a triu/tril-of-ones mask over Tq == Tk that is the
-                only mask becomes is_causal=True
+                only mask becomes is_causal=True; any additive bias, computed from q and k
+                too (DeBERTa's content→position and position→content terms), is an attn_mask
     softmax     aten.softmax / aten._softmax / aten._safe_softmax over the key axis, with or
                 without an fp32 upcast, or written out as exp(x − max) / sum(exp(x − max))
     V           also un-repeats GQA's repeat_kv (unsqueeze → expand → reshape, or
-                repeat_interleave) on K and V and passes enable_gqa=True
+                repeat_interleave) on K and V and passes enable_gqa=True, as for one K/V head
+                that the products broadcast to every query head (Falcon's multi-query attention)
+    in place    `scores += bias`, `scores /= sqrt(d)` (MPNet, DeBERTa, Falcon) are first rewritten
+                out of place (`out_of_place`) where that is exact: the written tensor is fresh
+                (no input, parameter or view) and no view of it was taken before the write
 
 Before (BERT eager, one head group):
 
@@ -37,7 +43,8 @@ keeps at least one key (exp(value − max) underflows to 0 either way); a row wh
 masked is uniform in the original and not in SDPA. A match is refused, with a reason that
 `explain_unmatched` reports, when an intermediate (scores, probabilities) is used outside the
 pattern (e.g. output_attentions=True), when dropout is live (train=True, p > 0), when dtypes are
-mixed, or when the shapes do not line up.
+mixed, when the shapes do not line up, or when the scores pass through a nonlinear function (Gemma
+2's logit soft-capping, cap·tanh(s/cap): SDPA only scales and masks the scores).
 
 References: Vaswani et al., "Attention Is All You Need" (2017) for the scaled dot-product form;
 Ainslie et al., "GQA" (arXiv:2305.13245) for grouped key/value heads.
@@ -45,14 +52,16 @@ Ainslie et al., "GQA" (arXiv:2305.13245) for grouped key/value heads.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 
 from .graph import CASTS, COPIES, SDPA, arg, attr_value, clean, const_value, dtype, is_op, module_path, \
     rank, same_shape, same_size, shape, strip_casts, value
-from .match import (ASSERTS, DIV, DROPOUT, EINSUM, MASKED_OUT, MATMUL, RESHAPES, SOFTMAX, Layer, Match, NoMatch,
-                    Operand, describe, ident, match, norm_dim, strip_scale, swap_last)
+from .match import (DIV, DROPOUT, EINSUM, MASKED_OUT, MATMUL, RESHAPES, SOFTMAX, Layer, Match, NoMatch, Operand,
+                    describe, ident, match, norm_dim, strip_scale, swap_last)
+from .norms import first_user
 
 aten = torch.ops.aten
 
@@ -66,6 +75,7 @@ def canonicalize(gm: fx.GraphModule) -> list[dict]:
     GQA: when K and V are repeated with repeat_kv, SDPA takes the un-repeated K/V with
     enable_gqa=True (head h reads kv head h // n_rep in both)."""
     records = []
+    out_of_place(gm)
     for pv in [n for n in gm.graph.nodes if is_op(n, MATMUL, EINSUM)]:
         try:
             m = match(pv)
@@ -74,9 +84,9 @@ def canonicalize(gm: fx.GraphModule) -> list[dict]:
         module = module_path(m.softmax)
         sdpa = rewrite(gm, m)
         info = sdpa.meta["canonicalize"]
-        records.append({"node": sdpa.name, "form": info["form"], "module": module, "is_causal": info["is_causal"],
-                        "scale": info["scale"], "enable_gqa": info["enable_gqa"]})
-    clean(gm)
+        records.append({"node": sdpa.name, "form": info["form"], "module": module,
+                        **{k: info[k] for k in ("is_causal", "scale", "enable_gqa")}})
+    clean(gm)   # the written-out nodes, dropout and metadata asserts included (graph.remove_dead)
     return records
 
 
@@ -93,7 +103,9 @@ def explain_unmatched(gm: fx.GraphModule) -> list[str]:
         if is_op(s, SOFTMAX) and norm_dim(s.args[1], rank(s)) != rank(s) - 1:
             out.append(f"{head}: it normalizes dim {s.args[1]}, not the key axis (the last dim)")
             continue
-        pv = _forward_to_pv(s)
+        pv = first_user(s, lambda u, n: is_op(u, MATMUL) and u.args[0] is n
+                        or is_op(u, EINSUM) and bool(u.args[1]) and u.args[1][0] is n,
+                        DROPOUT | CASTS | COPIES | RESHAPES)
         if pv is None:
             users = ", ".join(describe(u) if u.op != "output" else "the model output" for u in s.users)
             out.append(f"{head}: its output does not feed a probabilities·V product (used by {users or 'nothing'})")
@@ -105,39 +117,83 @@ def explain_unmatched(gm: fx.GraphModule) -> list[str]:
     return out
 
 
-def _forward_to_pv(s: fx.Node) -> fx.Node | None:
-    """The P·V product that consumes softmax `s` (through dropout / casts), if any."""
-    frontier, seen = [s], set()
-    while frontier:
-        n = frontier.pop(0)
-        if n in seen:
+# ---------------------------------------------------------------- in-place arithmetic
+
+_OUT_OF_PLACE = {aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar,
+                 aten.sub_.Tensor: aten.sub.Tensor, aten.sub_.Scalar: aten.sub.Scalar,
+                 aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar,
+                 aten.div_.Tensor: aten.div.Tensor, aten.div_.Scalar: aten.div.Scalar,
+                 aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
+                 aten.masked_fill_.Tensor: aten.masked_fill.Tensor}
+
+
+def _may_alias(n) -> bool:
+    """Whether `n`'s value may share storage with another value: graph inputs, parameters and
+    buffers, and the outputs of ops whose schema returns an alias (views, contiguous, split)."""
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return True
+    if n.target is operator.getitem:
+        return _may_alias(n.args[0])
+    t = n.target
+    return not isinstance(t, torch._ops.OpOverload) or any(r.alias_info is not None
+                                                            for r in t._schema.returns)
+
+
+def out_of_place(gm: fx.GraphModule) -> int:
+    """Rewrite in-place arithmetic (`scores += bias`, `scores /= sqrt(d)`: aten.add_ / div_ / ...,
+    as MPNet, DeBERTa and Falcon write them) as the out-of-place op, where that is exact: the
+    written tensor is a fresh value (no input, parameter or view of another tensor), no view of it
+    was taken before the write, and the result keeps its dtype. Every later read of the written
+    tensor reads the new node. Returns the number of rewritten nodes."""
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    done = 0
+    for n in list(gm.graph.nodes):
+        op = _OUT_OF_PLACE.get(n.target)
+        a = n.args[0] if op is not None else None
+        if a is None or _may_alias(a) or any(pos.get(u, -1) < pos[n] and _may_alias(u) for u in a.users):
             continue
-        seen.add(n)
-        for u in n.users:
-            if is_op(u, MATMUL) and u.args[0] is n or is_op(u, EINSUM) and u.args[1] and u.args[1][0] is n:
-                return u
-            if is_op(u, DROPOUT, CASTS, COPIES):
-                frontier.append(u)
-    return None
+        b = value(n.args[1])
+        if dtype(a) is None or isinstance(b, torch.Tensor) and torch.result_type(value(a), b) != dtype(a):
+            continue
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(op, n.args, n.kwargs)
+        new.meta.update(n.meta)
+        for u in list(a.users):
+            if u is not n and u is not new and pos.get(u, -1) > pos[n]:
+                u.replace_input_with(a, new)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
 
 
 # ---------------------------------------------------------------- rewriting
 
 def rewrite(gm: fx.GraphModule, m: Match) -> fx.Node:
-    """Replace the matched pattern by one SDPA node and erase the written-out nodes; returns it."""
+    """Replace the matched pattern by one SDPA node and return it; the written-out nodes are left
+    dead for canonicalize's clean()."""
     pv, q, k, v, scale = m.pv, m.q, m.k, m.v, m.q_scale
+    emit = _Emitter(gm, pv, m.softmax, m.form())
     has_tensor_factor = any(l.kind == "scale" and not isinstance(l.factor, float) for l in m.layers)
     folded = len(q.shape) == 3
     if folded:  # [B·H, T, D]: recover [B, H, T, D] from the reshapes that folded the heads
-        q4, k4, v4 = (None, None, None) if has_tensor_factor else (_unfold(q), _unfold(k), _unfold(v))
-        if q4 and k4 and v4 and same_shape(q4.shape[:2], k4.shape[:2]) and same_shape(k4.shape[:2], v4.shape[:2]):
-            (q, qs), (k, ks), v = strip_scale(q4, m), strip_scale(k4, m), v4  # scales before the fold
-            scale *= qs * ks
+        four = [None] * 3 if has_tensor_factor else [_unfold(t) for t in (q, k, v)]
+        if m.scores_unfolded and not _same_heads(four):   # the softmax is 4-D: unflatten by its heads
+            four = [_unflatten(emit, t, m.heads) for t in (q, k, v)]
+        if _same_heads(four):
+            if has_tensor_factor:
+                q, k, v = four
+            else:
+                # the scales applied before the fold
+                (q, qs), (k, ks), v = strip_scale(four[0], m), strip_scale(four[1], m), four[2]
+                scale *= qs * ks
             m.record("heads-unfolded")
         else:
             m.record("heads-folded(3d)")
-    gqa = False
-    if len(q.shape) == 4:
+    gqa = m.kv_broadcast   # one K/V head broadcast to all: SDPA's enable_gqa with one kv head
+    if len(q.shape) == 4 and not gqa:
         rk, rv = _unrepeat_kv(k), _unrepeat_kv(v)
         if rk and rv and rk[1] == rv[1] and rk[1] > 1 and same_size(rk[0].shape[1] * rk[1], q.shape[1]):
             k, v, gqa = rk[0], rv[0], True
@@ -145,13 +201,10 @@ def rewrite(gm: fx.GraphModule, m: Match) -> fx.Node:
     for l in m.layers:
         if l.kind == "scale" and isinstance(l.factor, float):
             scale = scale / l.factor if l.inverse else scale * l.factor
-    emit = _Emitter(gm, pv, m.softmax, m.form())
     qn, kn, vn = emit.operand(q), emit.operand(k), emit.operand(v)
-    mask, is_causal, factors = _build_mask(emit, m, qn)
+    mask, is_causal, factors = _build_mask(emit, m, qn, q.shape[1] if folded and len(q.shape) == 4 else None)
     for f, inverse in factors:  # a non-constant scalar scale: (q·f)·kᵀ == f·(q·kᵀ)
         qn = emit(aten.div.Tensor if inverse else aten.mul.Tensor, qn, f)
-    if mask is not None and folded and len(q.shape) == 4:
-        mask = _mask_to_4d(emit, mask, q.shape[1])
     while mask is not None and rank(mask) < 2:   # a [Tk] mask broadcasts as [1, Tk]; SDPA wants ≥ 2 dims
         mask = emit(aten.unsqueeze.default, mask, 0)
     emit.form = m.form()   # now with the causal tags the mask added
@@ -163,17 +216,7 @@ def rewrite(gm: fx.GraphModule, m: Match) -> fx.Node:
         out = emit(aten.permute.default, out, m.out_perm)
     if same_shape(shape(sdpa), shape(pv)) and "val" in pv.meta:
         sdpa.meta["val"] = pv.meta["val"]
-    for n in m.interior:  # metadata asserts would keep the dead pattern alive
-        for u in list(n.users):
-            if is_op(u, ASSERTS):
-                gm.graph.erase_node(u)
     pv.replace_all_uses_with(out)
-    gm.graph.erase_node(pv)
-    # the written-out nodes go explicitly: eliminate_dead_code keeps aten.dropout (it is random)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for n in sorted(m.interior, key=lambda n: -order[n]):
-        if not n.users:
-            gm.graph.erase_node(n)
     sdpa.meta["canonicalize"] = {"form": emit.form, "is_causal": is_causal, "scale": float(scale), "enable_gqa": gqa}
     return sdpa
 
@@ -208,9 +251,12 @@ class _Emitter:
         return self(aten.full.default, [], v, dtype=dtype(like), device=value(like).device)
 
 
-def _build_mask(emit: _Emitter, m: Match, q: fx.Node) -> tuple[fx.Node | None, bool, list[fx.Node]]:
+def _build_mask(emit: _Emitter, m: Match, q: fx.Node, heads: int | None = None
+                ) -> tuple[fx.Node | None, bool, list[fx.Node]]:
     """Combine the mask layers into one attn_mask (bool keep-mask or additive float in q's dtype).
-    Returns (attn_mask, is_causal, non-constant scale factors left to fold into q)."""
+    `heads`: the SDPA is [B, H, T, D] with these H while the products were [B·H, T, D], so a mask laid
+    out for the folded scores is unflattened first. Returns (attn_mask, is_causal, non-constant scale
+    factors left to fold into q)."""
     terms: list[tuple[str, fx.Node]] = []   # ("keep", bool) | ("add", float)
     factors: list[tuple[fx.Node, bool]] = []
     masks = [l for l in m.layers if l.kind != "scale"]
@@ -226,15 +272,18 @@ def _build_mask(emit: _Emitter, m: Match, q: fx.Node) -> tuple[fx.Node | None, b
                                                           t, l.factor)) for kind, t in terms]
             if not isinstance(l.factor, float):
                 factors.append((l.factor, l.inverse))
-        elif is_causal:
             continue
-        elif l.kind == "add":
-            terms.append(("add", l.mask))
+        if is_causal:
+            continue
+        mask = _mask_to_4d(emit, l.mask, heads) if heads is not None and l.folded else l.mask
+        if l.kind == "add":
+            terms.append(("add", mask))
         elif l.value == -math.inf:   # masked_fill(mask, −inf) keeps where the mask is False
-            terms.append(("keep", emit(aten.logical_not.default, l.mask) if l.masked_when else l.mask))
+            terms.append(("keep", emit(aten.logical_not.default, mask) if l.masked_when else mask))
         else:  # a finite fill ≤ −1e4: the additive mask where(mask, value, 0)
             fill, zero = emit.scalar(l.value, q), emit.scalar(0.0, q)
-            terms.append(("add", emit(aten.where.self, l.mask, *((fill, zero) if l.masked_when else (zero, fill)))))
+            where = (fill, zero) if l.masked_when else (zero, fill)
+            terms.append(("add", emit(aten.where.self, mask, *where)))
     if not terms:
         return None, is_causal, factors
     if all(kind == "keep" for kind, _ in terms):
@@ -299,6 +348,18 @@ def _unrepeat_kv(op: Operand) -> tuple[Operand, int] | None:
     if not isinstance(reps, int) or not all(same_size(es[i], xs[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3))):
         return None
     return Operand(x, ident(4)), reps
+
+
+def _same_heads(four: list) -> bool:
+    """Three [B, H, T, D] operands (q, k, v) whose batch and head dims agree."""
+    return all(four) and all(same_shape(t.shape[:2], four[0].shape[:2]) for t in four)
+
+
+def _unflatten(emit: _Emitter, op: Operand, heads: int) -> Operand | None:
+    """A [B·H, T, D] operand as [B, H, T, D], by an explicit unflatten of its batch dim."""
+    if op.perm[0] != 0:
+        return None
+    return Operand(emit(aten.unflatten.int, op.node, 0, [-1, heads]), [0, 1] + [p + 1 for p in op.perm[1:]])
 
 
 def _unfold(op: Operand) -> Operand | None:

@@ -26,9 +26,6 @@ from .rule import Built, Candidate, Refused, Rule, get_rule
 from .site import AttentionSite
 from .trace import restore, snapshot
 
-STATUSES = ("applied", "rejected", "rolled_back", "error", "skipped")
-
-
 @dataclass
 class Record:
     """One decision of the driver; the report, save/load and replay are built from these."""
@@ -36,7 +33,7 @@ class Record:
     rule: str
     sites: tuple[int, ...]           # every site the decision covers (a MASA group: all its layers)
     modules: tuple[str, ...]
-    status: str                      # one of STATUSES
+    status: str                      # applied | rejected | rolled_back | error | skipped
     reason: str | None
     metric_before: float | None = None
     metric_after: float | None = None
@@ -48,6 +45,12 @@ class Record:
     info: dict = field(default_factory=dict)   # facts the rule's plan and build found
     measurement: Measurement | None = field(default=None, repr=False, compare=False)
     traceback: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, rule: str, sites, status: str, reason: str | None, **fields) -> "Record":
+        """The record of a decision on `sites` (AttentionSites)."""
+        return cls(rule, tuple(s.index for s in sites), tuple(s.module for s in sites), status, reason,
+                   **fields)
 
     @property
     def site(self) -> int | None:
@@ -95,11 +98,10 @@ class Context:
         return self.io.valid_tokens(batch, y)
 
     @torch.no_grad()
-    def capture(self, names: list[str], batches: list[dict] | None = None,
-                gm: fx.GraphModule | None = None) -> dict[str, list[torch.Tensor]]:
-        """Values of the named nodes on each calibration batch: {name: [per-batch tensor]}."""
-        gm = gm or self.gm
-        want = set(names)
+    def capture(self, names: list[str], batches: list[dict] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Values of the named nodes on each calibration batch (or each of `batches`):
+        {name: [per-batch tensor]}."""
+        gm, want = self.gm, set(names)
         missing = want - {n.name for n in gm.graph.nodes}
         if missing:
             raise KeyError(f"capture: no nodes named {sorted(missing)} in the current graph")
@@ -126,19 +128,6 @@ def flatten_inputs(gm: fx.GraphModule, kwargs: dict) -> list:
 
 
 @dataclass
-class Trial:
-    """The outcome of one trial: status applied (kept) / rolled_back / rejected (Refused) / error."""
-
-    status: str
-    reason: str | None
-    built: Built = field(default_factory=Built)
-    measurement: Measurement | None = None
-    facts: dict = field(default_factory=dict)
-    traceback: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
 class RunResult:
     records: list[Record]
     stop_reason: str
@@ -158,10 +147,13 @@ class Driver:
 
     # ---- trial ---------------------------------------------------------------------------------
     def trial(self, rule: Rule, cand: Candidate, opts, measure: Callable[[fx.GraphModule], Measurement],
-              keep: bool = True) -> Trial:
+              keep: bool = True, **fields) -> Record:
         """Build and apply `cand` on a snapshot and measure; keep it when `keep` and the measurement
-        is ok, else restore the snapshot. A failing rule never leaves a half-edited graph behind."""
+        is ok, else restore the snapshot. A failing rule never leaves a half-edited graph behind.
+        Returns the decision: applied (kept), rolled_back, rejected (Refused) or error; `fields`: the
+        record's other fields."""
         t = time.perf_counter()
+        rec = Record.of(rule.name, cand.sites, "applied", None, info=dict(cand.facts), **fields)
         snap = snapshot(self.gm)
         try:
             built = Built.of(rule.build(self.ctx, cand, opts))
@@ -169,17 +161,22 @@ class Driver:
             G.clean(self.gm)
             m = measure(self.gm)
         except Refused as e:        # build found the candidate unsuitable: a reason, not a failure
-            restore(self.gm, snap)
-            return Trial("rejected", str(e), facts=e.facts, seconds=time.perf_counter() - t)
+            rec.status, rec.reason = "rejected", str(e)
+            rec.info.update(e.facts)
         except Exception as e:      # noqa: BLE001
+            rec.status, rec.reason = "error", f"{type(e).__name__}: {e}".strip()
+            rec.traceback = traceback.format_exc()
+        else:
+            rec.info.update(built.facts)
+            rec.metric_after, rec.worst_after = m.value, m.worst
+            if keep and m.ok:
+                rec.reason, rec.built, rec.measurement = m.why, built.tensors, m
+            else:
+                rec.status, rec.reason = "rolled_back", f"gate: {m.why}"
+        if rec.status != "applied":
             restore(self.gm, snap)
-            return Trial("error", f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc(),
-                         seconds=time.perf_counter() - t)
-        kept = keep and m.ok
-        if not kept:
-            restore(self.gm, snap)
-        return Trial("applied" if kept else "rolled_back", m.why if kept else f"gate: {m.why}", built, m,
-                     dict(built.facts), seconds=time.perf_counter() - t)
+        rec.seconds = time.perf_counter() - t
+        return rec
 
     def _by_damage(self, rule: Rule, cands: list[Candidate], opts) -> list[Candidate]:
         """order: damage — each checked candidate built and applied alone on the current model and
@@ -195,8 +192,9 @@ class Driver:
         ranked = []
         for c in usable:
             tr = self.trial(rule, c, opts, damage, keep=False)
-            d = tr.measurement.value if tr.measurement else float("inf")
-            facts = {"damage_alone": round(d, 5)} if tr.measurement else {"damage_alone_error": tr.reason}
+            ok = tr.metric_after is not None
+            d = tr.metric_after if ok else float("inf")
+            facts = {"damage_alone": round(d, 5)} if ok else {"damage_alone_error": tr.reason}
             ranked.append((d, Candidate(c.sites, {**c.facts, **facts})))
         ranked.sort(key=lambda x: x[0])
         return [c for _, c in ranked] + [c for c in cands if not any(c is u for u in usable)]
@@ -227,8 +225,8 @@ class Driver:
             opts_d = opts.model_dump(exclude_defaults=True)
 
             def note(sites, why, info=None):
-                self._record(Record(rule.name, tuple(s.index for s in sites), tuple(s.module for s in sites),
-                                    "skipped", why, step=step_i, options=opts_d, info=dict(info or {})))
+                self._record(Record.of(rule.name, sites, "skipped", why, step=step_i, options=opts_d,
+                                       info=dict(info or {})))
 
             alive = [s for s in self.sites if G.find(self.gm, s.node) is not None]
             selected = [s for s in alive if opts.selects(s)]
@@ -256,21 +254,12 @@ class Driver:
         return RunResult(self.records, "all steps done", current)
 
     def _decide(self, rule: Rule, cand: Candidate, opts, opts_d: dict, current: Measurement, step_i: int) -> Record:
-        t = time.perf_counter()
-        rec = Record(rule.name, tuple(cand.indices), tuple(s.module for s in cand.sites), "rejected", None,
-                     metric_before=current.value, step=step_i, options=opts_d, info=dict(cand.facts))
+        t, fields = time.perf_counter(), dict(metric_before=current.value, step=step_i, options=opts_d)
         reason = rule.check(cand, opts)
         if reason:
-            rec.reason, rec.seconds = reason, time.perf_counter() - t
-            return rec
-        tr = self.trial(rule, cand, opts, self.gate.measure)
-        rec.status, rec.reason, rec.seconds, rec.traceback = tr.status, tr.reason, tr.seconds, tr.traceback
-        rec.info.update(tr.facts)
-        if tr.measurement is not None:
-            rec.metric_after, rec.worst_after = tr.measurement.value, tr.measurement.worst
-        if tr.status == "applied":
-            rec.built, rec.measurement = tr.built.tensors, tr.measurement
-        return rec
+            return Record.of(rule.name, cand.sites, "rejected", reason, info=dict(cand.facts),
+                             seconds=time.perf_counter() - t, **fields)
+        return self.trial(rule, cand, opts, self.gate.measure, **fields)
 
 
 def replay(gm: fx.GraphModule, sites: list[AttentionSite], records: list[Record]) -> None:

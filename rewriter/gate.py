@@ -31,9 +31,6 @@ class Measurement:
     ok: bool
     why: str                # "embedding_cosine 0.962 < min 0.97"
 
-    def to_dict(self):
-        return {"metric": self.metric, "value": self.value, "worst": self.worst, "ok": self.ok}
-
 
 def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_outs: list[torch.Tensor],
             io: ModelIO | None = None):

@@ -13,6 +13,7 @@ Tensors a rule builds are registered on the traced GraphModule as buffers named
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
@@ -28,6 +29,7 @@ SDPA = aten.scaled_dot_product_attention.default
 
 CASTS = frozenset({aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default})
 COPIES = frozenset({aten.contiguous.default, aten.clone.default, aten.alias.default})  # the same values
+SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)   # shape arithmetic, not tensor data
 
 
 # ---------------------------------------------------------------- reading a graph
@@ -114,7 +116,7 @@ def is_data(n) -> bool:
     v = value(n)
     if v is None:
         return n.op in ("call_function", "get_attr", "placeholder")
-    return not isinstance(v, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+    return not isinstance(v, (int, float, bool, *SYMBOLIC))
 
 
 def data_inputs(n: fx.Node) -> list[fx.Node]:
@@ -123,23 +125,18 @@ def data_inputs(n: fx.Node) -> list[fx.Node]:
 
 def size_hint(x) -> int | None:
     """A concrete int from an int or a SymInt (its hint: the size the graph was traced at)."""
-    if isinstance(x, int):
-        return x
-    if isinstance(x, torch.SymInt):
-        try:
-            hint = x.node.hint
-            if hint is None:
-                hint = x.node.shape_env.size_hint(x.node.expr)
-            return int(hint)
-        except Exception:
-            return None
-    return None
+    if not isinstance(x, torch.SymInt):
+        return x if isinstance(x, int) else None
+    try:
+        hint = x.node.hint
+        return int(hint if hint is not None else x.node.shape_env.size_hint(x.node.expr))
+    except Exception:  # noqa: BLE001 - a size without a hint (data-dependent)
+        return None
 
 
 def module_path(n: fx.Node) -> str:
     """The module that made `n`, from its nn_module_stack, e.g. "encoder.layer.0.attention.self"."""
-    stack = n.meta.get("nn_module_stack") or {}
-    if not stack:
+    if not (stack := n.meta.get("nn_module_stack")):
         return ""
     last = list(stack.values())[-1]
     return str(last[0] if isinstance(last, (tuple, list)) else last)
@@ -199,22 +196,18 @@ def const_value(x) -> float | None:
     return None
 
 
+_SDPA_DEFAULTS = {"query": None, "key": None, "value": None, "attn_mask": None, "dropout_p": 0.0,
+                  "is_causal": False, "scale": None, "enable_gqa": False}
+
+
 def sdpa_args(n: fx.Node) -> dict:
     """q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa of an SDPA node, by name."""
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-    defaults = [None, None, None, None, 0.0, False, None, False]
-    out = dict(zip(names, defaults))
-    out.update(dict(zip(names, n.args)))
-    out.update(n.kwargs)
-    return out
+    return {**_SDPA_DEFAULTS, **dict(zip(_SDPA_DEFAULTS, n.args)), **n.kwargs}
 
 
 def fetch_attr(gm: torch.nn.Module, qual: str):
     """The attribute a get_attr target names, e.g. "layers.0.weight"."""
-    obj = gm
-    for part in qual.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return functools.reduce(getattr, qual.split("."), gm)
 
 
 # ---------------------------------------------------------------- editing a graph
@@ -301,7 +294,7 @@ def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             values[n] = fetch_attr(gm, n.target)
-        elif n.op == "call_function" and _removable(n) and not _symbolic(n):
+        elif n.op == "call_function" and _removable(n) and not isinstance(value(n), SYMBOLIC):
             inputs = n.all_input_nodes
             if inputs and all(i in values for i in inputs):
                 args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: values[a])
@@ -318,7 +311,3 @@ def fold_constants(gm: fx.GraphModule, prefix: str = "rw_folded") -> int:
         folded += 1
     clean(gm)
     return folded
-
-
-def _symbolic(n: fx.Node) -> bool:
-    return isinstance(value(n), (torch.SymInt, torch.SymFloat, torch.SymBool))

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from rewriter.kernels.keymask import MASKED
+
 from .graph import CASTS, COPIES, arg, const_value, dtype, is_op, rank, same_shape, same_size, shape, value
 
 aten = torch.ops.aten
@@ -39,8 +41,11 @@ FILL = frozenset({aten.masked_fill.Scalar, aten.masked_fill.Tensor})
 WHERE = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf})
 RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 ASSERTS = frozenset({aten._assert_tensor_metadata.default})
+# nonlinear functions of the scores that SDPA cannot express (Gemma 2's logit soft-capping: cap·tanh(s/cap))
+NONLINEAR = frozenset({aten.tanh.default, aten.sigmoid.default, aten.clamp.default, aten.clamp.Tensor,
+                       aten.abs.default})
 
-MASKED_OUT = -1e4  # fill values at or below this make exp(value − row max) underflow to 0
+MASKED_OUT = MASKED  # fill values at or below this mask (rewriter.kernels.keymask: exp underflows to 0)
 
 
 class NoMatch(Exception):
@@ -59,11 +64,9 @@ def describe(n) -> str:
 
 def is_scalar_like(x) -> bool:
     """A factor that scales every score alike: a number, a sym value, or a one-element tensor."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return True
     v = value(x)
-    if isinstance(v, (torch.SymInt, torch.SymFloat, int, float)) and not isinstance(v, bool):
-        return True
+    if isinstance(v, (torch.SymInt, torch.SymFloat, int, float)):
+        return not isinstance(v, bool)
     return isinstance(v, torch.Tensor) and all(same_size(s, 1) for s in v.shape)
 
 
@@ -117,6 +120,7 @@ class Layer:
     mask: fx.Node | None = None   # add: the additive tensor; fill: the bool mask
     masked_when: bool = True  # fill: the mask value that marks a dropped key
     value: object = None      # fill: float or Node
+    folded: bool = False      # the mask is laid out for [B·H, Tq, Tk] scores (heads folded into the batch)
 
 
 @dataclass
@@ -131,6 +135,9 @@ class Match:
     interior: dict = field(default_factory=dict)   # node -> role ("scores" / "probabilities")
     out_perm: list[int] | None = None               # einsum output layout
     tags: list[str] = field(default_factory=list)
+    heads: int | None = None          # H of [B·H, …] products around a [B, H, Tq, Tk] softmax (BLOOM, DeBERTa)
+    scores_unfolded: bool = False     # [B·H, Tq, Tk] scores viewed as [B, H, Tq, Tk] before the softmax
+    kv_broadcast: bool = False        # K and V hold one head that the products broadcast to all (multi-query)
 
     def record(self, tag: str) -> None:
         assert tag in FORM_ORDER, tag
@@ -208,6 +215,52 @@ def _eval_dropout(p, m):
     return p.args[0]
 
 
+def _heads_of(four, three) -> int | None:
+    """H where the 4-D value `four` [B, H, Tq, Tk] and the 3-D value `three` [B·H, Tq, Tk] are the
+    same tensor with the heads folded into the batch; else None."""
+    s4, s3 = shape(four), shape(three)
+    if len(s4) != 4 or len(s3) != 3 or not isinstance(s4[1], int):
+        return None
+    return s4[1] if same_size(s4[0] * s4[1], s3[0]) and same_shape(s4[2:], s3[1:]) else None
+
+
+def _folds_heads(p, m) -> bool:
+    return _heads_of(p.args[0], p) is not None
+
+
+def _folded_probabilities(p, m):
+    """[B, H, Tq, Tk] probabilities viewed as [B·H, Tq, Tk] for a batched P·V product."""
+    m.heads = _heads_of(p.args[0], p)
+    return p.args[0]
+
+
+def _unfolds_heads(x, m) -> bool:
+    return _heads_of(x, x.args[0]) is not None
+
+
+def _unfolded_scores(x, m):
+    """[B·H, Tq, Tk] scores viewed as [B, H, Tq, Tk] (masks added there are 4-D, those before it
+    3-D): walks the rest of the scores itself, marking the layers it meets as folded."""
+    heads = _heads_of(x, x.args[0])
+    if m.heads != heads:
+        folded = f"folded from {m.heads}" if m.heads else "not folded back"
+        raise NoMatch(f"{describe(x)} views the scores as {heads} heads, but the probabilities are {folded} "
+                      "before the P·V product")
+    below = len(m.layers)
+    _walk(x.args[0], "scores", m)
+    for layer in m.layers[:len(m.layers) - below]:
+        layer.folded = True
+    m.scores_unfolded = True
+    return None
+
+
+def _nonlinear_scores(x, m):
+    """Refused, with the reason, once the operand did read as scores (else that reason is better)."""
+    _walk(x.args[0], "scores", m)
+    raise NoMatch(f"{describe(x)} is a nonlinear function of the scores (e.g. logit soft-capping, "
+                  "cap·tanh(s/cap)); SDPA only scales and masks them, so this attention stays written out")
+
+
 def _float_cast(p, m):
     if not (dtype(p) or torch.float32).is_floating_point:
         raise NoMatch(f"{describe(p)} casts the probabilities to {dtype(p)}")
@@ -282,16 +335,13 @@ def _widens(x, m) -> bool:
     return dtype(x) != dtype(x.args[0])
 
 
-def _scale_operands(x) -> tuple[fx.Node, object] | None:
-    """(scores, factor) of scores · factor, factor · scores or scores / factor with a scalar factor."""
+def _scale_operands(x, m=None) -> tuple[fx.Node, object] | None:
+    """(scores, factor) of scores · factor, factor · scores or scores / factor with a scalar factor;
+    as a guard, whether `x` is such a scale."""
     a, b = x.args
     if is_op(x, MUL) and is_scalar_like(a) and not is_scalar_like(b):
         a, b = b, a
     return (a, b) if isinstance(a, fx.Node) and is_scalar_like(b) and not is_scalar_like(a) else None
-
-
-def _scales(x, m) -> bool:
-    return _scale_operands(x) is not None
 
 
 def _scale(x, m):
@@ -413,8 +463,8 @@ PATTERN = (   # Alt(tag, at, ops, take, then, when), in forward order
     Alt("einsum", "scores", EINSUM, _qk_einsum),
     Alt("scale(q/k)", None, MUL | DIV),          # a constant factor on q or k (strip_scale)
     # between Q·Kᵀ and the softmax: scale, additive mask, fill mask
-    Alt("mul(scores)", "scores", MUL, _scale, "scores", _scales),
-    Alt("div(scores)", "scores", DIV, _scale, "scores", _scales),
+    Alt("mul(scores)", "scores", MUL, _scale, "scores", _scale_operands),
+    Alt("div(scores)", "scores", DIV, _scale, "scores", _scale_operands),
     Alt("additive-mask", "scores", ADD, _additive(0), "scores", _adds(2)),
     Alt("additive-mask", "scores", ADD, _additive(1), "scores", _adds(2)),
     Alt(None, "scores", ADD, _adds_constant, None, _adds(1)),
@@ -426,6 +476,8 @@ PATTERN = (   # Alt(tag, at, ops, take, then, when), in forward order
     Alt("where(finite)", "scores", WHERE, _select(2), "scores", _selects(2, False)),
     Alt("causal-tril", None, FILL),              # a triangular mask among others
     Alt("causal", None, FILL | ADD),             # the only mask is causal: is_causal=True
+    Alt(None, "scores", NONLINEAR, _nonlinear_scores),
+    Alt("view(scores)", "scores", RESHAPES, _unfolded_scores, None, _unfolds_heads),
     Alt("upcast", "scores", CASTS, _cast_scores, "scores", _widens),
     Alt(None, "scores", CASTS, _cast_scores, "scores", lambda x, m: not _widens(x, m)),
     Alt(None, "scores", COPIES, _through, "scores"),
@@ -437,17 +489,19 @@ PATTERN = (   # Alt(tag, at, ops, take, then, when), in forward order
     Alt("dropout(eval)", "probabilities", DROPOUT, _eval_dropout, "probabilities"),
     Alt(None, "probabilities", CASTS, _float_cast, "probabilities"),
     Alt(None, "probabilities", COPIES, _through, "probabilities"),
+    Alt("view(probabilities)", "probabilities", RESHAPES, _folded_probabilities, "probabilities",
+        _folds_heads),
     # P·V: the anchor
     Alt(None, "pv", MATMUL_ONLY, _pv_matmul, "probabilities"),
     Alt("bmm(pv)", "pv", BMM, _pv_matmul, "probabilities"),
     Alt("einsum(pv)", "pv", EINSUM, _pv_einsum, "probabilities"),
     # how the rewrite lays out q, k and v
     Alt("gqa", None, RESHAPES | {aten.repeat_interleave.self_int}),   # un-repeated K/V, enable_gqa=True
+    Alt("mqa", None, MATMUL),                   # one K/V head the products broadcast: enable_gqa=True
     Alt("heads-unfolded", None, RESHAPES),       # [B·H, T, D] operands as [B, H, T, D]
     Alt("heads-folded(3d)", None, RESHAPES),     # left [B·H, T, D]
 )
 FORM_ORDER = list(dict.fromkeys(a.tag for a in PATTERN if a.tag))
-_ROLE = {"pv": None, "probabilities": "probabilities", "scores": "scores"}
 
 
 def _no_step(x, at: str) -> str:
@@ -475,8 +529,8 @@ def _walk(x, at: str, m: Match) -> None:
     first = None
     for a in alts:
         trial = replace(m, layers=list(m.layers), interior=dict(m.interior), tags=list(m.tags))
-        if _ROLE[at]:
-            trial.interior[x] = _ROLE[at]
+        if at != "pv":   # the anchor is replaced, not part of the interior
+            trial.interior[x] = at
         try:
             after = a.take(x, trial)
             if a.then:
@@ -491,24 +545,46 @@ def _walk(x, at: str, m: Match) -> None:
     raise first
 
 
+def _one_kv_head(q: tuple, k: tuple, v: tuple) -> bool:
+    """[B, H, T, D] queries against [B, 1, T, D] keys and values (multi-query attention written as a
+    broadcasting product): SDPA's enable_gqa with one kv head computes the same."""
+    return len(q) == len(k) == len(v) == 4 and all(same_size(q[0], t[0]) for t in (k, v)) \
+        and all(same_size(t[1], 1) for t in (k, v)) and isinstance(q[1], int) and q[1] > 1
+
+
 def match(pv: fx.Node) -> Match:
     """Match the attention pattern that ends at the P·V product `pv`, or raise NoMatch(reason)."""
     m = Match(pv)
     _walk(pv, "pv", m)
     q, k, v = m.q, m.k, m.v
+    if m.heads is not None and not m.scores_unfolded:
+        raise NoMatch(f"the probabilities are folded from {m.heads} heads before the P·V product, but "
+                      "the scores are not unfolded to them after Q·Kᵀ")
     if len(q.shape) != len(k.shape) or len(q.shape) != len(v.shape):
         raise NoMatch(f"q, k, v have different ranks ({len(q.shape)}, {len(k.shape)}, {len(v.shape)})")
     if not (same_shape(q.shape[:-2], k.shape[:-2]) and same_shape(k.shape[:-2], v.shape[:-2])):
-        raise NoMatch(f"q, k, v batch dims differ ({q.shape[:-2]}, {k.shape[:-2]}, {v.shape[:-2]}): "
-                      "the products broadcast, SDPA does not")
+        if not _one_kv_head(q.shape, k.shape, v.shape):
+            raise NoMatch(f"q, k, v batch dims differ ({q.shape[:-2]}, {k.shape[:-2]}, {v.shape[:-2]}): "
+                          "the products broadcast, SDPA does not")
+        m.kv_broadcast = True
+        m.record("mqa")
     if not (same_size(q.shape[-1], k.shape[-1]) and same_size(k.shape[-2], v.shape[-2])):
         raise NoMatch(f"q {q.shape}, k {k.shape}, v {v.shape} do not line up as attention")
     dts = {dtype(q.node), dtype(k.node), dtype(v.node), dtype(pv)}
     if len(dts) != 1:
         raise NoMatch(f"mixed dtypes {sorted(map(str, dts))} among q, k, v and the output")
-    scores = shape(m.softmax)
-    if not same_shape(scores, q.shape[:-1] + (k.shape[-2],)):
-        raise NoMatch(f"the mask broadcasts the scores {q.shape[:-1] + (k.shape[-2],)} up to {scores}")
+    scores, product = shape(m.softmax), q.shape[:-1] + (k.shape[-2],)
+    if m.scores_unfolded:   # [B·H, Tq, Tk] products, [B, H, Tq, Tk] softmax
+        if len(scores) == 4 and same_size(scores[0] * scores[1], product[0]):
+            product = scores[:2] + product[1:]
+        if any(t.perm[0] != 0 for t in (q, k, v)):
+            raise NoMatch(f"q, k, v do not keep the folded batch·heads dim first "
+                          f"({q.perm}, {k.perm}, {v.perm})")
+    elif len(q.shape) == 3:   # [B·H, T, D] throughout: every mask is laid out for the folded scores
+        for layer in m.layers:
+            layer.folded = True
+    if not same_shape(scores, product):
+        raise NoMatch(f"the mask broadcasts the scores {product} up to {scores}")
     for layer in m.layers:
         if layer.kind == "scale" and isinstance(layer.factor, float) and layer.factor <= 0:
             raise NoMatch(f"the scores are scaled by {layer.factor}; only positive scales are canonical")

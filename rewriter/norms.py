@@ -131,12 +131,12 @@ def _norm(n) -> tuple[str, fx.Node] | None:
     if not isinstance(n, fx.Node):
         return None
     n = strip_cast(n)
+    if is_op(n, operator.getitem) and n.args[1] == 0 and is_op(n.args[0], aten.native_layer_norm, _FUSED_RMS):
+        n = n.args[0]   # the output of a fused op that also returns its statistics
     if is_op(n, aten.layer_norm, aten.native_layer_norm):
         return "layer_norm", n.args[0]
     if is_op(n, aten.rms_norm, _FUSED_RMS):
         return "rms_norm", n.args[0]
-    if is_op(n, operator.getitem) and n.args[1] == 0 and is_op(n.args[0], aten.native_layer_norm, _FUSED_RMS):
-        return ("layer_norm" if is_op(n.args[0], aten.native_layer_norm) else "rms_norm"), n.args[0].args[0]
     if is_op(n, aten.add):
         for m, bias in (operands(n), operands(n)[::-1]):
             if isinstance(m, fx.Node) and isinstance(bias, fx.Node) and strip_cast(bias).op == "get_attr":

@@ -45,13 +45,13 @@ TEXT_KEYWORDS = ("bundled", "pydoc")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TEXT_ALLOWED = "bundled, pydoc, or a path to a .txt or .jsonl file"
 
-# metric -> the bound key it takes, and the keys it may take besides
-GATE_BOUNDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "relative_rms": ("max", ()),
-    "embedding_cosine": ("min", ("min_worst",)),
-    "kl": ("max", ()),
-    "top1_agreement": ("min", ()),
-    "perplexity_ratio": ("max", ()),
+# metric -> the bound key it takes, the keys it may take besides, and the range of their values
+GATE_BOUNDS: dict[str, tuple[str, tuple[str, ...], tuple[float, float, str]]] = {
+    "relative_rms": ("max", (), (0.0, math.inf, "a number >= 0")),
+    "embedding_cosine": ("min", ("min_worst",), (-1.0, 1.0, "a number in [-1, 1]")),
+    "kl": ("max", (), (0.0, math.inf, "a number >= 0")),
+    "top1_agreement": ("min", (), (0.0, 1.0, "a number in [0, 1]")),
+    "perplexity_ratio": ("max", (), (1.0, math.inf, "a number >= 1 (1.05 allows 5 % higher perplexity)")),
 }
 MODEL_KINDS = ("encoder", "causal_lm", "vision", "generic")
 
@@ -74,12 +74,12 @@ class RecipeError(ValueError):
 
 def _format(file: str, path: str, problem: str, allowed: str | None) -> str:
     where = f"{file}: {path}: " if path else f"{file}: "
-    return where + problem + (f"; allowed: {allowed}" if allowed else "")
+    line = where + problem + (f"; allowed: {allowed}" if allowed else "")
+    # one line per problem whatever the document holds: a key such as "a\rb" is shown escaped
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
-# ---------------------------------------------------------------------------------------------
-# The typed sections
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- the typed sections
 
 class _Spec(BaseModel):
     # strict: YAML already gives typed values, so "64" or true for an integer is a mistake
@@ -124,27 +124,22 @@ class GateSpec(_Spec):
 
     @model_validator(mode="after")
     def _bounds(self) -> "GateSpec":
-        key, extra = GATE_BOUNDS[self.metric]
-        allowed_keys = ", ".join((key,) + extra)
+        key, extra, (lo, hi, in_range) = GATE_BOUNDS[self.metric]
+
+        def fail(message: str, path: str, allowed: str, **ctx):   # `path`, `allowed`: for _phrase
+            ctx = {"metric": self.metric, "key": key, "path": path, "allowed": allowed, **ctx}
+            raise PydanticCustomError("gate_bound", message, ctx)
+
         for other in ("min", "max", "min_worst"):
-            if other != key and other not in extra and getattr(self, other) is not None:
-                raise PydanticCustomError(
-                    "gate_bound", "metric {metric} takes no {other} bound (it is bounded by {key})",
-                    {"metric": self.metric, "other": other, "key": key, "path": other,
-                     "allowed": allowed_keys})
+            if other not in (key, *extra) and getattr(self, other) is not None:
+                fail("metric {metric} takes no {other} bound (it is bounded by {key})", other,
+                     ", ".join((key, *extra)), other=other)
         if getattr(self, key) is None:
-            raise PydanticCustomError(
-                "gate_bound", "metric {metric} needs a {key} bound",
-                {"metric": self.metric, "key": key, "path": key, "allowed": f"{key}: <number>"})
-        for k in (key,) + extra:
+            fail("metric {metric} needs a {key} bound", key, f"{key}: <number>")
+        for k in (key, *extra):
             v = getattr(self, k)
-            if v is None:
-                continue
-            lo, hi, allowed = _bound_range(self.metric, k)
-            if not (math.isfinite(v) and lo <= v <= hi):
-                raise PydanticCustomError(
-                    "gate_range", "{metric} {key} bound {value} is out of range",
-                    {"metric": self.metric, "key": k, "value": v, "path": k, "allowed": allowed})
+            if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+                fail("{metric} {key} bound {value} is out of range", k, in_range, key=k, value=v)
         return self
 
     @property
@@ -177,16 +172,6 @@ class GateSpec(_Spec):
         return "; ".join(self.failures(value, worst)) or None
 
 
-def _bound_range(metric: str, key: str) -> tuple[float, float, str]:
-    if metric == "embedding_cosine":
-        return -1.0, 1.0, "a number in [-1, 1]"
-    if metric == "top1_agreement":
-        return 0.0, 1.0, "a number in [0, 1]"
-    if metric == "perplexity_ratio":
-        return 1.0, math.inf, "a number >= 1 (1.05 allows 5 % higher perplexity)"
-    return 0.0, math.inf, "a number >= 0"
-
-
 class BudgetSpec(_Spec):
     """Limits on the driver: it stops, and says why, when one is reached."""
 
@@ -195,13 +180,8 @@ class BudgetSpec(_Spec):
 
 
 def default_gate(kind: str) -> GateSpec:
-    """The gate used when a recipe has none, by model kind:
-
-    - encoder (text embedding): embedding_cosine min 0.97, min_worst 0.90
-    - causal_lm: perplexity_ratio max 1.05
-    - vision (classifier): top1_agreement min 0.95
-    - generic: relative_rms max 0.05
-    """
+    """The gate used when a recipe has none, by model kind (encoder: a text embedding model,
+    vision: a classifier)."""
     defaults = {
         "encoder": GateSpec(metric="embedding_cosine", min=0.97, min_worst=0.90),
         "causal_lm": GateSpec(metric="perplexity_ratio", max=1.05),
@@ -249,9 +229,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- loading
 
 def load_recipe(src: str | os.PathLike | dict | Recipe) -> Recipe:
     """A Recipe from a YAML file path, a dict of the same shape, or a Recipe (returned as is).
@@ -262,37 +240,31 @@ def load_recipe(src: str | os.PathLike | dict | Recipe) -> Recipe:
     if isinstance(src, dict):
         return _from_dict(src, file="<recipe>", base=Path.cwd())
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        data = _read_yaml(path)
-        recipe = _from_dict(data, file=str(src), base=path.resolve().parent)
+        recipe = _from_dict(_read_yaml(Path(src)), file=str(src), base=Path(src).resolve().parent)
         recipe.source = str(src)
         return recipe
     raise TypeError(f"load_recipe: expected a path to a YAML file, a dict or a Recipe, "
                     f"got {type(src).__name__}")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (plain PyYAML silently keeps the last one)."""
-
-
 class _DuplicateKey(yaml.constructor.ConstructorError):
     pass
 
 
-def _construct_mapping(loader, node, deep=False):
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, typing.Hashable):
-            continue                 # construct_mapping reports unhashable keys itself
-        if key in seen:
-            raise _DuplicateKey(None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
-                                key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain PyYAML silently keeps the last one)."""
 
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue                 # construct_mapping reports unhashable keys itself
+            if key in seen:
+                raise _DuplicateKey(None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -334,10 +306,8 @@ def _from_dict(data: Any, *, file: str, base: Path) -> Recipe:
             raise RecipeError(file, str(key), f"unknown key{_did_you_mean(key, TOP_LEVEL_KEYS)}",
                               ", ".join(TOP_LEVEL_KEYS))
 
-    model = _optional_str(data.get("model"), file, "model",
-                          'a registered name, an HF folder path, or "module:function"')
-    if model is not None:
-        model = _resolve_model(model, base)
+    model = _resolve_model(_optional_str(data.get("model"), file, "model",
+                                         'a registered name, an HF folder path, or "module:function"'), base)
     output = _optional_str(data.get("output"), file, "output", "a folder path")
 
     calibration = _section(CalibrationSpec, data.get("calibration"), file, "calibration")
@@ -357,10 +327,10 @@ def _optional_str(v: Any, file: str, path: str, allowed: str) -> str | None:
     return v
 
 
-def _resolve_model(spec: str, base: Path) -> str:
+def _resolve_model(spec: str | None, base: Path) -> str | None:
     """A relative folder path that exists beside the recipe becomes absolute; registered
     names and "module:function" specs are left for rewriter.models.load_model."""
-    if ("/" in spec or spec.startswith(".")) and not Path(spec).is_absolute():
+    if spec and ("/" in spec or spec.startswith(".")) and not Path(spec).is_absolute():
         candidate = base / spec
         if candidate.exists():
             return str(candidate.resolve())
@@ -383,16 +353,15 @@ def _resolve_text(text: str, file: str, base: Path) -> str:
     return str(path.resolve())
 
 
-def _section(model: type[BaseModel], value: Any, file: str, prefix: str):
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise RecipeError(file, prefix, f"expected a mapping, got {_show(value)}",
-                          _keys_of(model))
+def _section(model: type[BaseModel], value: Any, file: str, prefix: str, word: str = "key",
+             not_mapping: str = "expected a mapping"):
+    """`value` (None: empty) validated by `model`; `word` names its keys in messages."""
+    if not isinstance(value if value is not None else {}, dict):
+        raise RecipeError(file, prefix, f"{not_mapping}, got {_show(value)}", _keys_of(model))
     try:
-        return model.model_validate(value)
+        return model.model_validate(value or {})
     except ValidationError as e:
-        raise _convert(e, model, file, prefix) from None
+        raise _convert(e, model, file, prefix, word) from None
 
 
 def _steps(value: Any, file: str) -> list[Step]:
@@ -417,26 +386,14 @@ def _steps(value: Any, file: str) -> list[Step]:
         if name not in rules:
             raise RecipeError(file, f"{path}.{name}",
                               f"unknown rule {name!r}{_did_you_mean(name, rules)}", known)
-        rule = rules[name]
-        if opts is None:
-            opts = {}
         if isinstance(opts, StepOptions):
             opts = opts.model_dump(exclude_unset=True)
-        if not isinstance(opts, dict):
-            raise RecipeError(file, f"{path}.{name}",
-                              f"options must be a mapping (or empty), got {_show(opts)}",
-                              _keys_of(rule.options))
-        try:
-            options = rule.options.model_validate(opts)
-        except ValidationError as e:
-            raise _convert(e, rule.options, file, f"{path}.{name}", option_word="option") from None
-        steps.append(Step(rule=name, options=options))
+        steps.append(Step(name, _section(rules[name].options, opts, file, f"{path}.{name}", "option",
+                                         "options must be a mapping (or empty)")))
     return steps
 
 
-# ---------------------------------------------------------------------------------------------
-# pydantic errors -> one line each
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- pydantic errors -> one line each
 
 def _convert(err: ValidationError, model: type[BaseModel], file: str, prefix: str,
              option_word: str = "key") -> RecipeError:
@@ -452,6 +409,13 @@ def _convert(err: ValidationError, model: type[BaseModel], file: str, prefix: st
     return RecipeError(file, path, problem, allowed, more)
 
 
+_LIMITS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}   # pydantic's bound names, in words
+_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+             "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+             "bool_type": "true or false", "bool_parsing": "true or false",
+             "list_type": "a list", "dict_type": "a mapping", "finite_number": "a finite number"}
+
+
 def _phrase(key: tuple, errs: list[dict], model: type[BaseModel], prefix: str, option_word: str):
     fields = model.model_fields
     name = key[0] if key else None
@@ -465,7 +429,7 @@ def _phrase(key: tuple, errs: list[dict], model: type[BaseModel], prefix: str, o
         return (path, f"unknown {option_word}{_did_you_mean(name, fields)}", _keys_of(model))
     if kind == "missing":
         return (path, "required", described)
-    if kind in ("gate_bound", "gate_range"):
+    if kind == "gate_bound":
         return (path, e["msg"], ctx.get("allowed"))
     if len(errs) > 1 or (len(e["loc"]) > 1 and isinstance(e["loc"][1], str)):
         # a union: one error per branch, tagged with the branch's type name
@@ -473,18 +437,11 @@ def _phrase(key: tuple, errs: list[dict], model: type[BaseModel], prefix: str, o
         return (path, f"invalid value {_show(got)}", described or " or ".join(branches))
     index = "".join(f"[{i}]" for i in e["loc"][1:] if isinstance(i, int))
     path += index
-    limits = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}
-    if kind in limits:
-        op = limits[kind]
-        bound = next(iter(ctx.values()))
-        return (path, f"must be {op} {bound}, got {_show(got)}", described)
-    expected = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-                "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
-                "bool_type": "true or false", "bool_parsing": "true or false",
-                "list_type": "a list", "dict_type": "a mapping", "finite_number": "a finite number"}
-    if kind in expected:
-        return (path, f"expected {expected[kind]}, got {_show(got)}", described)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        (limit, bound), = ctx.items()   # e.g. ("gt", 0)
+        return (path, f"must be {_LIMITS[limit]} {bound}, got {_show(got)}", described)
+    if kind in _EXPECTED:
+        return (path, f"expected {_EXPECTED[kind]}, got {_show(got)}", described)
     if kind in ("literal_error", "enum"):
         choices = _literal_choices(info.annotation) if info is not None else []
         return (path, f"{_show(got)} is not allowed{_did_you_mean(got, choices)}", ctx.get("expected"))
@@ -509,7 +466,7 @@ def _allowed_for(info) -> str | None:
         if words is None:
             return info.description
         for m in info.metadata:
-            for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            for attr, op in _LIMITS.items():
                 if getattr(m, attr, None) is not None:
                     words += f" {op} {getattr(m, attr)}"
     return words + (" or null" if nullable else "")
@@ -548,25 +505,24 @@ def _show(v: Any) -> str:
     return f"{v!r} ({_type_name(v)})"
 
 
-# ---------------------------------------------------------------------------------------------
-# JSON Schema (for editors and `rewriter schema`)
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- JSON Schema (editors, `rewriter schema`)
 
 def recipe_schema() -> dict:
     """JSON Schema (draft 2020-12) of a recipe, with every registered rule's options."""
     from pydantic.json_schema import models_json_schema
 
     rules = all_rules()
-    models = [(CalibrationSpec, "validation"), (GateSpec, "validation"), (BudgetSpec, "validation")]
-    models += [(r.options, "validation") for r in rules.values()]
-    refs, top = models_json_schema(models, ref_template="#/$defs/{model}")
-    ref = {m: refs[(m, "validation")] for m, _ in models}
+    models = [CalibrationSpec, GateSpec, BudgetSpec, *(r.options for r in rules.values())]
+    refs, top = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
     defs = top.get("$defs", {})
 
+    def nullable(model: type[BaseModel], **more) -> dict:
+        return {"anyOf": [refs[(model, "validation")], {"type": "null"}], **more}
+
     # the bound each metric takes, which pydantic's schema cannot say
-    gate_name = ref[GateSpec]["$ref"].rsplit("/", 1)[-1]
+    gate_name = refs[(GateSpec, "validation")]["$ref"].rsplit("/", 1)[-1]
     conditions = []
-    for metric, (key, extra) in GATE_BOUNDS.items():
+    for metric, (key, extra, _) in GATE_BOUNDS.items():
         banned = [k for k in ("min", "max", "min_worst") if k != key and k not in extra]
         conditions.append({"if": {"properties": {"metric": {"const": metric}}},
                            "then": {"required": [key], "not": {"anyOf": [{"required": [b]}
@@ -575,7 +531,7 @@ def recipe_schema() -> dict:
 
     step_variants = [{
         "type": "object", "title": name, "description": f"{r.summary} ({r.paper})",
-        "properties": {name: {"anyOf": [ref[r.options], {"type": "null"}]}},
+        "properties": {name: nullable(r.options)},
         "required": [name], "additionalProperties": False,
     } for name, r in rules.items()]
     step_variants.append({"type": "string", "enum": list(rules), "description": "a rule with its defaults"})
@@ -590,10 +546,10 @@ def recipe_schema() -> dict:
             "model": {"type": ["string", "null"],
                       "description": 'registered name, HF folder path, or "module:function"; '
                                      "without it the recipe applies to the model passed to optimize()"},
-            "calibration": {"anyOf": [ref[CalibrationSpec], {"type": "null"}]},
-            "gate": {"anyOf": [ref[GateSpec], {"type": "null"}],
-                     "description": "null: the per-kind default (rewriter.recipe.default_gate)"},
-            "budget": {"anyOf": [ref[BudgetSpec], {"type": "null"}]},
+            "calibration": nullable(CalibrationSpec),
+            "gate": nullable(GateSpec,
+                             description="null: the per-kind default (rewriter.recipe.default_gate)"),
+            "budget": nullable(BudgetSpec),
             "steps": {"type": "array", "minItems": 1, "items": {"oneOf": step_variants}},
             "output": {"type": ["string", "null"], "description": "folder to save the result in"},
         },

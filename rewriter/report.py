@@ -65,11 +65,9 @@ def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
 def latency(original, rewritten, batch: dict) -> dict:
     """The report's latency entry: both models timed side by side on one calibration batch."""
     before_ms, after_ms = latency_ms([original, rewritten], batch)
-    first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
-    return {"seq_len": int(first.shape[-1]) if first is not None else None,
-            "batch": int(first.shape[0]) if first is not None else None,
-            "input_shape": list(first.shape) if first is not None else None,
-            "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
+    first = next((list(v.shape) for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return {"seq_len": first[-1] if first else None, "batch": first[0] if first else None,
+            "input_shape": first, "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
 
 
 def unique_numel(module: torch.nn.Module) -> int:
@@ -123,12 +121,14 @@ class Report:
         sites = [AttentionSite(node="", scale=0.0, **{k: s.get(k) for k in (
             "index", "module", "heads", "kv_heads", "head_dim", "mask", "norm", "positional", "layer")})
             for s in d["sites"]]
-        f = d["attention_flops_per_token"]
+        from .artifact import parse_flops       # never sympify: it evals the text
+        f = {k: v if isinstance(v, sympy.Basic) else
+             parse_flops(v, "report.json", f"attention_flops_per_token.{k}")
+             for k, v in d["attention_flops_per_token"].items()}
+        optional = ("latency", "heldout", "gate", "calibration", "stop_reason", "canonicalized", "notes",
+                    "seconds")
         return cls(d["model"], d["kind"], sites, d["records"], d["params_before"], d["params_after"],
-                   sympy.sympify(f["before"], locals={"N": N}), sympy.sympify(f["after"], locals={"N": N}), d.get("latency", {}),
-                   d.get("heldout", {}), d.get("gate", {}), d.get("calibration", {}),
-                   d.get("stop_reason", ""), d.get("canonicalized", []), d.get("notes", []),
-                   d.get("seconds", 0.0))
+                   f["before"], f["after"], **{k: d[k] for k in optional if k in d})
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, console=None) -> None:

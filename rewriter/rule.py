@@ -17,6 +17,7 @@ way the built-in ones do: `register(Rule(...))` in a module named by the entry-p
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -153,7 +154,6 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {}
-_LOADED = False
 
 
 def register(rule: Rule) -> Rule:
@@ -163,11 +163,9 @@ def register(rule: Rule) -> Rule:
     return rule
 
 
+@functools.cache   # once; a failed import is not cached, so the next call tries again
 def _load_entry_points() -> None:
-    """Import every module named in the `rewriter.rules` entry-point group (once)."""
-    global _LOADED
-    if _LOADED:
-        return
+    """Import every module named in the `rewriter.rules` entry-point group."""
     from importlib.metadata import entry_points
     for ep in entry_points(group="rewriter.rules"):
         try:
@@ -175,7 +173,6 @@ def _load_entry_points() -> None:
         except Exception as e:
             raise ImportError(f"the rules of entry point {ep.name!r} ({ep.value}, group rewriter.rules) "
                               f"failed to import: {type(e).__name__}: {e}") from e
-    _LOADED = True
 
 
 def all_rules() -> dict[str, Rule]:

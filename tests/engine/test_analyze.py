@@ -416,3 +416,77 @@ def test_internal_failure_is_a_note_not_a_crash(monkeypatch):
     assert (s.heads, s.kv_heads, s.head_dim, s.scale) == (4, 4, 8, pytest.approx(0.3))
     assert s.mask == "arbitrary" and s.q_proj is None
     assert "unforeseen graph" in s.extra["notes"][0]
+
+
+# ---- residual forms: whatever sits between the stream and the add --------------------------------
+
+class _Forms(nn.Module):
+    """One attention block in a residual form the analyzer must see through (rewriter.analyze):
+    "sandwich" x + n'(F(n(x))) (Gemma 2/3; OLMo-2 without n), "parallel" F(n(x)) + MLP(n(x)) + x
+    (GPT-J order), "window" Swin's shifted window (view, roll, window partition; the reverse after
+    the output projection), "foreign" z + F(n(x)) with z another input (no residual)."""
+
+    def __init__(self, form: str, d: int = 32, h: int = 4):
+        super().__init__()
+        self.form, self.h = form, h
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.RMSNorm(d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def attn(self, y):
+        b, t, d = y.shape
+        q, k, v = self.qkv(y).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x, z=None):
+        if self.form == "sandwich":
+            return x + self.n2(self.attn(self.n1(x)))
+        if self.form == "parallel":
+            y = self.n1(x)
+            return self.attn(y) + self.down(F.gelu(self.up(y))) + x
+        if self.form == "foreign":
+            return z + self.attn(self.n1(x))
+        b, t, d = x.shape                                     # "window": a 4 x 4 grid, 2 x 2 windows of 4
+        y = torch.roll(self.n1(x).view(b, 4, 4, d), (-1, -1), (1, 2))
+        w = y.view(b, 2, 2, 2, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b * 4, 4, d)
+        a = self.attn(w).view(b, 2, 2, 2, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, 4, 4, d)
+        return x + torch.roll(a, (1, 1), (1, 2)).reshape(b, t, d)
+
+
+@pytest.mark.parametrize("form,norm,shape", [("sandwich", "pre", "sequential"),
+                                             ("parallel", "pre", "parallel"), ("window", "pre", "sequential")])
+def test_residual_forms(form, norm, shape):
+    gm = trace(_Forms(form), (), {"x": torch.randn(2, 16, 32)})
+    (s,) = analyze(gm)
+    assert s.extra["notes"] == [] and s.norm == norm
+    r = s.extra["residual"]
+    assert r["form"] == shape
+    add = G.node(gm, s.residual_add)
+    assert {a.name for a in add.args[:2]} == {s.branch_output, s.residual_input}
+    assert G.strip_casts(G.node(gm, s.residual_input)).name == "x"   # the block's input stream
+    merge = G.node(gm, r["merge"])
+    assert {a.name for a in merge.args[:2]} == {r["merge_branch"], r["merge_other"]}
+    if shape == "parallel":    # the attention meets the MLP branch first: the drop cuts there
+        assert merge is not add and G.node(gm, r["merge_other"]).target == torch.ops.aten.linear.default
+        assert G.node(gm, r["merge_branch"]).name == s.o_proj
+    else:
+        assert r["merge"] == s.residual_add and r["merge_other"] == s.residual_input
+    assert (r["branch_norm"] is not None) == (form == "sandwich")
+    if form == "sandwich":
+        assert norm_kind(G.node(gm, r["branch_norm"])) == "rms_norm"
+    if form == "window":       # the projections read the rolled window partition of the normed stream
+        path = G.node(gm, s.extra["proj_input"])
+        seen = []
+        while path.op == "call_function":
+            seen.append(path.target)
+            path = path.args[0]
+        assert torch.ops.aten.roll.default in seen and torch.ops.aten.layer_norm.default in seen
+
+
+def test_attention_added_to_another_input_has_no_residual():
+    """z + F(n(x)) with z a second input: not the stream the attention reads, nor computed from it."""
+    gm = trace(_Forms("foreign"), (), {"x": torch.randn(2, 16, 32), "z": torch.randn(2, 16, 32)})
+    (s,) = analyze(gm)
+    assert s.residual_add is None and s.residual_input is None and s.extra["residual"] == {}
+    assert s.norm == "pre"
+    assert any("no residual add" in n for n in s.extra["notes"])

@@ -1,5 +1,6 @@
 """drop_attention / drop_block (LLM-Drop, arXiv:2406.15786): fires, shrinks the graph, keeps the
 post-norm LayerNorm, refuses where there is no residual, and the gate rolls back a damaging drop."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -95,3 +96,114 @@ def test_drop_block_removes_attention_and_mlp_in_prenorm_llama():
     assert [r.status for r in opt.report.records].count("applied") == 1
     linears = _count(opt.graph_module, torch.ops.aten.linear.default)
     assert _count(opt.graph_module, SDPA) == 3 and linears == 4 * 7 + 1 - 7
+
+
+class Parallel(nn.Module):
+    """Falcon / GPT-J block: x + (MLP(n(x)) + Attn(n(x))), the MLP sum written in place (`m += a`,
+    as Falcon's `mlp_output += attention_output`) when `inplace`."""
+
+    def __init__(self, d: int = 32, h: int = 4, inplace: bool = False):
+        super().__init__()
+        self.h, self.inplace = h, inplace
+        self.norm, self.qkv, self.o = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.norm(x)
+        q, k, v = self.qkv(y).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+        m = self.down(nn.functional.gelu(self.up(y)))
+        if self.inplace:
+            m += a
+            return x + m
+        return x + m + a
+
+
+def _calib(n=3, t=10):
+    g = torch.Generator().manual_seed(0)
+    xs = [{"x": torch.randn(4, t, 32, generator=g)} for _ in range(n)]
+    return Calibration(batches=xs[:-1], heldout=xs[-1:], source="random", samples=4 * (n - 1), seq_len=t)
+
+
+def _run(model, step):
+    calib = _calib()
+    opt = optimize(model, _recipe(step, metric="relative_rms", max=10.0), calibration=calib,
+                   example_inputs={"x": calib.batches[0]["x"]}, progress=False, measure_latency=False)
+    (r,) = [r for r in opt.report.records if r.status == "applied"]
+    return opt, r, calib
+
+
+def test_parallel_drop_keeps_the_mlp_branch():
+    """x + MLP(n(x)) + Attn(n(x)) → x + MLP(n(x)), equal to the module with its attention output
+    zeroed; importance is 1 − cos(x, x + Attn(n(x)))."""
+    m = Parallel().eval()
+    opt, r, calib = _run(m, {"drop_attention": {}})
+    x = torch.randn(3, 7, 32)
+    hook = m.o.register_forward_hook(lambda mod, i, out: torch.zeros_like(out))
+    with torch.no_grad():
+        want = m(x)
+    hook.remove()
+    with torch.no_grad():
+        assert (opt(x=x) - want).abs().max().item() <= 1e-5
+        assert (m(x) - want).abs().max().item() > 1e-2
+    with torch.no_grad():   # the importance, computed here from the module's own values
+        cos = [nn.functional.cosine_similarity(b["x"].double(), (b["x"] + _attn_out(m, b["x"])).double(),
+                                               dim=-1) for b in calib.batches]
+    assert r.info["importance"] == pytest.approx(1 - torch.cat(cos).mean().item(), abs=1e-6)
+    names = {k for k, _ in opt.graph_module.named_parameters()}
+    assert {"up.weight", "down.weight", "norm.weight"} <= names and not names & {"qkv.weight", "o.weight"}
+
+
+def _attn_out(m, x):
+    seen = []
+    h = m.o.register_forward_hook(lambda mod, i, out: seen.append(out))
+    m(x)
+    h.remove()
+    return seen[0]
+
+
+def test_parallel_drop_compensated_by_the_mean_branch():
+    """compensate: mean keeps the attention branch's calibration mean: x + MLP + mean(Attn)."""
+    m = Parallel().eval()
+    opt, r, calib = _run(m, {"drop_attention": {"compensate": "mean"}})
+    with torch.no_grad():
+        mean = torch.cat([_attn_out(m, b["x"]).reshape(-1, 32) for b in calib.batches]).mean(0)
+        x = torch.randn(2, 5, 32)
+        hook = m.o.register_forward_hook(lambda mod, i, out: mean.expand_as(out))
+        want = m(x)
+        hook.remove()
+        assert (opt(x=x) - want).abs().max().item() <= 1e-5
+
+
+def test_parallel_drop_block_ends_at_the_residual_add():
+    """A parallel block is one add: drop_block rewires it to x."""
+    m = Parallel().eval()
+    opt, _, _ = _run(m, {"drop_block": {}})
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(opt(x=x), x)
+    assert _count(opt.graph_module, torch.ops.aten.linear.default) == 0
+
+
+def test_inplace_merge_is_cut_without_canonicalization():
+    """On a traced graph that still holds the in-place `m += a` (aten.add_; canonicalize rewrites it
+    out of place, this graph never saw canonicalize), the drop erases the write instead of leaving it
+    to mutate the MLP output."""
+    from rewriter import graph as G
+    from rewriter.analyze import analyze
+    from rewriter.rule import Built, Candidate, get_rule
+    from rewriter.trace import trace
+    m = Parallel(inplace=True).eval()
+    gm = trace(m, (), {"x": torch.randn(2, 6, 32)})
+    (s,) = analyze(gm)
+    assert G.node(gm, s.extra["residual"]["merge"]).target == torch.ops.aten.add_.Tensor
+    rule = get_rule("drop_attention")
+    rule.apply(gm, Candidate((s,)), Built(), rule.options())
+    assert not any(n.target == torch.ops.aten.add_.Tensor for n in gm.graph.nodes)
+    x = torch.randn(3, 6, 32)   # another batch (the plain trace keeps the length)
+    hook = m.o.register_forward_hook(lambda mod, i, out: torch.zeros_like(out))
+    with torch.no_grad():
+        want = m(x)
+    hook.remove()
+    with torch.no_grad():
+        assert (gm(x=x) - want).abs().max().item() <= 1e-5
