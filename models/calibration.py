@@ -31,10 +31,11 @@ import torch
 from rewriter.calibrate import Calibration
 
 from .images import digit_indices, digits_pixel_values
-from .text import load_source
+from .signature import bind_batch
+from .text import load_source, split_heldout
 from .zoo import Loaded, token_chunks
 
-__all__ = ["make_calibration"]
+__all__ = ["make_calibration", "calibration_from", "evaluation_batches", "padding_tokenizer"]
 
 
 def _cycled(pool: list, n: int, rng: random.Random) -> tuple[list, int]:
@@ -69,9 +70,24 @@ def _batched(items: list, batch_size: int) -> list[list]:
 
 
 def _encode_encoder(loaded: Loaded, texts: list[str], seq_len: int) -> dict:
-    enc = loaded.tokenizer(texts, padding="longest", truncation=True, max_length=seq_len,
-                           return_tensors="pt")
+    enc = padding_tokenizer(loaded.tokenizer)(texts, padding="longest", truncation=True,
+                                              max_length=seq_len, return_tensors="pt")
     return loaded.accepted({k: v for k, v in enc.items()})
+
+
+def padding_tokenizer(tokenizer):
+    """``tokenizer``, or where it has no padding token (decoder tokenizers often have none) a copy
+    that pads with its end-of-text (else unknown) token; the attention mask marks the padding."""
+    if getattr(tokenizer, "pad_token", None) is not None:
+        return tokenizer
+    filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+    if filler is None:
+        raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no padding, end-of-text or unknown "
+                         f"token to pad batches of sentences with; set tokenizer.pad_token")
+    import copy
+    tok = copy.deepcopy(tokenizer)       # a shallow copy shares its special-token table
+    tok.pad_token = filler
+    return tok
 
 
 def _note(notes: list[str], msg: str) -> None:
@@ -79,14 +95,15 @@ def _note(notes: list[str], msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
 
 
-def make_calibration(loaded: Loaded, text: str = "bundled", samples: int = 64, seq_len: int = 128,
+def make_calibration(loaded: Loaded, text: str | list[str] = "bundled", samples: int = 64, seq_len: int = 128,
                      batch_size: int = 8, heldout: int = 16, seed: int = 0,
                      validation: int = 0) -> Calibration:
     """Build calibration batches and disjoint held-out batches for ``loaded``.
 
-    ``text`` is "bundled", "pydoc", a ``.txt`` path or a ``.jsonl`` path (vision models use
-    the digits images and accept "bundled" or "digits"). ``seed`` picks and orders the
-    calibration samples; it never moves text across the held-out boundary. ``validation`` more
+    ``text`` is "bundled", "pydoc", a ``.txt`` path, a ``.jsonl`` path or a list of strings
+    (one sample each; vision models use the digits images and accept "bundled" or "digits").
+    ``seed`` picks and orders the calibration samples; it never moves text across the held-out
+    boundary. ``validation`` more
     samples are drawn from the calibration side (disjoint from the ``samples`` unless the text
     is too short, which is noted) and kept out of ``batches`` for the gate."""
     for key, value, low in (("samples", samples, 1), ("seq_len", seq_len, 1),
@@ -100,8 +117,9 @@ def make_calibration(loaded: Loaded, text: str = "bundled", samples: int = 64, s
     if kind == "generic":
         if loaded.inputs_fn is None:
             raise ValueError(f"make_calibration: model {name!r} is 'generic' with no tokenizer or "
-                             f"inputs_fn; return a Loaded with a kind and tokenizer (or an "
-                             f"inputs_fn) from its loader")
+                             f"inputs_fn; pass your own batches, optimize(..., calibration=[batch, ...]) "
+                             f"(dicts of named inputs or tuples, e.g. a DataLoader), or return a Loaded "
+                             f"with a kind and tokenizer (or an inputs_fn) from its loader")
         _note(notes, f"{name}: 'generic' model calibrated on inputs_fn samples, not on text")
         parts = [[len(b) for b in _batched(list(range(n)), batch_size)] for n in (samples, heldout, validation)]
         seeds = iter(range(seed * 100_003, seed * 100_003 + sum(map(len, parts))))
@@ -157,3 +175,111 @@ def _vision(loaded: Loaded, text: str, samples: int, batch_size: int, heldout: i
     batches, val, held = ([pixels(b) for b in _batched(part, batch_size)]
                           for part in (picked[:samples], picked[samples:], held))
     return Calibration(batches, held, "digits", samples, loaded.max_length, heldout, "vision", notes, val)
+
+
+def calibration_from(loaded: Loaded, data=None, *, text: str | list[str] = "bundled", samples: int = 64,
+                     seq_len: int = 128, batch_size: int = 8, heldout: int = 16, seed: int = 0,
+                     validation: int = 0) -> Calibration:
+    """The calibration for ``optimize(..., calibration=data)`` under a recipe's calibration section
+    (the keyword arguments):
+
+    - None: ``make_calibration`` from ``text`` (the recipe's ``calibration.text``);
+    - a ``Calibration``: as it is;
+    - a list of strings: one sample each, tokenized with the model's tokenizer and split like a text
+      file (every fifth string held out), then drawn as ``make_calibration`` draws;
+    - any other iterable (a list, a generator, a ``torch.utils.data.DataLoader``): batches, each a
+      dict of named inputs, a tuple of positional inputs (named after the forward's parameters) or a
+      tensor. Every fifth batch is held out when ``heldout`` > 0 (of 2-4 batches, the last one), up
+      to ``heldout`` samples; ``validation`` samples are taken from the end of the rest (at least one
+      batch stays for calibration), and calibration uses the first batches up to ``samples`` samples.
+      Batches are kept whole, so the counts are rounded up to whole batches (the notes say how)."""
+    spec = dict(samples=samples, seq_len=seq_len, batch_size=batch_size, heldout=heldout, seed=seed,
+                validation=validation)
+    if data is None:
+        return make_calibration(loaded, text=text, **spec)
+    if isinstance(data, Calibration):
+        return data
+    if isinstance(data, (str, bytes)) or isinstance(data, dict):
+        raise TypeError(f"calibration: expected a Calibration, a list of strings or an iterable of batches "
+                        f"(dicts or tuples of inputs, e.g. a DataLoader), got {type(data).__name__}"
+                        + ("; name a text file under the recipe's calibration.text instead"
+                           if isinstance(data, str) else ""))
+    try:
+        items = list(data)
+    except TypeError:
+        raise TypeError(f"calibration: expected a Calibration, a list of strings or an iterable of batches, "
+                        f"got {type(data).__name__}") from None
+    if not items:
+        raise ValueError("calibration: the iterable of batches is empty")
+    if all(isinstance(x, str) for x in items):
+        if loaded.tokenizer is None:
+            raise ValueError(f"calibration: {loaded.name} has no tokenizer to turn the {len(items)} strings "
+                             f"into inputs; pass optimize(..., tokenizer=...)")
+        return make_calibration(loaded, text=items, **spec)
+    batches = [_accepted(loaded, bind_batch(loaded.model, x, where=f"batch {i}"))
+               for i, x in enumerate(items)]
+    return _split_batches(loaded, batches, samples, heldout, validation)
+
+
+def _accepted(loaded: Loaded, batch: dict) -> dict:
+    """A Hugging Face model's batch without the keys its forward does not take (a DataLoader's
+    ``labels``); other modules get their batch as it is."""
+    return loaded.accepted(batch) if loaded.config is not None else batch
+
+
+def _rows(batch: dict) -> int:
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+    return int(first.shape[0]) if first is not None else 1
+
+
+def _take(batches: list[dict], n: int, from_end: bool = False) -> list[dict]:
+    """The first (last) batches holding at least ``n`` samples, whole batches."""
+    out, got = [], 0
+    for b in (reversed(batches) if from_end else batches):
+        if got >= n:
+            break
+        out.append(b)
+        got += _rows(b)
+    return out[::-1] if from_end else out
+
+
+def _split_batches(loaded: Loaded, batches: list[dict], samples: int, heldout: int,
+                   validation: int) -> Calibration:
+    notes: list[str] = []
+    cal, held = split_heldout(batches) if heldout else (list(batches), [])
+    if heldout and not held:
+        _note(notes, f"{loaded.name}: one calibration batch given, so none is held out for the final check")
+    held = _take(held, heldout)
+    val = _take(cal[1:], validation, from_end=True) if validation else []
+    if validation and not val:
+        _note(notes, f"{loaded.name}: one calibration batch left, so none is kept for validation")
+    cal = _take(cal[:len(cal) - len(val)], samples)
+    counts = [sum(map(_rows, part)) for part in (cal, val, held)]
+    notes.append(f"{len(batches)} batches given: {len(cal)} for calibration ({counts[0]} samples), "
+                 f"{len(val)} for validation ({counts[1]}), {len(held)} held out ({counts[2]}; every fifth)")
+    lengths = [int(v.shape[1]) for b in cal for v in b.values()
+               if isinstance(v, torch.Tensor) and v.dim() >= 2]
+    return Calibration(cal, held, "batches", counts[0], max(lengths, default=1), counts[2], loaded.kind,
+                       notes, val)
+
+
+def evaluation_batches(loaded: Loaded, text: str | list[str], samples: int = 64, seq_len: int = 128,
+                       batch_size: int = 8) -> list[dict]:
+    """Batches of ``text`` for measuring a model, not for fitting one: every unit of the text, both
+    sides of the held-out split, in file order (encoders: up to ``samples`` sentences or paragraphs;
+    causal LMs: up to ``samples`` chunks of ``seq_len`` tokens of the running text, fewer when the
+    text is shorter, never repeated). Vision and generic models have no text inputs: ValueError."""
+    if loaded.kind not in ("encoder", "causal_lm"):
+        raise ValueError(f"{loaded.name} is a {loaded.kind!r} model: it takes no text, so it cannot be "
+                         f"measured on a text file")
+    loaded.check_text_inputs(seq_len)
+    src = load_source(text)
+    if loaded.kind == "encoder":
+        units = (src.samples + src.heldout_samples)[:samples]
+        return [_encode_encoder(loaded, b, seq_len) for b in _batched(units, batch_size)]
+    docs = src.documents + src.heldout_documents
+    encoded = loaded.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    stream = sum(len(x) + 1 for x in encoded)
+    n = max(1, min(samples, stream // seq_len))
+    ids, _ = token_chunks(loaded.tokenizer, docs, n, seq_len)
+    return [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch_size)]

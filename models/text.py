@@ -179,8 +179,14 @@ def _group(sentences: list[str], n: int) -> list[str]:
     return [" ".join(sentences[i:i + n]) for i in range(0, len(sentences), n)]
 
 
-def load_source(text: str = "bundled") -> TextSource:
-    """Resolve a calibration source name or path to a split TextSource (see module doc)."""
+def load_source(text: str | list[str] = "bundled") -> TextSource:
+    """Resolve a calibration source name or path, or a list of strings (one unit each, split like a
+    file's), to a split TextSource (see module doc)."""
+    if isinstance(text, (list, tuple)):
+        bad = next((i for i, t in enumerate(text) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"calibration text: item {bad} is {type(text[bad]).__name__}, not a string")
+        return _units_source(f"{len(text)} strings", [" ".join(t.split()) for t in text if t.strip()])
     if text == "bundled":
         s_cal, s_held = _split(bundled_sentences())
         p_cal, p_held = _split(bundled_paragraphs())
@@ -196,12 +202,16 @@ def load_source(text: str = "bundled") -> TextSource:
     if path.suffix.lower() not in (".txt", ".jsonl"):
         raise ValueError(f"unknown calibration text {text!r}: use 'bundled', 'pydoc', "
                          f"a .txt path or a .jsonl path")
-    units = read_text_file(path)
+    return _units_source(str(path), read_text_file(path), f"calibration text file {path}")
+
+
+def _units_source(name: str, units: list[str], what: str | None = None) -> TextSource:
+    what = what or f"calibration text ({name})"
     if len(units) < 2:
-        raise ValueError(f"calibration text file {path} holds 1 sample; at least 2 are needed "
-                         f"so that held-out text stays disjoint from calibration text")
+        raise ValueError(f"{what} holds {len(units)} sample{'s' if len(units) != 1 else ''}; at least 2 "
+                         f"are needed so that held-out text stays disjoint from calibration text")
     cal, held = _split(units)
     if not held:
-        raise ValueError(f"calibration text file {path}: every held-out sample repeats "
-                         f"calibration text, so no disjoint held-out set exists")
-    return TextSource(str(path), cal, held, cal, held)
+        raise ValueError(f"{what}: every held-out sample repeats calibration text, so no disjoint "
+                         f"held-out set exists")
+    return TextSource(name, cal, held, cal, held)

@@ -37,6 +37,7 @@ import torch
 from rewriter.io import first_tensor
 
 from .images import digit_indices, digits_pixel_values
+from .signature import config_inputs, infer_kind, main_input
 from .text import load_source
 
 log = logging.getLogger("rewriter.models")
@@ -120,8 +121,8 @@ class Loaded:
         """Raise ValueError unless text inputs of ``seq_len`` tokens can be built and run."""
         if self.tokenizer is None:
             raise ValueError(f"{self.name}: kind {self.kind!r} needs a tokenizer to turn text into "
-                             f"inputs, and none is known; pass Loaded(tokenizer=...) (e.g. "
-                             f"rewriter.models.minilm_tokenizer())")
+                             f"inputs, and none is known; pass optimize(..., tokenizer=...) (or "
+                             f"Loaded(tokenizer=...)), or your own batches with calibration=[...]")
         if seq_len > self.max_length:
             raise ValueError(f"{self.name}: seq_len={seq_len} exceeds the model's max_length "
                              f"{self.max_length}")
@@ -133,6 +134,23 @@ class Loaded:
                 not hasattr(self.model, "config"):
             return kwargs
         return {k: v for k, v in kwargs.items() if k in params}
+
+    @property
+    def max_positions(self) -> dict[str, int]:
+        """The longest length (dim 1) each token input takes, from the config's position table:
+        ``input_ids`` ``max_position_embeddings`` (``n_positions``, ``max_seq_len``) and, for
+        encoder-decoders, ``decoder_input_ids`` ``max_target_positions``. Empty when the config names
+        none. ``OptimizedModel`` refuses longer inputs with a message naming them."""
+        out, cfg = {}, self.config
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0 and main_input(self.model) == "input_ids":
+                out["input_ids"] = v
+                break
+        v = getattr(cfg, "max_target_positions", None)
+        if isinstance(v, int) and v > 0 and getattr(cfg, "is_encoder_decoder", False):
+            out["decoder_input_ids"] = v
+        return out
 
     # ---- rewriter.io.ModelIO
 
@@ -180,11 +198,13 @@ class Loaded:
         return {0: auto, 1: auto} if x.dim() in (2, 3) else {0: auto}
 
     def prepare_trace(self, module: torch.nn.Module) -> None:
-        """Switch off ``config.use_cache`` on the copy being traced: a KV-cache object in the
-        outputs cannot be exported."""
-        cfg = getattr(module, "config", None)
-        if getattr(cfg, "use_cache", False):
-            cfg.use_cache = False
+        """Switch off ``use_cache`` in every config of the copy being traced: a KV-cache object in
+        the outputs cannot be exported. Encoder-decoders keep a copy of the config in their decoder
+        stack (T5), which reads its own, so each submodule's config is switched off."""
+        for m in module.modules():
+            cfg = getattr(m, "config", None)
+            if getattr(cfg, "use_cache", False):
+                cfg.use_cache = False
 
 
 def main_output(out) -> torch.Tensor:
@@ -291,76 +311,43 @@ def _max_length(config, tokenizer=None) -> int:
     return v if isinstance(v, int) and 0 < v < 1_000_000 else 512
 
 
-def _kind_from_config(config) -> str:
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    archs = list(getattr(config, "architectures", None) or [])
-    mt = getattr(config, "model_type", "")
-    if getattr(config, "is_encoder_decoder", False):
-        return "generic"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal_lm"
-    if getattr(config, "vocab_size", None) is None and (
-            mt in MODEL_FOR_IMAGE_MAPPING_NAMES or hasattr(config, "num_channels")):
-        return "vision"
-    decoder_only = mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
-        mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    if getattr(config, "is_decoder", False) or decoder_only:
-        return "causal_lm"
-    return "encoder"
-
-
-def _kind_of_module(model: torch.nn.Module) -> str:
-    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal_lm"
-    if getattr(model, "main_input_name", None) == "pixel_values":
-        return "vision"
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "model_type"):
-        return _kind_from_config(config)
-    return "generic"
-
-
-def _kind_of_bare_module(model: torch.nn.Module) -> str:
-    """The kind of a module handed to optimize() as it is. Stricter than `_kind_of_module`: a
-    decoder without an LM head (e.g. LlamaModel) stays "generic", because it returns hidden
-    states, not the logits a causal_lm gate reads."""
+def _folder_tokenizer(model: torch.nn.Module) -> tuple[object | None, str | None]:
+    """The tokenizer of the local folder a text model was loaded from (``config.name_or_path`` or
+    ``model.name_or_path`` naming an existing folder), read offline; (None, None) when there is
+    none. Returns (tokenizer, folder)."""
+    if main_input(model) != "input_ids":
+        return None, None
     cfg = getattr(model, "config", None)
-    names = " ".join(getattr(cfg, "architectures", None) or []) + " " + type(model).__name__
-    if "CausalLM" in names or "LMHead" in names:
-        return "causal_lm"
-    if "ImageClassification" in names or "ViT" in names or getattr(cfg, "model_type", "") == "vit":
-        return "vision"
-    if cfg is not None and getattr(cfg, "model_type", "") in ("bert", "roberta", "distilbert", "xlm-roberta"):
-        return "encoder"
-    return "generic"
+    for where in (getattr(cfg, "name_or_path", None), getattr(model, "name_or_path", None)):
+        if isinstance(where, (str, Path)) and str(where) and Path(where).expanduser().is_dir():
+            folder = Path(where).expanduser()
+            try:
+                _offline()
+                from transformers import AutoTokenizer
+                return AutoTokenizer.from_pretrained(folder, local_files_only=True), str(folder)
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.warning("%s: no tokenizer could be loaded from the model's folder %s (%s)",
+                            type(model).__name__, folder, e)
+    return None, None
 
 
-def _token_inputs(vocab_size: int, padded: bool):
-    """Example inputs from a config alone: seeded token ids, and for encoders a padded last sample
-    (so the traced graph keeps its padding-mask path)."""
-    def make(batch: int, seq_len: int, seed: int) -> dict:
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(min(vocab_size, 1000), (batch, seq_len), generator=g)
-        mask = torch.ones_like(ids)
-        if padded and batch > 1:
-            mask[-1, seq_len // 2:] = 0
-        return {"input_ids": ids, "attention_mask": mask}
-    return make
-
-
-def wrap_module(model: torch.nn.Module) -> Loaded:
-    """A Loaded for a bare nn.Module (no tokenizer): kind from its class and config, example inputs
-    from the config (token ids for text models, image size for vision)."""
-    cfg, kind = getattr(model, "config", None), _kind_of_bare_module(model)
+def wrap_module(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> Loaded:
+    """A Loaded for a module handed over as it is (never modified: the engine traces a copy). Its kind
+    and example inputs come from its forward signature and config (``rewriter.models.signature``);
+    ``tokenizer`` turns text into inputs for text models. Without one, a model loaded from a local
+    folder gets that folder's tokenizer (offline; ``extra["tokenizer_from"]`` names the folder)."""
+    cfg, kind = getattr(model, "config", None), infer_kind(model)
     extra = {}
-    if kind == "vision" and cfg is not None:
-        extra = {"image_size": cfg.image_size, "num_channels": cfg.num_channels}
-    elif getattr(cfg, "vocab_size", None):
-        extra = {"inputs_fn": _token_inputs(cfg.vocab_size, padded=kind == "encoder")}
-    return Loaded(name=type(model).__name__, model=model, kind=kind, tokenizer=None,
-                  max_length=getattr(cfg, "max_position_embeddings", 512), **extra)
+    if tokenizer is None:
+        tokenizer, folder = _folder_tokenizer(model)
+        if folder is not None:
+            extra["tokenizer_from"] = folder
+    fields = _vision_fields(cfg) if kind == "vision" else {}
+    inputs_fn = config_inputs(model, kind)
+    return Loaded(name=name or type(model).__name__, model=model, kind=kind, tokenizer=tokenizer,
+                  max_length=_max_length(cfg, tokenizer) if cfg is not None else 512, config=cfg,
+                  inputs_fn=inputs_fn, description=f"{type(model).__name__} passed in", extra=extra,
+                  **fields)
 
 
 def _vision_fields(config, folder: Path | None = None) -> dict:
@@ -588,18 +575,28 @@ def registered() -> dict[str, str]:
 # load_model
 
 
+def _saved_class(config):
+    """The model class a folder was saved from (the first of ``config.architectures`` that
+    transformers defines), else ``AutoModel``: the folder loads with the head it was saved with."""
+    import transformers
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
 def _load_folder(folder: Path, attn_implementation: str = "sdpa", use_cache: bool = False,
                  **kw) -> Loaded:
     _offline()
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     attn = _check_attn(attn_implementation, str(folder))
     config = AutoConfig.from_pretrained(folder, local_files_only=True, **kw)
-    kind = _kind_from_config(config)
-    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
-    model = auto.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32,
-                                 local_files_only=True, **kw)
+    model = _saved_class(config).from_pretrained(folder, attn_implementation=attn, dtype=torch.float32,
+                                                 local_files_only=True, **kw)
+    kind = infer_kind(model)
     tok = None
-    if kind in TEXT_KINDS:
+    if main_input(model) == "input_ids":
         try:
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
         except (OSError, ValueError, TypeError) as e:
@@ -607,6 +604,7 @@ def _load_folder(folder: Path, attn_implementation: str = "sdpa", use_cache: boo
     fields = _vision_fields(model.config, folder) if kind == "vision" else {}
     return Loaded(str(folder), _ready(model, kind, use_cache), kind, tok,
                   _max_length(model.config, tok), config=model.config,
+                  inputs_fn=config_inputs(model, kind),
                   description=f"{type(model).__name__} from {folder}", **fields)
 
 
@@ -636,12 +634,9 @@ def _load_function(spec: str, **kw) -> Loaded:
     if not isinstance(result, torch.nn.Module):
         raise TypeError(f"model spec {spec!r}: {func_name}() returned {type(result).__name__}, "
                         f"expected a torch.nn.Module or a rewriter.models.Loaded")
-    kind = _kind_of_module(result)
-    config = getattr(result, "config", None)
-    fields = _vision_fields(config) if kind == "vision" else {}
-    return Loaded(spec, _ready(result, kind), kind, None,
-                  _max_length(config) if config is not None else 512, config=config,
-                  description=f"{type(result).__name__} from {spec}", **fields)
+    loaded = wrap_module(_ready(result, infer_kind(result)), name=spec)
+    loaded.description = f"{type(result).__name__} from {spec}"
+    return loaded
 
 
 def load_model(spec: str, **kw) -> Loaded:

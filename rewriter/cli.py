@@ -5,8 +5,11 @@
     rewriter rules [--json]                                      every rewrite rule with its paper
     rewriter schema                                              JSON Schema of recipes (for editors)
     rewriter models [--json]                                     registered model names
+    rewriter eval SAVED_DIR [--text FILE] [--json]               re-measure a saved model against its base
+    rewriter export SAVED_DIR --onnx FILE                        ONNX, dynamic batch and length
 
-Exit status: 0 done; 1 the model could not be traced or optimized; 2 a usage error (bad
+Exit status: 0 done; 1 the model could not be traced or optimized (`eval`: the saved model is outside
+its gate's bound on that text); 2 a usage error (bad
 arguments, a recipe that does not validate, a model that cannot be found or loaded). Expected
 failures print one message on stderr and no traceback; `--debug` shows the traceback.
 """
@@ -53,11 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _expected(e: Exception) -> _Failure | None:
     """Map the exceptions a user can cause to an exit status; None for bugs (shown with traceback)."""
+    from .artifact import ArtifactError
     from .recipe import RecipeError
     from .trace import TraceError
     if isinstance(e, _Failure):
         return e
-    if isinstance(e, RecipeError):
+    if isinstance(e, (RecipeError, ArtifactError)):      # a saved folder that cannot be loaded: one line
         return _Failure(str(e), EXIT_USAGE)
     if isinstance(e, TraceError):
         return _Failure(str(e), EXIT_FAILED)
@@ -110,6 +114,29 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", parents=[common], help="list registered model names")
     m.add_argument("--json", action="store_true", help="print {name: description} as JSON")
     m.set_defaults(func=_cmd_models)
+
+    e = sub.add_parser("eval", parents=[common], help="re-measure a saved model against its base model",
+                       description="Rebuild a saved model (rewriter.load), run it and its base on text, and "
+                                   "print the recipe's gate metric in one table. Without --text: the "
+                                   "recipe's own held-out text.")
+    e.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
+    e.add_argument("--text", metavar="FILE", help="a .txt (paragraphs, or one sample per line) or .jsonl "
+                   "({\"text\": ...} per line) file; all of it is used")
+    e.add_argument("--samples", type=_positive_int, metavar="N", help="at most N samples (sentences, or "
+                   "chunks of the recipe's seq_len tokens; default: the recipe's samples + heldout)")
+    e.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    e.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
+                   '"module:function" to be imported and called')
+    e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", parents=[common], help="export a saved model to ONNX",
+                       description="Rebuild a saved model (rewriter.load) and export it with "
+                                   "OptimizedModel.export_onnx: batch and length stay dynamic.")
+    x.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
+    x.add_argument("--onnx", metavar="FILE", required=True, help="the .onnx file to write")
+    x.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
+                   '"module:function" to be imported and called')
+    x.set_defaults(func=_cmd_export)
     return p
 
 
@@ -299,6 +326,72 @@ def _cmd_models(args) -> int:
     for name, desc in names.items():
         t.add_row(name, escape(desc))
     _console().print(t)
+    return EXIT_OK
+
+
+def _load_saved(path: str, trust_code: bool):
+    """rewriter.load of a saved folder; a folder that is not one is a usage error (exit 2)."""
+    from pathlib import Path
+
+    from .api import load
+    folder = Path(path)
+    if not (folder / "records.json").is_file():
+        raise _Failure(f"{path}: not a saved model (no records.json); save one with OptimizedModel.save or "
+                       f"`rewriter run`", EXIT_USAGE)
+    try:
+        return load(folder, trust_code=trust_code)
+    except (LookupError, ImportError, OSError) as e:
+        raise _Failure(f"{path}: cannot rebuild the saved model: {e}", EXIT_USAGE) from e
+
+
+def _cmd_eval(args) -> int:
+    import copy
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .gate import Gate
+    from .models import evaluation_batches, make_calibration
+    from .recipe import default_gate
+
+    opt = _load_saved(args.saved, args.trust_code)
+    loaded, spec = opt.io, opt.recipe.calibration
+    gate_spec = opt.recipe.gate or default_gate(loaded.kind)
+    samples = args.samples or spec.samples + spec.heldout
+    try:
+        if args.text:
+            batches = evaluation_batches(loaded, args.text, samples, spec.seq_len, spec.batch_size)
+            source = args.text
+        else:
+            cal = make_calibration(loaded, **{**spec.model_dump(), "heldout": spec.heldout or spec.samples})
+            batches, source = cal.heldout, f"{cal.source} (held out)"
+    except (ValueError, OSError) as e:
+        raise _Failure(f"{args.saved}: {e}", EXIT_USAGE) from e
+    base = copy.deepcopy(loaded.model).eval()
+    m = Gate.from_model(gate_spec, base, batches, loaded).measure(opt.graph_module)
+    bound = {k: v for k, v in gate_spec.model_dump(exclude_none=True).items() if k != "metric"}
+    rows = sum(int(next(v for v in b.values() if hasattr(v, "shape")).shape[0]) for b in batches)
+    result = {"saved": args.saved, "model": loaded.name, "text": source, "samples": rows, "metric": m.metric,
+              "value": m.value, "worst": m.worst, "bound": bound, "ok": m.ok, "why": m.why}
+    if args.json:
+        _print_json(result)
+        return EXIT_OK if m.ok else EXIT_FAILED
+    t = Table(title=f"{escape(args.saved)} against its base {escape(loaded.name)}", title_justify="left")
+    for col in ("text", "samples", "metric", "value", "worst", "bound", "within bound"):
+        t.add_column(col, justify="right" if col in ("samples", "value", "worst") else "left")
+    worst = "-" if m.worst is None else f"{m.worst:.4f}"
+    t.add_row(escape(source), str(rows), m.metric, f"{m.value:.4f}", worst,
+              escape(", ".join(f"{k} {v}" for k, v in bound.items())),
+              "[green]yes[/]" if m.ok else f"[red]no[/]: {escape(m.why)}")
+    _console().print(t)
+    return EXIT_OK if m.ok else EXIT_FAILED
+
+
+def _cmd_export(args) -> int:
+    opt = _load_saved(args.saved, args.trust_code)
+    path = opt.export_onnx(args.onnx)
+    names = ", ".join(list(opt.example[1]) or [f"args[{i}]" for i in range(len(opt.example[0]))])
+    _console(stderr=True).print(f"wrote {path} (inputs: {names}; batch and length dynamic)", markup=False)
     return EXIT_OK
 
 

@@ -44,3 +44,90 @@ def tokenizer_only():
 
 
 not_callable = 42
+
+
+# ---------------------------------------------------------------------------- Hugging Face families
+# Tiny configs with random weights, one per family (tests/byom/): 2 layers, hidden 32, 4 heads where
+# the family has those fields; token ids below 128; images 32x32; the kind infer_kind must find.
+
+_H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_TEXT = dict(vocab_size=128, max_position_embeddings=64)
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _family_specs() -> dict:
+    import transformers as T
+
+    def dec(cfg, cls, **kw):
+        return lambda: cls(cfg(**{**_H, **_TEXT, **_IDS, **kw}))
+    seq2seq = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, **_IDS,
+                   decoder_start_token_id=2)
+    image = dict(**_H, image_size=32, patch_size=8)
+    return {   # name: (build, kind)
+        "llama": (dec(T.LlamaConfig, T.LlamaForCausalLM, num_key_value_heads=2), "causal_lm"),
+        "qwen2": (dec(T.Qwen2Config, T.Qwen2ForCausalLM, num_key_value_heads=2), "causal_lm"),
+        "qwen3": (dec(T.Qwen3Config, T.Qwen3ForCausalLM, num_key_value_heads=2, head_dim=8), "causal_lm"),
+        "mistral": (dec(T.MistralConfig, T.MistralForCausalLM, num_key_value_heads=2, sliding_window=4),
+                    "causal_lm"),
+        "phi": (dec(T.PhiConfig, T.PhiForCausalLM), "causal_lm"),
+        "phi3": (dec(T.Phi3Config, T.Phi3ForCausalLM), "causal_lm"),
+        "gpt_neox": (dec(T.GPTNeoXConfig, T.GPTNeoXForCausalLM), "causal_lm"),
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+            **_TEXT, **_IDS)), "causal_lm"),
+        "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                         n_positions=64, **_IDS)), "causal_lm"),
+        "bert": (dec(T.BertConfig, T.BertModel), "encoder"),
+        "roberta": (dec(T.RobertaConfig, T.RobertaModel, pad_token_id=1), "encoder"),
+        "distilbert": (lambda: T.DistilBertModel(T.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=64, **_TEXT, pad_token_id=0)), "encoder"),
+        "gemma2": (dec(T.Gemma2Config, T.Gemma2ForCausalLM, num_key_value_heads=2, head_dim=8,
+                       attn_logit_softcapping=None, final_logit_softcapping=None), "causal_lm"),
+        "gemma3": (dec(T.Gemma3TextConfig, T.Gemma3ForCausalLM, num_key_value_heads=2, head_dim=8),
+                   "causal_lm"),
+        "olmo2": (dec(T.Olmo2Config, T.Olmo2ForCausalLM, num_key_value_heads=2), "causal_lm"),
+        "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, **_IDS,
+            new_decoder_architecture=False, parallel_attn=True)), "causal_lm"),
+        "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_layer=2, n_head=4,
+                                                           vocab_size=128, **_IDS)), "causal_lm"),
+        "mpnet": (dec(T.MPNetConfig, T.MPNetModel, pad_token_id=1), "encoder"),
+        "deberta_v2": (dec(T.DebertaV2Config, T.DebertaV2Model), "encoder"),
+        "bart": (lambda: T.BartModel(T.BartConfig(**seq2seq, max_position_embeddings=64)), "generic"),
+        "t5": (lambda: T.T5Model(T.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
+                                            num_heads=4, vocab_size=128, pad_token_id=0, eos_token_id=1,
+                                            decoder_start_token_id=0)), "generic"),
+        "whisper": (lambda: T.WhisperModel(T.WhisperConfig(
+            **seq2seq, num_mel_bins=16, max_source_positions=32, max_target_positions=32)), "generic"),
+        "vit": (lambda: T.ViTModel(T.ViTConfig(**image)), "vision"),
+        "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**image)), "vision"),
+        "beit": (lambda: T.BeitModel(T.BeitConfig(**image)), "vision"),
+        "siglip_vision": (lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**image)), "vision"),
+        "swin": (lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                  num_heads=[2, 4], window_size=4)), "vision"),
+        "wav2vec2": (lambda: T.Wav2Vec2Model(T.Wav2Vec2Config(
+            **_H, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4)), "generic"),
+    }
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi", "phi3", "gpt_neox", "opt", "gpt2", "bert", "roberta",
+            "distilbert", "gemma2", "gemma3", "olmo2", "falcon", "bloom", "mpnet", "deberta_v2", "bart", "t5",
+            "whisper", "vit", "dinov2", "beit", "siglip_vision", "swin", "wav2vec2")
+
+
+def family(name: str, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """The tiny random ``name`` model (see FAMILIES), in eval mode, weights seeded by ``seed``."""
+    build, _ = _family_specs()[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    if attn_implementation != "sdpa" and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def family_kind(name: str) -> str:
+    """The kind rewriter.models.infer_kind must find for ``name``."""
+    return _family_specs()[name][1]
