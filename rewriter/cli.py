@@ -7,6 +7,7 @@
     rewriter models [--json]                                     registered model names
     rewriter eval SAVED_DIR [--text FILE] [--json]               re-measure a saved model against its base
     rewriter export SAVED_DIR --onnx FILE                        ONNX, dynamic batch and length
+    rewriter generate SAVED_DIR --prompt TEXT [--max-new-tokens N]   stream a causal LM's continuation
 
 Exit status: 0 done; 1 the model could not be traced or optimized (`eval`: the saved model is outside
 its gate's bound on that text); 2 a usage error (bad
@@ -137,6 +138,23 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
                    '"module:function" to be imported and called')
     x.set_defaults(func=_cmd_export)
+
+    g = sub.add_parser("generate", parents=[common], help="generate text with a saved causal LM, streamed",
+                       description="Rebuild a saved model (rewriter.load) and continue the prompt with "
+                                   "OptimizedModel.generate (greedy unless --sample), printing tokens as "
+                                   "they come.")
+    g.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
+                   help="at most N new tokens (default 64)")
+    g.add_argument("--sample", action="store_true", help="sample (with --temperature, --top-k, --top-p) "
+                   "instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
+    g.add_argument("--top-p", type=float, default=None, metavar="P")
+    g.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
+                   '"module:function" to be imported and called')
+    g.set_defaults(func=_cmd_generate)
     return p
 
 
@@ -392,6 +410,48 @@ def _cmd_export(args) -> int:
     path = opt.export_onnx(args.onnx)
     names = ", ".join(list(opt.example[1]) or [f"args[{i}]" for i in range(len(opt.example[0]))])
     _console(stderr=True).print(f"wrote {path} (inputs: {names}; batch and length dynamic)", markup=False)
+    return EXIT_OK
+
+
+class _TextStreamer:
+    """Prints a generation as it comes: the prompt, then the new text (decoded in full each step, so
+    a character split over several tokens prints once it is whole)."""
+
+    def __init__(self, tokenizer, out):
+        self.tok, self.out, self.ids, self.shown, self.prompt = tokenizer, out, [], "", True
+
+    def put(self, tokens) -> None:
+        if self.prompt:                      # the first put is the prompt, as transformers' streamers get it
+            self.prompt = False
+            return
+        self.ids += [int(t) for t in tokens.reshape(-1)]
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _cmd_generate(args) -> int:
+    from .generate import GenerationError
+    opt = _load_saved(args.saved, args.trust_code)
+    tok = getattr(opt.io, "tokenizer", None)
+    if tok is None:
+        raise _Failure(f"{args.saved}: the model has no tokenizer to turn --prompt into token ids",
+                       EXIT_USAGE)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    sys.stdout.write(args.prompt)
+    try:
+        opt.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     streamer=_TextStreamer(tok, sys.stdout))
+    except GenerationError as e:
+        sys.stdout.write("\n")
+        raise _Failure(f"{args.saved}: {e}", EXIT_FAILED) from e
     return EXIT_OK
 
 
