@@ -1,19 +1,22 @@
-"""Generation on SmolLM2: transformers' generate (sdpa, dynamic cache) vs our lowered model
-(`OptimizedModel.generate`, rewriter/lower.py) with no rule, 6 dropped attention layers and linear
-attention (LoLCATs window 64) on the 17 layers the 5 % perplexity budget converted.
+"""Generation on SmolLM2: transformers (sdpa, dynamic cache) vs our lowered model
+(`rewriter.generate`, rewriter/lower.py) with no rule, 6 dropped attention layers and linear attention
+(LoLCATs window 64) on the 17 layers the 5 % perplexity budget converted.
 
     python benchmarks/bench_generate.py [--threads 2] [--contexts 512 2048] [--new 64] [--repeats 3]
 
-Batch 1, greedy, `--new` tokens without early stop, every model interleaved in one process per
-repeat (medians over the repeats). Per row: prefill ms (prompt in → first token out), decode
-tokens/s (the later tokens), the state bytes held at the end (KV caches / linear states) and, beside
-them, two floors for one decode step: `gemv_floor_ms`, one measured GEMV pass over every 2-D
-weight the step reads (the practical fp32 floor on a CPU) plus the state bytes at the measured read
-bandwidth, and `roofline_ms`, all bytes read per token ÷ that bandwidth. The linear-attention row
-times the op, not a fit: its feature maps are untrained (steps: 0) on the layers and options of the
-gated run in results/linear_models_smollm2.json (held-out perplexity ×1.045 there). Block routing
-has no decode form: its row records the one-line refusal. Writes results/generate_smollm2.json
-and .png.
+Batch 1, greedy, `--new` tokens without early stop. The machine this runs on may be shared, so the
+models are interleaved step by step: every model prefills the same prompt, then each decode step is
+taken for every model in turn (transformers: its forward with the DynamicCache, what its generate
+calls per token, without generate's own per-step overhead; ours: `rewriter.generate.stream`, the
+loop `OptimizedModel.generate` runs). Per row: prefill ms (prompt in → first token; median over the
+repeats), decode ms per token and tokens/s (median over every step of every repeat), the state bytes
+at the end (KV caches / linear states), and two floors for one decode step: `gemv_floor_ms`, one
+measured GEMV pass over every 2-D weight (the practical fp32 floor on a CPU) plus the state bytes at
+the measured read bandwidth, and `roofline_ms`, all bytes read per token ÷ that bandwidth. The
+linear-attention row times the ops, not a fit: its feature maps are untrained (steps: 0) on the layers
+and options of the gated run in results/linear_models_smollm2.json (held-out perplexity ×1.045).
+Block routing has no decode form: the JSON records its one-line refusal. Writes
+results/generate_smollm2.json and .png.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rewriter import optimize                                   # noqa: E402
-from rewriter.generate import GenerationError, lowered         # noqa: E402
+from rewriter.generate import GenerationError, lowered, stream  # noqa: E402
 from rewriter.models import load_model                          # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -39,33 +42,33 @@ CAL = {"samples": 2, "seq_len": 64, "batch_size": 2, "heldout": 0}
 OPEN = {"metric": "relative_rms", "max": 100.0}       # chosen layers, not gated here (accuracy: elsewhere)
 
 
-class Clock:
-    """A transformers-style streamer that records when each put arrives: the prompt, then each token."""
-
-    def __init__(self):
-        self.t = []
-
-    def put(self, _):
-        self.t.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-    def rates(self) -> tuple[float, float]:
-        return (self.t[1] - self.t[0]) * 1e3, (len(self.t) - 2) / (self.t[-1] - self.t[1])
-
-
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _hf_cache_bytes(cache) -> int:
-    return _bytes(t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
+def hf_stream(model, ids, mask, new: int, stats: dict):
+    """transformers' greedy decode loop (what its generate runs per token): prefill with the last
+    logits only, then one forward per token with the DynamicCache."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    cache, pos = out.past_key_values, mask.sum(-1, keepdim=True) - 1
+    for i in range(new):
+        nxt = out.logits[:, -1].float().argmax(-1)
+        stats["state_bytes"] = _bytes(t for layer in cache.layers for t in vars(layer).values()
+                                      if isinstance(t, torch.Tensor))
+        yield nxt
+        if i == new - 1:
+            break
+        mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+        with torch.no_grad():
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True)
+        cache = out.past_key_values
 
 
 def _floors(model) -> dict:
     """Measured: one GEMV pass over every 2-D weight (fp32, [1, in] @ Wᵀ), and the read bandwidth
-    (sum over a 512 MB buffer); both medians of 5."""
+    (a sum over a 512 MB buffer); both medians of 5."""
     ws = [p for n, p in model.named_parameters() if p.dim() == 2]
     xs = [torch.randn(1, w.shape[1]) for w in ws]
     buf = torch.randn(128 * 2 ** 20)
@@ -82,6 +85,28 @@ def _floors(model) -> dict:
         gemv = med(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)])
         bw = buf.numel() * 4 / med(lambda: buf.sum())
     return {"gemv_ms": gemv * 1e3, "weight_bytes": _bytes(ws), "read_GBps": bw / 1e9}
+
+
+def _interleaved(streams: dict) -> dict:
+    """Advance every stream one step in turn; per stream: the seconds to its first token (prefill)
+    and to each later one (decode steps), and its tokens."""
+    out = {k: {"prefill": None, "steps": [], "tokens": []} for k in streams}
+    live = dict(streams)
+    while live:
+        for name, it in list(live.items()):
+            t = time.perf_counter()
+            try:
+                tok = next(it)
+            except StopIteration:
+                del live[name]
+                continue
+            dt = time.perf_counter() - t
+            if out[name]["prefill"] is None:
+                out[name]["prefill"] = dt
+            else:
+                out[name]["steps"].append(dt)
+            out[name]["tokens"].append(tok)
+    return out
 
 
 def main():
@@ -109,49 +134,47 @@ def main():
     floors = _floors(L.model)
     res = {"threads": torch.get_num_threads(), "torch": torch.__version__, "new_tokens": args.new,
            "repeats": args.repeats, "floors": floors, "refused": refused,
+           "load_average_at_start": os.getloadavg(),
            "lowering": {k: lowered(m).summary() for k, m in ours.items()}, "by_context": {}}
     bw = floors["read_GBps"] * 1e9
     for n in args.contexts:
         batch = L.example_inputs(batch=1, seq_len=n)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        runs: dict[str, list] = {"transformers": []} | {k: [] for k in ours}
-        tokens = {}
+        runs: dict[str, list] = {"transformers": [], **{k: [] for k in ours}}
         for _ in range(args.repeats):
-            c = Clock()
-            with torch.no_grad():
-                out = L.model.generate(ids, attention_mask=mask, max_new_tokens=args.new,
-                                       min_new_tokens=args.new, do_sample=False, streamer=c,
-                                       return_dict_in_generate=True)
-            runs["transformers"].append((*c.rates(), _hf_cache_bytes(out.past_key_values)))
-            tokens["transformers"] = out.sequences
-            for name, m in ours.items():
-                c, st = Clock(), {}
-                tokens[name] = m.generate(ids, mask, max_new_tokens=args.new, eos_token_id=[], streamer=c,
-                                          stats=st)
-                runs[name].append((*c.rates(), st["state_bytes"]))
+            stats = {k: {} for k in runs}
+            its = {"transformers": hf_stream(L.model, ids, mask, args.new, stats["transformers"])}
+            its |= {k: stream(m, ids, mask, max_new_tokens=args.new, eos_token_id=[], stats=stats[k])
+                    for k, m in ours.items()}
+            got = _interleaved(its)
+            for k in runs:
+                runs[k].append({**got[k], "state_bytes": stats[k]["state_bytes"]})
         rows = {}
-        res.setdefault("raw", {})[n] = {k: [[round(x, 2) for x in run[:2]] for run in r]
-                                        for k, r in runs.items()}
         for name, r in runs.items():
-            prefill, rate, state = (statistics.median(x) for x in zip(*r))
-            rows[name] = {"prefill_ms": round(prefill, 1), "decode_tokens_per_s": round(rate, 2),
-                          "decode_ms_per_token": round(1e3 / rate, 1), "state_bytes": int(state),
+            steps = [s for run in r for s in run["steps"]]
+            ms = statistics.median(steps) * 1e3
+            state = r[-1]["state_bytes"]
+            rows[name] = {"prefill_ms": round(statistics.median(run["prefill"] for run in r) * 1e3, 1),
+                          "decode_ms_per_token": round(ms, 1), "decode_tokens_per_s": round(1e3 / ms, 2),
+                          "state_bytes": int(state),
                           "gemv_floor_ms": round(floors["gemv_ms"] + state / bw * 1e3, 1),
                           "roofline_ms": round((floors["weight_bytes"] + state) / bw * 1e3, 1)}
         base = rows["transformers"]
         for name, row in rows.items():
-            speedup = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            speedup = base["decode_ms_per_token"] / row["decode_ms_per_token"]
             row["decode_speedup_vs_transformers"] = round(speedup, 3)
+            row["prefill_speedup_vs_transformers"] = round(base["prefill_ms"] / row["prefill_ms"], 3)
             row["state_vs_transformers"] = round(row["state_bytes"] / base["state_bytes"], 3)
             row["of_gemv_floor"] = round(row["gemv_floor_ms"] / row["decode_ms_per_token"], 3)
-        same = bool(torch.equal(tokens["none"], tokens["transformers"]))
+        same = all(torch.equal(torch.stack(a["tokens"]), torch.stack(b["tokens"]))
+                   for a, b in zip(runs["none"], runs["transformers"]))
         rows["none"]["same_tokens_as_transformers"] = same
         res["by_context"][n] = rows
         print(f"context {n}: " + "; ".join(
-            f"{k} prefill {v['prefill_ms']:.0f} ms, {v['decode_tokens_per_s']:.1f} tok/s "
+            f"{k} prefill {v['prefill_ms']:.0f} ms, {v['decode_ms_per_token']:.1f} ms/token "
             f"(×{v['decode_speedup_vs_transformers']:.2f}), state {v['state_bytes'] / 2 ** 20:.1f} MiB"
             for k, v in rows.items()), flush=True)
-    res["load_average_at_end"] = os.getloadavg()    # the machine was shared: other jobs share its cores
+    res["load_average_at_end"] = os.getloadavg()     # the machine was shared: other jobs share its cores
     OUT.mkdir(exist_ok=True)
     (OUT / "generate_smollm2.json").write_text(json.dumps(res, indent=2))
     _plot(res)
@@ -171,7 +194,7 @@ def _plot(res):
         b.bar(xs, [res["by_context"][c][name]["state_bytes"] / 2 ** 20 for c in ctx], w, label=name)
     for ax, title in ((a, "decode tokens/s"), (b, "state MiB at the end")):
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(ctx))], [f"context {c}" for c in ctx])
-        ax.set_title(f"SmolLM2, batch 1, {res['new_tokens']} new tokens: {title}")
+        ax.set_title(f"SmolLM2, batch 1, {res['new_tokens']} new tokens: {title}", fontsize=9)
     a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT / "generate_smollm2.png", dpi=120)

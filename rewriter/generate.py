@@ -14,7 +14,7 @@ them); the functional `Lowered.decode` computes the same. Greedy by default;
 row is. `eos_token_id` / `pad_token_id` left None take the model's `generation_config` values
 where it has one (transformers' defaults; `eos_token_id=[]` never stops early).
 `streamer.put(tokens)` / `streamer.end()` as transformers' streamers expect (the prompt first,
-then each step's tokens).
+then each step's tokens). `stream(model, ...)` yields the same new tokens one step at a time.
 """
 from __future__ import annotations
 
@@ -95,8 +95,31 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              top_k: int | None = None, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
              streamer=None, generator: torch.Generator | None = None,
              stats: dict | None = None) -> torch.Tensor:
-    """Prefill + decode of an OptimizedModel (module docstring). `stats`, if a dict, receives the
-    prefill seconds, the decode seconds and steps, and the decode state's bytes."""
+    """Prefill + decode of an OptimizedModel (module docstring): the prompt and the new tokens,
+    [B, T + new]. `stats`, if a dict, receives the prefill and decode seconds, the decode steps and
+    the state's bytes at the end."""
+    ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    new = []
+    for nxt in stream(model, ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id, generator=generator, stats=stats):
+        new.append(nxt)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([ids, torch.stack(new, 1)], 1) if new else ids.clone()
+
+
+def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+           max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
+           generator: torch.Generator | None = None, stats: dict | None = None):
+    """The new tokens of `generate`, one [B] tensor per step as soon as it is chosen: the first
+    after the prefill, each later one after one decode step (so a caller can time or interleave
+    the steps). The arguments are generate's; the inputs are checked before the prefill."""
     low = lowered(model)
     io = model.io
     ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
@@ -139,8 +162,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             named[low.mask] = valid.to(mask_dtype)
         return [named[n] for n in low.inputs] + [position_ids, *extra]
 
-    if streamer is not None:
-        streamer.put(ids.cpu())
     position_ids = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -152,20 +173,21 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     key_valid = torch.zeros(B, L, dtype=torch.bool, device=ids.device)
     key_valid[:, :T] = real
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
-    new: list[torch.Tensor] = []
+    stats = {} if stats is None else stats
+    stats.update({"prefill_s": t1 - t0, "decode_s": 0.0, "decode_steps": 0, "state_bytes": state_bytes(state),
+                  "prompt_tokens": T, "new_tokens": 0})
     pos = position_ids[:, -1:]
     valid = None if low.kv_only and bool(real.all()) else key_valid     # no padding: no mask to apply
-    steps = 0
     for i in range(max_new_tokens):
         nxt = _pick(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
-        new.append(nxt)
-        if streamer is not None:
-            streamer.put(nxt.cpu())
+        stats["new_tokens"] += 1
+        yield nxt
         if eos:
             unfinished &= ~torch.isin(nxt, torch.tensor(eos, device=nxt.device))
         if i == max_new_tokens - 1 or not bool(unfinished.any()):
             break
+        t2 = time.perf_counter()
         slot = T + i
         key_valid[:, slot] = True
         pos = pos + 1
@@ -173,13 +195,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             step = feed(nxt[:, None], torch.ones(B, 1, dtype=torch.bool, device=ids.device), pos,
                         torch.tensor([slot], device=ids.device), valid, *state)
             out = low.decode_inplace(*step)
-        steps += 1
         logits = _logits(low, io, out)
         state = list(out[low.n_outputs:])
-    t2 = time.perf_counter()
-    if streamer is not None:
-        streamer.end()
-    if stats is not None:
-        stats.update({"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps,
-                      "state_bytes": state_bytes(state), "prompt_tokens": T, "new_tokens": len(new)})
-    return torch.cat([ids, torch.stack(new, 1)], 1) if new else ids.clone()
+        stats["decode_s"] += time.perf_counter() - t2
+        stats["decode_steps"] += 1
+        stats["state_bytes"] = state_bytes(state)

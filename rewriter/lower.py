@@ -144,6 +144,8 @@ class Lowered:
         return out
 
     def summary(self) -> list[dict]:
+        """Per site: its form, the op lowered, its state tensors (and a note where k/v are cached at
+        the attention's width); for a dropped site, the KV bytes per token it saves."""
         return [{"site": s.site, "module": s.module, "form": s.form, "op": s.op, "state": list(s.names),
                  **({"note": s.note} if s.note else {}),
                  **({"saved_bytes_per_token": s.saved_bytes} if s.form == "dropped" else {})}
@@ -151,6 +153,7 @@ class Lowered:
 
 
 def state_bytes(state: list[torch.Tensor]) -> int:
+    """Bytes held by a list of state tensors."""
     return sum(t.numel() * t.element_size() for t in state)
 
 

@@ -157,9 +157,12 @@ def test_a_left_padded_row_decodes_as_it_does_alone(rule):
     assert _rel(padded[0, 4:], single[0]) <= 1e-4
 
 
-def test_greedy_generate_matches_transformers_on_a_left_padded_batch():
-    model = Z.family("llama")
-    opt = _rewritten("llama", "none")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])   # RoPE / learned absolute position embeddings
+def test_greedy_generate_matches_transformers_on_a_left_padded_batch(family):
+    """transformers counts a left-padded row's positions from its first real token; so do we, by
+    feeding position_ids where the traced graph built its positions from arange(T)."""
+    model = Z.family(family)
+    opt = _rewritten(family, "none")
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 128, (2, 8), generator=g)
     mask = torch.ones_like(ids)
@@ -168,6 +171,12 @@ def test_greedy_generate_matches_transformers_on_a_left_padded_batch():
     want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     got = opt.generate(ids, mask, max_new_tokens=12)       # eos and pad from the model's generation_config
     assert torch.equal(got, want)
+    if family == "gpt2":                                    # and the steps reproduce the full sequence
+        full_ids = torch.randint(3, 128, (2, 11), generator=g)
+        with torch.no_grad():
+            full = opt(input_ids=full_ids, attention_mask=torch.ones_like(full_ids)).logits
+            steps, _ = _stepwise_logits(lowered(opt), full_ids, torch.ones_like(full_ids), T=4)
+        assert _rel(steps, full) <= 1e-4
 
 
 def test_sampling_eos_and_streamer():
