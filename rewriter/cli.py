@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    saved = argparse.ArgumentParser(add_help=False)          # the commands that rebuild a saved folder
+    saved.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
+    saved.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
+                       '"module:function" to be imported and called')
 
     r = sub.add_parser("run", parents=[common], help="optimize a model as a recipe says",
                        description="Load the recipe and its model, apply the steps with the accuracy gate, "
@@ -116,34 +120,29 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print {name: description} as JSON")
     m.set_defaults(func=_cmd_models)
 
-    e = sub.add_parser("eval", parents=[common], help="re-measure a saved model against its base model",
+    e = sub.add_parser("eval", parents=[common, saved],
+                       help="re-measure a saved model against its base model",
                        description="Rebuild a saved model (rewriter.load), run it and its base on text, and "
                                    "print the recipe's gate metric in one table. Without --text: the "
                                    "recipe's own held-out text.")
-    e.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
     e.add_argument("--text", metavar="FILE", help="a .txt (paragraphs, or one sample per line) or .jsonl "
                    "({\"text\": ...} per line) file; all of it is used")
     e.add_argument("--samples", type=_positive_int, metavar="N", help="at most N samples (sentences, or "
                    "chunks of the recipe's seq_len tokens; default: the recipe's samples + heldout)")
     e.add_argument("--json", action="store_true", help="print the measurement as JSON")
-    e.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
-                   '"module:function" to be imported and called')
     e.set_defaults(func=_cmd_eval)
 
-    x = sub.add_parser("export", parents=[common], help="export a saved model to ONNX",
+    x = sub.add_parser("export", parents=[common, saved], help="export a saved model to ONNX",
                        description="Rebuild a saved model (rewriter.load) and export it with "
                                    "OptimizedModel.export_onnx: batch and length stay dynamic.")
-    x.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
     x.add_argument("--onnx", metavar="FILE", required=True, help="the .onnx file to write")
-    x.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
-                   '"module:function" to be imported and called')
     x.set_defaults(func=_cmd_export)
 
-    g = sub.add_parser("generate", parents=[common], help="generate text with a saved causal LM, streamed",
+    g = sub.add_parser("generate", parents=[common, saved],
+                       help="generate text with a saved causal LM, streamed",
                        description="Rebuild a saved model (rewriter.load) and continue the prompt with "
                                    "OptimizedModel.generate (greedy unless --sample), printing tokens as "
                                    "they come.")
-    g.add_argument("saved", metavar="SAVED_DIR", help="a folder written by OptimizedModel.save")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
                    help="at most N new tokens (default 64)")
@@ -152,8 +151,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
     g.add_argument("--top-p", type=float, default=None, metavar="P")
-    g.add_argument("--trust-code", action="store_true", help="allow the saved recipe's model: "
-                   '"module:function" to be imported and called')
     g.set_defaults(func=_cmd_generate)
     return p
 
