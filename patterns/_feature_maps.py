@@ -61,7 +61,7 @@ def elu1(x: Tensor) -> Tensor:
 def hedgehog(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """φ(x) = [softmax(xW + b), softmax(−(xW + b))] over features; x [B, H, T, d], w [H, d, f], b [H, 1, f]."""
     z = torch.matmul(x, w) + b                                          # [B, H, T, f]
-    return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)         # [B, H, T, 2f]
+    return torch.stack([z, -z], -2).softmax(-1).flatten(-2)             # [B, H, T, 2f]: one softmax pass
 
 
 def hedgehog_init(heads: int, head_dim: int, feature_dim: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -123,6 +123,94 @@ def pick_sample_rows(q: torch.Tensor, key_mask: torch.Tensor | None, *, block_si
 def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, *,
                           block_size: int, samples: int, causal: bool, scale: float,
                           sample_rows: str = "mixed") -> torch.Tensor:
+    """Value-aware key-block scores from sampled query rows, fp32 [B, H, nb, nb]
+    (`_sampled_contribution_dense` states them). Eager calls stream them per key block
+    (`_sampled_contribution_streamed`); a traced call (torch.export / compile / fx, symbolic sizes)
+    records the one-shot form, whose graph has no loop over the sequence."""
+    how = dict(block_size=block_size, samples=samples, causal=causal, scale=scale, sample_rows=sample_rows)
+    if _eager(q, k, v, key_mask):
+        return _sampled_contribution_streamed(q, k, v, key_mask, **how)
+    return _sampled_contribution_dense(q, k, v, key_mask, **how)
+
+
+def _eager(*xs) -> bool:
+    """Plain tensors with concrete sizes, not under a tracer: a Python loop over blocks is fine."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return all(x is None or (type(x) is torch.Tensor and not any(isinstance(d, torch.SymInt) for d in x.shape))
+               for x in xs)
+
+
+_KEY_CHUNK = 4          # key blocks per streamed step (fixed, so chunk edges never depend on the batch)
+_ROW_TILE = 1 << 20     # score elements per (row tile × key chunk) step: a few MiB, reused from the pool
+
+
+@torch.no_grad()
+def _sampled_contribution_streamed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   key_mask: torch.Tensor | None, *, block_size: int, samples: int,
+                                   causal: bool, scale: float, sample_rows: str = "mixed") -> torch.Tensor:
+    """`_sampled_contribution_dense` without its [H, nb·S, T] score and probability tensors: the
+    sampled rows meet the keys `_KEY_CHUNK` blocks at a time (a causal chunk only the query blocks
+    at or after it), each step keeping, per row, its log-sum-exp so far and, per key block, the log
+    of the unnormalized share ‖Σ_{i∈j} e^{s_i − m} v_i‖ + m (m the step's row max); the end
+    divides by the row's total: c_j = exp(log share_j − lse). Online softmax (Milakov & Gimelshein,
+    arXiv:1805.02867) applied to the block shares. Same function; memory O(rows × chunk), and
+    without padding the causal blocks a row cannot see are never scored (half the dense form's work)."""
+    B, H, t, D = q.shape
+    h_kv, d_v = k.shape[1], v.shape[-1]
+    g, bs = H // h_kv, block_size
+    n_b = (t + bs - 1) // bs
+    pad = n_b * bs - t
+    pos = pick_sample_rows(q, key_mask, block_size=bs, samples=samples, how=sample_rows)      # [B, H, nb·S]
+    S = pos.shape[-1] // n_b
+    gs = g * S
+    # rows grouped by query block: [B, Hkv, nb, G·S, ·] (head-major within a block), so that the rows of
+    # the query blocks at or after a key chunk are one slice
+    qs = q.gather(2, pos.unsqueeze(-1).expand(B, H, n_b * S, D)).float() * scale
+    qs = qs.view(B, h_kv, g, n_b, S, D).transpose(2, 3).reshape(B, h_kv, n_b, gs, D)
+    qpos = pos.view(B, h_kv, g, n_b, S).transpose(2, 3).reshape(B, h_kv, n_b, gs, 1)
+    kb = F.pad(k.float(), (0, 0, 0, pad)).view(B, h_kv, n_b, bs, D)
+    vb = F.pad(v.float(), (0, 0, 0, pad)).view(B, h_kv, n_b, bs, d_v)
+    ok = torch.arange(n_b * bs, device=q.device) < t
+    ok = ok.expand(B, -1) if key_mask is None else ok & F.pad(key_mask.bool(), (0, pad))
+    ok = ok.view(B, 1, 1, n_b * bs)
+    lse = torch.full((B, h_kv, n_b, gs), NEG_INF, device=q.device)
+    share = torch.full((B, h_kv, n_b, gs, n_b), NEG_INF, device=q.device)          # log shares
+    tile = max(1, _ROW_TILE // max(1, B * h_kv * gs * _KEY_CHUNK * bs))              # query blocks per tile
+    # causal: a query block's sampled rows lie in it, so they see no later key chunk; with padding a pick
+    # on a padded query reads the sample's last real row (pick_sample_rows), which may lie further on
+    skip = causal and key_mask is None
+    for j0 in range(0, n_b, _KEY_CHUNK):
+        j1 = min(n_b, j0 + _KEY_CHUNK)
+        nk = j1 - j0
+        k_c = kb[:, :, j0:j1].reshape(B, h_kv, nk * bs, D).transpose(-1, -2)
+        v_c = vb[:, :, j0:j1]                                                        # [B, Hkv, nk, bs, Dv]
+        keys = torch.arange(j0 * bs, j1 * bs, device=q.device)
+        for i0 in range(j0 if skip else 0, n_b, tile):
+            i1 = min(n_b, i0 + tile)
+            rows = (i1 - i0) * gs
+            sc = qs[:, :, i0:i1].reshape(B, h_kv, rows, D) @ k_c                     # [B, Hkv, rows, nk·bs]
+            vis = ok[..., j0 * bs:j1 * bs]
+            if causal:
+                vis = vis & (keys <= qpos[:, :, i0:i1].reshape(B, h_kv, rows, 1))
+            sc.masked_fill_(~vis, NEG_INF)
+            m = sc.amax(-1, keepdim=True)
+            m = torch.where(m > NEG_INF, m, 0.0)                                     # nothing visible: m = 0
+            p = sc.sub_(m).exp_()                                                    # in place: fresh GEMM output
+            step = m[..., 0] + p.sum(-1).log()                                       # [B, Hkv, rows]
+            u = p.view(B, h_kv, rows, nk, bs).transpose(2, 3) @ v_c                  # [B, Hkv, nk, rows, Dv]
+            log_u = u.norm(dim=-1).log_().add_(m[..., 0].unsqueeze(2))               # [B, Hkv, nk, rows]
+            share[:, :, i0:i1, :, j0:j1] = log_u.view(B, h_kv, nk, i1 - i0, gs).permute(0, 1, 3, 4, 2)
+            blk = lse[:, :, i0:i1]
+            blk.copy_(torch.logaddexp(blk, step.view(B, h_kv, i1 - i0, gs)))
+    c = torch.exp(share - lse[..., None]).nan_to_num_(0.0)                           # a row that saw nothing: 0
+    c = c.view(B, h_kv, n_b, g, S, n_b).amax(4)                                      # max over the samples
+    return c.permute(0, 1, 3, 2, 4).reshape(B, H, n_b, n_b)
+
+
+def _sampled_contribution_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                key_mask: torch.Tensor | None, *, block_size: int, samples: int, causal: bool,
+                                scale: float, sample_rows: str = "mixed") -> torch.Tensor:
     """Value-aware key-block scores from sampled queries, fp32 [B, H, nb, nb]: `samples` queries
     of each query block (`pick_sample_rows`, chosen by `sample_rows`) attend exactly, softmax over every key
     they may see, and key block j scores max over the samples of ‖Σ_{i ∈ j} p_i v_i‖, the norm of
@@ -131,7 +219,10 @@ def _sampled_contribution(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key
     part of q); the value norm discounts mass parked on a sink whose value is near zero (value
     matters beside the attention score: Guo et al., EMNLP 2024, arXiv:2406.12335). Strided
     sampled rows as the importance proxy: XAttention, Xu et al., arXiv:2503.16428.
-    Cost per head: (samples / b)·T²·(d + d_v), i.e. samples/b of dense attention."""
+    Cost per head: (samples / b)·T²·(d + d_v), i.e. samples/b of dense attention.
+
+    This is the readable one-shot form, which traced graphs (export, compile, ONNX) record; eager
+    runs take `_sampled_contribution_streamed`, the same function a key block at a time."""
     B, H, t, D = q.shape
     h_kv, d_v = k.shape[1], v.shape[-1]
     g = H // h_kv
@@ -306,6 +397,8 @@ def block_routed_attention(q, k, v, key_mask, head_rows=None, *, block_size: int
     custom op). With a key mask, each sample is routed left-aligned (its first real token at
     position 0, masks.py) and the output rotated back, so left padding moves no block boundary."""
     back = None
+    if key_mask is not None and _eager(key_mask) and bool(key_mask.all()):
+        key_mask = None            # no padding in this batch: no rotation, no masks (the same function)
     if key_mask is not None:
         to, back = alignment(key_mask)
         q, k, v, key_mask = (along_tokens(x, to) for x in (q, k, v, key_mask))

@@ -41,3 +41,25 @@ def test_op_matches_reference(kind, H, Hkv):
     assert rel_rms(out, ref) <= TOL
     if kind == "padded-bool":                    # rows that see no key give 0, as SDPA does
         assert (out[1, :, :5] == 0).all() and (ref[1, :, :5] == 0).all()
+
+
+def test_plain_verdict_follows_the_mask_not_the_cache():
+    """The verdict is cached per mask tensor (one check per forward, not per layer): an in-place edit,
+    another tensor, an expanded batch and an additive mask are each judged on their own."""
+    T = 37
+    m = torch.ones(3, 1, T, T, dtype=torch.bool).tril()
+    assert plain_causal(m) and plain_causal(m)
+    m[2, 0, 4, 30] = True                        # a key after the query: no longer the triangle
+    assert not plain_causal(m)
+    m[2, 0, 4, 30] = False
+    assert plain_causal(m)
+    other = m.clone()
+    other[1, 0, T - 1, 0] = False                # the last row misses its first key (padding-like)
+    assert not plain_causal(other) and plain_causal(m)
+    row_swap = m.clone()                         # same count of True per slice, wrong places
+    row_swap[0, 0, 0, 1], row_swap[0, 0, 5, 5] = True, False
+    assert not plain_causal(row_swap)
+    assert plain_causal(torch.ones(1, 1, T, T, dtype=torch.bool).tril().expand(4, 2, T, T))
+    add = torch.zeros(1, 1, T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -1e4)
+    assert not plain_causal(add)                 # -1e4 masks in key_valid, but is not the dtype's lowest
+    assert plain_causal(add.masked_fill(add < 0, torch.finfo(torch.float32).min))

@@ -148,6 +148,33 @@ def test_hybrid_window_attention_op(T, window):
     assert rel_rms(out, R.hybrid_window_attention(*args)) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-padding", "padding"])
+def test_inference_and_autograd_paths_compute_the_same_function(masked, monkeypatch):
+    """The CPU impl runs without autograd on a running [F, D] state per chunk and in-place softmax
+    temporaries, and under autograd on stacked per-chunk states (what the backward ops and attention
+    transfer differentiate): both equal the reference, at several chunks and a ragged tail, with and
+    without padding; an all-real key mask is the same call as None."""
+    monkeypatch.setattr(CPU, "CHUNK", 16)                # T=150: ten chunks, the last ragged
+    x, mask = inputs(2, 6, 2, 150, 24, 20, Dk=12, masked=masked, seed=5)
+    mask = torch.ones(2, 150, dtype=torch.bool) if mask is None else mask
+    lin = (x["fq"], x["fk"], x["v"], mask, True, 1e-6)
+    hyb = (x["q"], x["k"], x["v"], x["fq"], x["fk"], 20, 0.3, x["mix"], mask, 1e-6)
+    for fn, args, ref in ((CPU.linear_attention_torch, lin, R.linear_attention(*lin)),
+                          (CPU.hybrid_window_attention_torch, hyb, R.hybrid_window_attention(*hyb))):
+        with torch.no_grad():
+            fast = fn(*args)
+        grad_args = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args]
+        slow = fn(*grad_args)
+        slow.sum().backward()                           # the autograd path really records a graph
+        assert rel_rms(fast, ref) <= TOL[torch.float32] and rel_rms(slow.detach(), ref) <= TOL[torch.float32]
+        assert rel_rms(fast, slow.detach()) <= 1e-6
+        if not masked:
+            with torch.no_grad():
+                none = fn(*[None if a is mask else a for a in args])
+            assert torch.equal(none, fast)
+
+
 def test_hybrid_with_window_covering_sequence_is_causal_softmax_attention():
     """window ≥ T leaves no linear terms: exact causal softmax attention (SDPA)."""
     x, _ = inputs(2, 4, 2, 63, 40, 60, Dk=20)

@@ -156,3 +156,27 @@ def test_alignment_rotates_each_sample_to_its_first_real_token_and_back():
     assert aligned[:, 0, :, 0].tolist() == [[2, 3, 4, 0, 1], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
     assert along_tokens(key_mask, to).tolist()[0] == [True, True, True, False, False]
     assert torch.equal(along_tokens(aligned, back), x)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
+def test_streamed_sampled_scores_equal_the_one_shot_form(causal, padded, monkeypatch):
+    """Eager block scoring streams the sampled rows over key chunks (online log-sum-exp per row,
+    log shares per key block; causal chunks skip the query blocks before them) instead of forming
+    the [H, nb·S, T] scores: the same scores as the one-shot form traced graphs record, over several
+    key chunks and row tiles, GQA, a ragged last block, padded keys and a row with no real key."""
+    from rewriter.kernels.routed_attention import block_routing as BR
+    monkeypatch.setattr(BR, "_ROW_TILE", 3000)          # several row tiles per key chunk
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, T, D, bs = 2, 6, 2, 23 * 8 + 5, 16, 8    # 24 blocks: 6 key chunks, the last block ragged
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, Hkv, Hkv))
+    km = None
+    if padded:
+        km = torch.ones(B, T, dtype=torch.bool)
+        km[1, 150:] = False
+        km[0, 9:30] = False
+    kw = dict(block_size=bs, samples=4, causal=causal, scale=0.4, sample_rows="mixed")
+    dense = BR._sampled_contribution_dense(q, k, v, km, **kw)
+    streamed = BR._sampled_contribution(q, k, v, km, **kw)     # eager: the streamed form
+    torch.testing.assert_close(streamed, dense, rtol=1e-5, atol=1e-6)
+    assert dense.abs().sum() > 0 and (streamed >= 0).all()
