@@ -9,7 +9,8 @@ strings or batches. A bare module's kind and inputs come from its signature and 
 ``zoo.py`` for the accepted specs,
 ``calibration.py`` for the sources and ``text.py`` for the bundled text and its fixed held-out split.
 """
-from .calibration import calibration_from, evaluation_batches, make_calibration, padding_tokenizer
+from .calibration import (calibration_from, evaluation_batches, judged_lengths, make_calibration,
+                          padding_tokenizer)
 from .images import digit_indices, digits_pixel_values
 from .sentence import OptimizedEncoder, is_sentence_transformer, sentence_loaded, sentence_result
 from .signature import bind_batch, config_inputs, infer_kind
@@ -24,6 +25,6 @@ __all__ = ["Loaded", "load_model", "wrap_module", "registered", "main_output", "
            "bundled_text", "bundled_sentences", "bundled_paragraphs", "pydoc_paragraphs", "read_text_file",
            "load_source", "split_heldout", "decontaminate", "TextSource", "HELDOUT_EVERY", "token_chunks",
            "digit_indices", "digits_pixel_values", "minilm_path", "minilm_tokenizer", "smollm2_gguf",
-           "smollm2_cache_dir", "atomic_dir", "ATTN_IMPLEMENTATIONS", "calibration_from", "padding_tokenizer",
+           "smollm2_cache_dir", "atomic_dir", "ATTN_IMPLEMENTATIONS", "calibration_from", "padding_tokenizer", "judged_lengths",
            "evaluation_batches", "infer_kind", "config_inputs", "bind_batch", "is_sentence_transformer",
            "sentence_loaded", "sentence_result", "OptimizedEncoder"]

@@ -32,10 +32,11 @@ from rewriter.calibrate import Calibration
 
 from .images import digit_indices, digits_pixel_values
 from .signature import bind_batch
-from .text import load_source, split_heldout
+from .text import load_source, load_sources, split_heldout
 from .zoo import Loaded, token_chunks
 
-__all__ = ["make_calibration", "calibration_from", "evaluation_batches", "padding_tokenizer"]
+__all__ = ["make_calibration", "calibration_from", "evaluation_batches", "padding_tokenizer",
+           "judged_lengths"]
 
 
 def _cycled(pool: list, n: int, rng: random.Random) -> tuple[list, int]:
@@ -95,17 +96,56 @@ def _note(notes: list[str], msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
 
 
-def make_calibration(loaded: Loaded, text: str | list[str] = "bundled", samples: int = 64, seq_len: int = 128,
+JUDGE_FACTOR = 4      # "auto" lengths of a causal LM: seq_len and JUDGE_FACTOR x seq_len (capped)
+
+
+def judged_lengths(loaded: Loaded, seq_len: int, lengths="auto") -> list[int]:
+    """The lengths calibration samples are drawn at and the gate judges at. "auto": a causal LM's
+    ``seq_len`` and ``JUDGE_FACTOR`` times it, capped at the model's position limit (longer inputs put
+    more weight on what a rewrite approximates, e.g. the linear part of linear attention); other
+    kinds ``[seq_len]`` (an encoder's samples are whole sentences or paragraphs, truncated at
+    ``seq_len``). A list is used as given, each within 1..the model's max_length."""
+    if lengths in (None, "auto"):
+        if loaded.kind != "causal_lm":
+            return [seq_len]
+        return sorted({seq_len, max(seq_len, min(JUDGE_FACTOR * seq_len, loaded.max_length))})
+    if isinstance(lengths, int):
+        lengths = [lengths]
+    bad = [n for n in lengths if not isinstance(n, int) or isinstance(n, bool) or n < 1]
+    if bad or not lengths:
+        raise ValueError(f"calibration.lengths must be 'auto' or a list of token counts >= 1, "
+                         f"got {lengths!r}")
+    over = [n for n in lengths if n > loaded.max_length]
+    if over:
+        raise ValueError(f"calibration.lengths: {over[0]} exceeds {loaded.name}'s max_length "
+                         f"{loaded.max_length}")
+    return sorted(set(lengths))
+
+
+def _cell_counts(total: int, seq_len: int, cells: int, length: int) -> int:
+    """Samples of one (kind, length) cell: ``total`` samples of ``seq_len`` tokens spread evenly, as
+    tokens, over ``cells`` cells, at least one sample per cell (none when ``total`` is 0)."""
+    if total == 0:
+        return 0
+    return max(1, round(total * seq_len / (cells * length)))
+
+
+def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: int = 64, seq_len: int = 128,
                      batch_size: int = 8, heldout: int = 16, seed: int = 0,
-                     validation: int = 0) -> Calibration:
+                     validation: int = 0, lengths="auto") -> Calibration:
     """Build calibration batches and disjoint held-out batches for ``loaded``.
 
-    ``text`` is "bundled", "pydoc", a ``.txt`` path, a ``.jsonl`` path or a list of strings
-    (one sample each; vision models use the digits images and accept "bundled" or "digits").
-    ``seed`` picks and orders the calibration samples; it never moves text across the held-out
-    boundary. ``validation`` more
-    samples are drawn from the calibration side (disjoint from the ``samples`` unless the text
-    is too short, which is noted) and kept out of ``batches`` for the gate."""
+    ``text`` is "auto" (causal LMs: "mix", the four kinds of text of ``rewriter.models.text.MIX``;
+    encoders: "bundled"), a source name ("bundled", "pydoc", "python", "legal", "mix",
+    "pydoc+python"), a ``.txt`` path, a ``.jsonl`` path or a list of strings (one sample each;
+    vision models use the digits images and accept "auto", "bundled" or "digits"). ``lengths``
+    (``judged_lengths``): the token lengths samples are drawn at. The ``samples`` x ``seq_len``
+    tokens are spread evenly over every (kind of text, length) cell, at least one sample per cell,
+    likewise ``validation`` and ``heldout``; each batch holds one cell (``batch_size`` rows at
+    ``seq_len``, proportionally fewer at longer lengths) and carries its label, which the gate judges
+    by. ``seed`` picks and orders the calibration samples; it never moves text across the held-out
+    boundary. ``validation`` samples are drawn from the calibration side (disjoint from the
+    ``samples`` unless the text is too short, which is noted) and kept out of ``batches``."""
     for key, value, low in (("samples", samples, 1), ("seq_len", seq_len, 1),
                             ("batch_size", batch_size, 1), ("heldout", heldout, 0),
                             ("validation", validation, 0)):
@@ -113,7 +153,8 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "bundled", samples:
             raise ValueError(f"make_calibration: {key} must be an integer >= {low}, got {value!r}")
     name, kind, notes = loaded.name, loaded.kind, []
     if kind == "vision":
-        return _vision(loaded, text, samples, batch_size, heldout, seed, notes, validation)
+        return _vision(loaded, "bundled" if text == "auto" else text, samples, batch_size, heldout, seed,
+                       notes, validation)
     if kind == "generic":
         if loaded.inputs_fn is None:
             raise ValueError(f"make_calibration: model {name!r} is 'generic' with no tokenizer or "
@@ -126,36 +167,84 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "bundled", samples:
         made = [[loaded.inputs_fn(size, seq_len, next(seeds)) for size in sizes] for sizes in parts]
         return Calibration(made[0], made[1], "inputs_fn", samples, seq_len, heldout, kind, notes, made[2])
     loaded.check_text_inputs(seq_len)
-    src = load_source(text)
-    if kind == "encoder":
-        cal_pool, held_pool = src.samples, src.heldout_samples
-        if heldout and not held_pool:
-            raise ValueError(f"make_calibration: {src.name} has no held-out samples")
-        picked = _draw(cal_pool, samples + validation, seed, notes, source=src.name, unit="samples",
-                       validation=validation)
-        held = _draw(held_pool, heldout, seed, notes, source=src.name, unit="samples", heldout=True)
-        batches, val_batches, held_batches = (
-            [_encode_encoder(loaded, b, seq_len) for b in _batched(part, batch_size)]
-            for part in (picked[:samples], picked[samples:], held))
-    else:                                                   # causal_lm
-        ids, passes = token_chunks(loaded.tokenizer, src.documents, samples + validation, seq_len,
-                                   random.Random(seed))
-        if passes > 1:
-            _note(notes, f"{src.name}: {samples + validation} x {seq_len} tokens requested but the "
-                         f"calibration text is shorter; repeating it ({passes} passes)"
-                         f"{_VALIDATION_REPEATS if validation else ''}")
-        batches, val_batches = ([{"input_ids": c, "attention_mask": torch.ones_like(c)}
-                                 for c in part.split(batch_size) if len(c)] for part in (ids[:samples], ids[samples:]))
-        held_batches = []
-        if heldout:
-            held_ids, held_passes = token_chunks(loaded.tokenizer, src.heldout_documents, heldout,
-                                                 seq_len, random.Random(f"heldout-{seed}"))
-            if held_passes > 1:
-                _note(notes, f"{src.name}: {heldout} x {seq_len} held-out tokens requested but the "
-                             f"held-out text is shorter; repeating it ({held_passes} passes)")
-            held_batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)}
-                            for c in held_ids.split(batch_size)]
-    return Calibration(batches, held_batches, src.name, samples, seq_len, heldout, kind, notes, val_batches)
+    if text == "auto":
+        text = "mix" if kind == "causal_lm" else "bundled"
+    sources, lens = load_sources(text), judged_lengths(loaded, seq_len, lengths)
+    cells = [(src, L) for src in sources for L in lens]
+    one = len(cells) == 1
+    drawn = {"cal": {}, "val": {}, "held": {}}          # part -> length -> [(label, row)]
+    for src, L in cells:
+        n_cal, n_val, n_held = (_cell_counts(c, seq_len, len(cells), L)
+                                for c in (samples, validation, heldout))
+        tag = "" if one else f"-{src.name}-{L}"
+        where = src.name if one else f"{src.name} at {L} tokens"
+        if kind == "encoder":
+            cal, held = _encoder_cell(loaded, src, L, seq_len, n_cal + n_val, n_held, seed, tag, notes, where,
+                                      n_val)
+        else:                                               # causal_lm: chunks of exactly L tokens
+            rng = random.Random(f"{seed}{tag}" if tag else seed)
+            cal = _token_cell(loaded, src.documents, n_cal + n_val, L, rng, notes,
+                              f"{where}: {n_cal + n_val} x {L} tokens requested but the calibration text "
+                              f"is shorter", n_val)
+            held = _token_cell(loaded, src.heldout_documents, n_held, L, random.Random(f"heldout-{seed}{tag}"),
+                               notes, f"{where}: {n_held} x {L} held-out tokens requested but the held-out "
+                                      f"text is shorter") if n_held else []
+        for part, rows in (("cal", cal[:n_cal]), ("val", cal[n_cal:]), ("held", held)):
+            drawn[part].setdefault(L, []).extend(((src.name, L), r) for r in rows)
+    out, labels = {}, {}
+    for part, by_length in drawn.items():     # one length per batch, the kinds side by side in it
+        out[part], labels[part] = [], []
+        for L, rows in by_length.items():
+            per = batch_size if L <= seq_len else max(1, batch_size * seq_len // L)
+            for chunk in _batched(rows, per):
+                row_labels = [lb for lb, _ in chunk]
+                if kind == "encoder":
+                    out[part].append(_encode_encoder(loaded, [r for _, r in chunk], L))
+                else:
+                    ids = torch.stack([r for _, r in chunk])
+                    out[part].append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                labels[part].append(row_labels[0] if len(set(row_labels)) == 1 else row_labels)
+    source = "mix" if text == "mix" else "+".join(s.name for s in sources)
+    return Calibration(out["cal"], out["held"], source, samples, seq_len, heldout, kind, notes, out["val"],
+                       labels["cal"], labels["val"], labels["held"], lens)
+
+
+def _token_cell(loaded: Loaded, documents: list[str], n: int, length: int, rng, notes: list, short: str,
+                validation: int = 0) -> torch.Tensor:
+    ids, passes = token_chunks(loaded.tokenizer, documents, n, length, rng)
+    if passes > 1:
+        _note(notes, f"{short}; repeating it ({passes} passes){_VALIDATION_REPEATS if validation else ''}")
+    return ids
+
+
+def _encoder_cell(loaded: Loaded, src, length: int, seq_len: int, n: int, n_held: int, seed: int, tag: str,
+                  notes: list, where: str, validation: int) -> tuple[list[str], list[str]]:
+    """An encoder cell's calibration and held-out samples: units (sentences, paragraphs) as they are
+    up to ``seq_len``; at a longer length, consecutive units joined until they fill it."""
+    cal_pool, held_pool = src.samples, src.heldout_samples
+    if n_held and not held_pool:
+        raise ValueError(f"make_calibration: {src.name} has no held-out samples")
+    if length > seq_len:
+        cal_pool, held_pool = (_packed(loaded.tokenizer, p, length) for p in (cal_pool, held_pool))
+    picked = _draw(cal_pool, n, int(seed) if not tag else f"{seed}{tag}", notes, source=where, unit="samples",
+                   validation=validation)
+    held = _draw(held_pool, n_held, seed if not tag else f"{seed}{tag}", notes, source=where, unit="samples",
+                 heldout=True)
+    return picked, held
+
+
+def _packed(tokenizer, units: list[str], length: int) -> list[str]:
+    """``units`` joined in order into texts of at least ``length`` tokens each (the last, shorter
+    remainder is kept only when nothing else is)."""
+    sizes = [len(x) for x in tokenizer(list(units), add_special_tokens=False, verbose=False)["input_ids"]]
+    out, cur, have = [], [], 0
+    for u, k in zip(units, sizes):
+        cur.append(u)
+        have += k
+        if have >= length:
+            out.append(" ".join(cur))
+            cur, have = [], 0
+    return out or [" ".join(cur)]
 
 
 def _vision(loaded: Loaded, text: str, samples: int, batch_size: int, heldout: int, seed: int,
@@ -177,9 +266,9 @@ def _vision(loaded: Loaded, text: str, samples: int, batch_size: int, heldout: i
     return Calibration(batches, held, "digits", samples, loaded.max_length, heldout, "vision", notes, val)
 
 
-def calibration_from(loaded: Loaded, data=None, *, text: str | list[str] = "bundled", samples: int = 64,
+def calibration_from(loaded: Loaded, data=None, *, text: str | list[str] = "auto", samples: int = 64,
                      seq_len: int = 128, batch_size: int = 8, heldout: int = 16, seed: int = 0,
-                     validation: int = 0) -> Calibration:
+                     validation: int = 0, lengths="auto") -> Calibration:
     """The calibration for ``optimize(..., calibration=data)`` under a recipe's calibration section
     (the keyword arguments):
 
@@ -194,7 +283,7 @@ def calibration_from(loaded: Loaded, data=None, *, text: str | list[str] = "bund
       batch stays for calibration), and calibration uses the first batches up to ``samples`` samples.
       Batches are kept whole, so the counts are rounded up to whole batches (the notes say how)."""
     spec = dict(samples=samples, seq_len=seq_len, batch_size=batch_size, heldout=heldout, seed=seed,
-                validation=validation)
+                validation=validation, lengths=lengths)
     if data is None:
         return make_calibration(loaded, text=text, **spec)
     if isinstance(data, Calibration):

@@ -6,6 +6,13 @@ Sources (the names a recipe's ``calibration.text`` accepts):
   ``data/paragraphs.txt`` (paragraphs separated by blank lines), written for this project.
 - ``"pydoc"``: the prose paragraphs of ``pydoc_data.topics`` (the standard library's help
   text, about 460k characters of English); headings and code blocks are left out.
+- ``"python"``: Python source code, the top-level blocks (functions, classes, statements) of
+  ``PYTHON_MODULES``, pure-Python modules of the running interpreter's standard library, verbatim.
+- ``"legal"``: ``data/legal.txt``, the verbatim texts of eight software licenses (Apache 2.0,
+  GPL 3, MPL 2.0, LGPL 2.1, GFDL 1.3, CC0 1.0, Artistic, the PSF license; each permits verbatim
+  copies), split into paragraphs.
+- ``"mix"``: all four kinds above, each kept apart (``load_sources``), so that calibration draws
+  from every kind and the gate judges each kind on its own; ``"pydoc+python"`` names a mix of two.
 - a ``.txt`` path: paragraphs separated by blank lines, or one sample per line when the file
   has no blank lines.
 - a ``.jsonl`` path: one JSON object per line with a string ``"text"`` field.
@@ -21,6 +28,7 @@ whole sentences across related entries).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -31,10 +39,17 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 HELDOUT_EVERY = 5          # every fifth unit is held out (20 %)
 OVERLAP_WORDS = 8          # a held-out unit sharing an 8-word run with calibration text is dropped
 SENTENCES_PER_DOC = 8      # bundled sentences are grouped into running text for causal LMs
+MIX = ("bundled", "pydoc", "python", "legal")   # the kinds of text of "mix", the causal-LM default
+# pure-Python standard-library modules read by "python" (about 1 MB of source; a module this
+# interpreter lacks or ships frozen is skipped)
+PYTHON_MODULES = ("argparse", "ast", "calendar", "configparser", "contextlib", "csv", "dataclasses",
+                  "difflib", "enum", "fractions", "functools", "gettext", "heapq", "inspect",
+                  "ipaddress", "json.decoder", "json.encoder", "logging", "optparse", "pprint", "random",
+                  "shlex", "shutil", "statistics", "string", "textwrap", "tokenize", "traceback")
 
 __all__ = ["DATA_DIR", "HELDOUT_EVERY", "TextSource", "bundled_sentences", "bundled_paragraphs",
-           "bundled_text", "pydoc_paragraphs", "read_text_file", "split_heldout", "decontaminate",
-           "load_source"]
+           "bundled_text", "pydoc_paragraphs", "python_blocks", "legal_paragraphs", "read_text_file",
+           "split_heldout", "decontaminate", "load_source", "load_sources", "MIX"]
 
 
 def split_heldout(items: list) -> tuple[list, list]:
@@ -103,6 +118,37 @@ def _pydoc_paragraphs() -> tuple[str, ...]:
 def pydoc_paragraphs() -> list[str]:
     """Prose paragraphs of the stdlib ``pydoc_data.topics`` help text, in sorted-topic order."""
     return list(_pydoc_paragraphs())
+
+
+@lru_cache(maxsize=None)
+def _python_blocks() -> tuple[str, ...]:
+    out = []
+    for name in PYTHON_MODULES:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin) if spec is not None and spec.origin else None
+        if origin is None or origin.suffix != ".py" or not origin.is_file():
+            continue
+        for block in re.split(r"\n\s*\n(?=[^\s)\]}])", origin.read_text(encoding="utf-8")):
+            if block.count("\n") >= 1 and len(re.findall(r"\w+", block)) >= 8:
+                out.append(block.strip("\n"))
+    return tuple(out)
+
+
+def python_blocks() -> list[str]:
+    """Top-level blocks of the ``PYTHON_MODULES`` sources, verbatim (indentation and newlines kept):
+    the source cut at every blank line followed by an unindented line; one-line blocks dropped."""
+    return list(_python_blocks())
+
+
+@lru_cache(maxsize=None)
+def _legal_paragraphs() -> tuple[str, ...]:
+    blocks = _blocks((DATA_DIR / "legal.txt").read_text(encoding="utf-8"))
+    return tuple(b for b in blocks if len(b.split()) >= 6)
+
+
+def legal_paragraphs() -> list[str]:
+    """Paragraphs (six words or more) of the license texts in ``data/legal.txt``, in file order."""
+    return list(_legal_paragraphs())
 
 
 def read_text_file(path: str | Path) -> list[str]:
@@ -195,14 +241,28 @@ def load_source(text: str | list[str] = "bundled") -> TextSource:
         return TextSource("bundled", s_cal + p_cal, s_held + p_held,
                           p_cal + _group(s_cal, SENTENCES_PER_DOC),
                           p_held + _group(s_held, SENTENCES_PER_DOC))
-    if text == "pydoc":
-        cal, held = _split(pydoc_paragraphs())
-        return TextSource("pydoc", cal, held, cal, held)
+    named = {"pydoc": pydoc_paragraphs, "python": python_blocks, "legal": legal_paragraphs}
+    if text in named:
+        cal, held = _split(named[text]())
+        return TextSource(text, cal, held, cal, held)
     path = Path(text).expanduser()
     if path.suffix.lower() not in (".txt", ".jsonl"):
-        raise ValueError(f"unknown calibration text {text!r}: use 'bundled', 'pydoc', "
-                         f"a .txt path or a .jsonl path")
+        raise ValueError(f"unknown calibration text {text!r}: use one of {', '.join(MIX)}, 'mix' (all "
+                         f"four), a '+'-joined mix such as 'pydoc+python', a .txt path or a .jsonl path")
     return _units_source(str(path), read_text_file(path), f"calibration text file {path}")
+
+
+def load_sources(text: str | list[str] = "mix") -> list[TextSource]:
+    """The kinds of text a calibration source name stands for, each split on its own: "mix" is the
+    four of ``MIX``, "pydoc+python" two of them; any other name, path or list is one
+    (``load_source``)."""
+    if isinstance(text, str):
+        parts = list(MIX) if text == "mix" else text.split("+")
+        if len(parts) > 1 and all(p in MIX for p in parts):
+            if len(set(parts)) < len(parts):
+                raise ValueError(f"calibration text {text!r} names a kind twice")
+            return [load_source(p) for p in parts]
+    return [load_source(text)]
 
 
 def _units_source(name: str, units: list[str], what: str | None = None) -> TextSource:

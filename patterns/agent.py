@@ -139,4 +139,4 @@ def cost(site, opts):
 register(Rule(
     name="agent_attention", paper=PAPER, exact=False, options=AgentOptions,
     summary="agent attention: n pooled-query agents aggregate the values, then broadcast them back (O(N·n·d))",
-    check=check, build=build, apply=apply, cost=cost))
+    check=check, build=build, apply=apply, cost=cost, fits=lambda o: o.calibrate))

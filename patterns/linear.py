@@ -14,8 +14,8 @@ the training-free swap. `order: damage` (or `layers: auto`) has the driver fit a
 site alone on the current model first, and convert them least damaging first; every site is gated.
 
 Before:  o = sdpa(q, k, v, mask, scale)
-After:   fq = cat(softmax(q·Wq + bq), softmax(−(q·Wq + bq)))        (hedgehog; elu1: elu(q) + 1)
-         fk = cat(softmax(k·Wk + bk), softmax(−(k·Wk + bk)))
+After:   fq = cat(softmax(q·Wq + bq), softmax(−(q·Wq + bq)))        (hedgehog; elu1: elu(q) + 1;
+         fk = cat(softmax(k·Wk + bk), softmax(−(k·Wk + bk)))         the graph: one softmax of stack(z, −z))
          km = key_valid(mask)         (real keys [B, Tk]: some query row may attend; rewriter.kernels.keymask)
          o  = rewriter::linear_attention(fq, fk, v, km, causal, eps)
            or rewriter::hybrid_window_attention(q, k, v, fq, fk, window, scale, mix, km, eps)
@@ -37,6 +37,7 @@ from rewriter.rule import Built, Candidate, Rule, StepOptions, register
 from rewriter.site import AttentionSite
 
 from ._feature_maps import Sample, transfer
+from ._routing import shared_key_valid
 
 aten = torch.ops.aten
 NAME = "linear_attention"
@@ -135,12 +136,15 @@ def apply(gm, c: Candidate, built: Built, opts: LinearOptions) -> None:
         if opts.feature_map == "elu1":
             return op(aten.add.Tensor, op(aten.elu.default, x), 1.0)
         z = op(aten.add.Tensor, op(aten.matmul.default, x, buf(f"w{side}")), buf(f"b{side}"))   # [B, H, T, f]
-        return op(aten.cat.default, [op(aten.softmax.int, z, -1), op(aten.softmax.int, op(aten.neg.default, z), -1)], -1)
+        # [z, −z] stacked [.., 2, f], ONE softmax over f, flattened to [.., 2f]: the same φ as two
+        # softmaxes and a cat, two passes over memory fewer (MiniLM's q at 1×512: 5.5 → 2.0 ms per layer)
+        zz = op(aten.stack.default, [z, op(aten.neg.default, z)], -2)
+        return op(aten.flatten.using_ints, op(aten.softmax.int, zz, -1), -2, -1)
 
     fq, fk = phi(q, "q"), phi(k, "k")
     km = None
-    if mask is not None:          # the calibration's reading of the mask, as a graph node (kernels code)
-        km = op(key_valid, mask, op(aten.sym_size.int, q, 0))                                  # [B, Tk]
+    if mask is not None:          # the calibration's reading of the mask, as a graph node (kernels code),
+        km = shared_key_valid(gm, sdpa, mask, q, NAME, site.index)      # [B, Tk]; one per mask node
     causal = site.mask in ("causal", "causal+padding")
     if opts.window is not None:
         args = (q, k, v, fq, fk, opts.window, float(site.scale), buf("mix"), km, opts.eps)
@@ -179,4 +183,4 @@ register(Rule(
     'Zhang et al. "LoLCATs", arXiv:2410.10254', exact=False, options=LinearOptions,
     summary="softmax attention → linear attention with feature maps fitted by attention transfer "
             "(optionally + a sliding softmax window)",
-    check=check, build=build, apply=apply, cost=cost))
+    check=check, build=build, apply=apply, cost=cost, fits=lambda o: o.steps > 0))

@@ -420,4 +420,4 @@ register(Rule(
     name="masa", paper='Zhussip et al., "Share Your Attention: Transformer Weight Sharing via Matrix-based '
     'Dictionary Learning", arXiv:2508.04581', exact=False, options=MasaOptions,
     summary="share q/k/v/o weights across layers: Ŵₗ = Σₛ cₗₛ Dₛ (+ whitened low-rank residual), by matrix PCA",
-    check=check, build=build, apply=apply, plan=plan, cost=cost, kind="memory"))
+    check=check, build=build, apply=apply, plan=plan, cost=cost, kind="memory", fits=True))

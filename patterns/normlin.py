@@ -131,4 +131,4 @@ register(Rule(
     name="normlin", paper='Yue et al., "OLinear" (NormLin), arXiv:2505.08550', exact=False,
     options=NormLinOptions, summary="attention → fixed row-stochastic token mixing softplus-normalized "
     "A·V (fixed-token models: patch grids, variates)", check=check, build=build, apply=apply,
-    plan=plan, cost=cost))
+    plan=plan, cost=cost, fits=True))

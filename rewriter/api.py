@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect as _inspect
 import json
 import time
@@ -16,8 +15,9 @@ from .analyze import analyze
 from .canonicalize import canonicalize, explain_unmatched
 from .driver import Driver, Record, replay
 from .gate import Gate
-from .report import Report, attention_flops, latency, unique_numel
-from .trace import trace
+from .cost import graph_flops, report_cost
+from .report import MemoryMeter, Report, attention_flops, latency, unique_numel
+from .trace import WeightGuard, trace
 
 
 class SiteList(list):
@@ -122,26 +122,70 @@ def optimize(model=None, recipe=None, *, tokenizer=None, calibration=None, examp
     tuples of inputs, e.g. a DataLoader) split by the recipe's calibration section; None: the
     recipe's `calibration.text`. `example_inputs` (a dict or a tuple of positional inputs): what to
     trace on instead of the first calibration batch.
-    `progress`: True prints each decision and a live bar on stderr; a callable gets each Record."""
+    `progress`: True prints each decision and a live bar on stderr; a callable gets each Record.
+
+    Memory: one copy of the weights. The result shares every tensor it does not rewrite with
+    `model` (so training `model` afterwards changes it too: `copy.deepcopy` the result to part them);
+    the original's outputs come from `model` itself, in eval mode under no_grad, its modes restored;
+    an in-place write into a shared tensor raises SharedWriteError naming the rule and the tensor.
+    `report.memory` holds the peak RSS."""
     from .models import calibration_from, is_sentence_transformer, sentence_result
     from .recipe import default_gate, load_recipe
 
     t_start = time.perf_counter()
     rec = load_recipe(recipe)
     loaded = _resolve(model, rec.model, tokenizer)
-    calib = calibration_from(loaded, calibration, **rec.calibration.model_dump())
-    example = calib.batches[0] if example_inputs is None else _named(loaded, example_inputs)
-    gm, sites, example, canon = _prepare(loaded, example)
-    if not sites:
-        raise ValueError(f"{loaded.name}: no attention sites to rewrite. " + " ".join(explain_unmatched(gm) or [_what_it_saw(gm)]))
-    gate_spec = rec.gate or default_gate(loaded.kind)
-    original = copy.deepcopy(loaded.model).eval()   # the user's module stays untouched (and in its mode)
-    gate = Gate.from_model(gate_spec, original, calib.gate_batches, loaded)
-    with _progress(progress, loaded.name) as on_record:
-        result = Driver(gm, sites, calib, loaded, gate, rec.budget, on_record).run(rec.steps)
-    report = _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start)
+    # memory: the graph shares the user's weights (rewriter.trace.share_copy), the original is the
+    # user's own module run in eval mode under no_grad (its modes restored after), never a copy;
+    # the guard checks after the trace and after every decision that nothing wrote into them
+    guard = WeightGuard(loaded.model)
+    with MemoryMeter() as meter, _evaluating(loaded.model) as original:
+        calib = calibration_from(loaded, calibration, **rec.calibration.resolved(rec.steps))
+        example = calib.batches[0] if example_inputs is None else _named(loaded, example_inputs)
+        gm, sites, example, canon = _prepare(loaded, example)
+        guard.check(f"tracing {loaded.name}")
+        if measure_latency:        # the whole-model FLOPs before the rewrites (the report's cost model)
+            with contextlib.suppress(Exception):   # a graph the count cannot run: the report says why
+                gm.meta["rewriter_cost_before"] = graph_flops(gm)
+        if not sites:
+            raise ValueError(f"{loaded.name}: no attention sites to rewrite. "
+                             + " ".join(explain_unmatched(gm) or [_what_it_saw(gm)]))
+        gate_spec = rec.gate or default_gate(loaded.kind)
+        gate = Gate.from_model(gate_spec, original, calib.gate_batches, loaded, calib.gate_labels)
+        with _progress(progress, loaded.name) as on_record:
+            driver = Driver(gm, sites, calib, loaded, gate, rec.budget, _guarded(guard, on_record))
+            result = driver.run(rec.steps)
+        guard.check("the rewrites")
+        del driver, gate            # the gate's reference outputs go before the held-out check's come
+        report = _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency,
+                         t_start)
+    report.memory = meter.result(loaded.model, gm)
     opt = OptimizedModel(gm, report, rec, sites, example, base=loaded.name, io=loaded)
     return sentence_result(model, opt) if is_sentence_transformer(model) else opt
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    """`model` itself, every submodule in eval mode, for the gate's reference outputs, the held-out
+    check and the latency timing (each runs it under no_grad); afterwards every submodule is back in
+    the mode it was in, whatever happened in between."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _guarded(guard: WeightGuard, on_record):
+    """The driver's on_record: after every decision, check that no user tensor changed
+    (SharedWriteError names the rule, its sites and the tensors), then pass the record on."""
+    def check(r: Record) -> None:
+        guard.check(f"rule {r.rule} (site(s) {list(r.sites)}, {r.status})")
+        if on_record is not None:
+            on_record(r)
+    return check
 
 
 def _user_notes(loaded, calib) -> list[str]:
@@ -168,19 +212,44 @@ def _progress(progress, name: str):
         yield None
 
 
+def _calibration_summary(calib) -> dict:
+    """What the report says about the samples: their source, and per set (calibration, validation,
+    held out) the samples of each kind of text at each length, so every number names its text."""
+    def cells(batches, labels) -> list[dict]:
+        out: dict = {}
+        for b, lb in zip(batches, labels or [(calib.source, None)] * len(batches)):
+            rows = next((int(v.shape[0]) for v in b.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+            for x in ([tuple(lb)] * rows if isinstance(lb[0], str) else map(tuple, lb)):
+                out[x] = out.get(x, 0) + 1
+        return [{"text": t, "tokens": n, "samples": k} for (t, n), k in out.items()]
+    return {"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,
+            "lengths": list(calib.lengths), "gate_on": calib.gate_set,
+            "heldout_batches": len(calib.heldout), "validation_batches": len(calib.validation),
+            "sets": {"calibration": cells(calib.batches, calib.batch_labels),
+                     "validation": cells(calib.validation, calib.validation_labels),
+                     "heldout": cells(calib.heldout, calib.heldout_labels)}}
+
+
 def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start) -> Report:
     heldout = {}
     if calib.heldout:
-        m = Gate.from_model(gate_spec, original, calib.heldout, loaded).measure(gm)
-        heldout = {"metric": m.metric, "value": m.value, "worst": m.worst, "ok": m.ok, "why": m.why}
+        m = Gate.from_model(gate_spec, original, calib.heldout, loaded, calib.heldout_labels).measure(gm)
+        heldout = m.to_dict()
     fb, fa = attention_flops(sites, result.records)
+    # whole-model FLOPs (rewriter.cost), from the graph's cost before the rewrites (else a fresh trace)
+    before = gm.meta.pop("rewriter_cost_before", None) or (lambda: _prepare(loaded, calib.batches[0])[0])
+    whole = report_cost(before, gm, seq_len=calib.seq_len,
+                        limit=min(getattr(loaded, "max_positions", {}).values(), default=None)
+                        ) if measure_latency else None
     return Report(
         model=loaded.name, kind=loaded.kind, sites=sites, records=result.records,
         params_before=unique_numel(original), params_after=unique_numel(gm),
-        flops_before=fb, flops_after=fa, latency=latency(original, gm, calib.batches[0]) if measure_latency else {},
+        flops_before=fb, flops_after=fa,
+        flops_per_token=whole.per_token if whole else {}, predicted_speedup=whole.predicted if whole else {},
+        cost=whole.info if whole else {},
+        latency=latency(original, gm, calib.batches[0], **whole.sweep()) if measure_latency else {},
         heldout=heldout, gate=gate_spec.model_dump(exclude_none=True),
-        calibration={"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,
-                     "heldout_batches": len(calib.heldout), "validation_batches": len(calib.validation)},
+        calibration=_calibration_summary(calib),
         stop_reason=result.stop_reason, canonicalized=canon,
         notes=_user_notes(loaded, calib) + explain_unmatched(gm),
         seconds=time.perf_counter() - t_start)

@@ -7,6 +7,12 @@ importance scores) read ``Calibration.batches``; the gate judges each rewrite on
 calibration samples but never fitted on, so a fit that only memorized its data is caught),
 else the calibration batches themselves; the final check reads ``Calibration.heldout``.
 
+Each batch may carry a label, the kind of text and the length it was drawn at (``("pydoc", 1024)``),
+or a list of labels, one per row, when it holds several kinds side by side (parallel lists
+``batch_labels``, ``validation_labels``, ``heldout_labels``): the gate and the final check measure
+their metric per label, and the worst label decides (``rewriter.gate.Gate``).
+Unlabelled batches form one group named after the source.
+
 The engine never builds one: the sources (bundled text, pydoc, text files, digits images, a
 model's ``inputs_fn``) live with the models, in ``make_calibration`` (models/calibration.py),
 and a user may hand ``optimize`` a ``Calibration`` of their own batches.
@@ -29,8 +35,22 @@ class Calibration:
     kind: str = ""
     notes: list[str] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)   # drawn with batches, never fitted on
+    batch_labels: list = field(default_factory=list)   # per batch (kind of text, tokens), or one per row
+    validation_labels: list = field(default_factory=list)
+    heldout_labels: list = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)   # the lengths drawn (and judged) at
 
     @property
     def gate_batches(self) -> list[dict]:
         """What the per-rewrite gate judges on: the validation batches, else the calibration ones."""
         return self.validation or self.batches
+
+    @property
+    def gate_labels(self) -> list:
+        """The labels of ``gate_batches`` (empty when unlabelled)."""
+        return self.validation_labels if self.validation else self.batch_labels
+
+    @property
+    def gate_set(self) -> str:
+        """Which samples the gate judges on, in words."""
+        return "validation samples (never fitted on)" if self.validation else "calibration samples"

@@ -8,6 +8,7 @@
     rewriter eval SAVED_DIR [--text FILE] [--json]               re-measure a saved model against its base
     rewriter export SAVED_DIR --onnx FILE                        ONNX, dynamic batch and length
     rewriter generate SAVED_DIR --prompt TEXT [--max-new-tokens N]   stream a causal LM's continuation
+    rewriter bench SAVED_DIR [--seq 128,512,2048] [--batch 1] [--png FILE]   latency against length
 
 Exit status: 0 done; 1 the model could not be traced or optimized (`eval`: the saved model is outside
 its gate's bound on that text); 2 a usage error (bad
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -123,10 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common, saved],
                        help="re-measure a saved model against its base model",
                        description="Rebuild a saved model (rewriter.load), run it and its base on text, and "
-                                   "print the recipe's gate metric in one table. Without --text: the "
-                                   "recipe's own held-out text.")
-    e.add_argument("--text", metavar="FILE", help="a .txt (paragraphs, or one sample per line) or .jsonl "
-                   "({\"text\": ...} per line) file; all of it is used")
+                                   "print the recipe's gate metric per kind of text and length, the worst "
+                                   "deciding. Without --text: the recipe's own held-out text.")
+    e.add_argument("--text", metavar="TEXT", help="kinds of text, held-out side (bundled, pydoc, python, "
+                   "legal, mix, or a '+'-joined mix such as pydoc+python), or a .txt (paragraphs, or one "
+                   "sample per line) or .jsonl ({\"text\": ...} per line) file, all of it")
+    e.add_argument("--lengths", type=_length_list, metavar="N,N", help="token lengths to measure at "
+                   "(default: the recipe's calibration lengths)")
     e.add_argument("--samples", type=_positive_int, metavar="N", help="at most N samples (sentences, or "
                    "chunks of the recipe's seq_len tokens; default: the recipe's samples + heldout)")
     e.add_argument("--json", action="store_true", help="print the measurement as JSON")
@@ -152,7 +157,39 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
     g.add_argument("--top-p", type=float, default=None, metavar="P")
     g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", parents=[common, saved],
+                       help="time a saved model against its base across sequence lengths",
+                       description="Rebuild a saved model (rewriter.load) and its base, time both "
+                                   "interleaved at each length (median of --repeats calls after a warm-up) "
+                                   "and print the measured speed-up beside the cost model's prediction "
+                                   "(whole-model FLOPs before / after, rewriter.cost); --png plots latency "
+                                   "against length.")
+    b.add_argument("--seq", metavar="N,N,...", help="sequence lengths (default: the recipe's "
+                   "seq_len × 1, 4, 16, up to the model's position limit)")
+    b.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="rows per call (default 1)")
+    b.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed calls per model and "
+                   "length (default 3)")
+    b.add_argument("--png", metavar="FILE", help="write a plot of latency against length (PNG)")
+    b.add_argument("--json", action="store_true", help="print the table as JSON")
+    b.set_defaults(func=_cmd_bench)
     return p
+
+
+def _lengths(text: str) -> list[int]:
+    """'128,512,2048' → [128, 512, 2048] (positive integers, each once, ascending); a usage error
+    (one line, exit 2) names the part that is not one."""
+    out = []
+    for part in text.split(","):
+        try:
+            n = int(part.strip())
+        except ValueError:
+            raise _Failure(f"--seq {text}: expected comma-separated positive integers such as 128,512,2048; "
+                           f"{part.strip()!r} is not an integer", EXIT_USAGE) from None
+        if n <= 0:
+            raise _Failure(f"--seq {text}: lengths must be positive, got {n}", EXIT_USAGE)
+        out.append(n)
+    return sorted(set(out))
 
 
 def _positive_int(text: str) -> int:
@@ -346,8 +383,6 @@ def _cmd_models(args) -> int:
 
 def _load_saved(path: str, trust_code: bool):
     """rewriter.load of a saved folder; a folder that is not one is a usage error (exit 2)."""
-    from pathlib import Path
-
     from .api import load
     folder = Path(path)
     if not (folder / "records.json").is_file():
@@ -359,6 +394,17 @@ def _load_saved(path: str, trust_code: bool):
         raise _Failure(f"{path}: cannot rebuild the saved model: {e}", EXIT_USAGE) from e
 
 
+def _length_list(text: str) -> list[int]:
+    """--lengths 256,1024: token counts >= 1."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected token counts such as 256,1024, got {text!r}")
+    return out
+
+
 def _cmd_eval(args) -> int:
     import copy
 
@@ -366,28 +412,36 @@ def _cmd_eval(args) -> int:
     from rich.table import Table
 
     from .gate import Gate
-    from .models import evaluation_batches, make_calibration
+    from .models import evaluation_batches, judged_lengths, make_calibration
     from .recipe import default_gate
 
     opt = _load_saved(args.saved, args.trust_code)
     loaded, spec = opt.io, opt.recipe.calibration
     gate_spec = opt.recipe.gate or default_gate(loaded.kind)
     samples = args.samples or spec.samples + spec.heldout
+    lengths = args.lengths or spec.lengths
     try:
-        if args.text:
-            batches = evaluation_batches(loaded, args.text, samples, spec.seq_len, spec.batch_size)
+        if args.text and Path(args.text).suffix.lower() in (".txt", ".jsonl"):
+            batches, labels = [], []
+            for n in judged_lengths(loaded, spec.seq_len, lengths):
+                part = evaluation_batches(loaded, args.text, samples, n, spec.batch_size)
+                batches, labels = batches + part, labels + [(Path(args.text).name, n)] * len(part)
             source = args.text
         else:
-            cal = make_calibration(loaded, **{**spec.model_dump(), "heldout": spec.heldout or spec.samples})
-            batches, source = cal.heldout, f"{cal.source} (held out)"
+            held = args.samples or spec.heldout or spec.samples
+            cal = make_calibration(loaded, **{**spec.resolved(opt.recipe.steps), "heldout": held,
+                                              "samples": 1, "validation": 0, "lengths": lengths,
+                                              "text": args.text or spec.text})
+            batches, labels = cal.heldout, cal.heldout_labels
+            source = f"{cal.source} (held out)"
     except (ValueError, OSError) as e:
         raise _Failure(f"{args.saved}: {e}", EXIT_USAGE) from e
     base = copy.deepcopy(loaded.model).eval()
-    m = Gate.from_model(gate_spec, base, batches, loaded).measure(opt.graph_module)
+    m = Gate.from_model(gate_spec, base, batches, loaded, labels).measure(opt.graph_module)
     bound = {k: v for k, v in gate_spec.model_dump(exclude_none=True).items() if k != "metric"}
     rows = sum(int(next(v for v in b.values() if hasattr(v, "shape")).shape[0]) for b in batches)
     result = {"saved": args.saved, "model": loaded.name, "text": source, "samples": rows, "metric": m.metric,
-              "value": m.value, "worst": m.worst, "bound": bound, "ok": m.ok, "why": m.why}
+              "value": m.value, "worst": m.worst, "bound": bound, "ok": m.ok, "why": m.why, "groups": m.groups}
     if args.json:
         _print_json(result)
         return EXIT_OK if m.ok else EXIT_FAILED
@@ -398,6 +452,10 @@ def _cmd_eval(args) -> int:
     t.add_row(escape(source), str(rows), m.metric, f"{m.value:.4f}", worst,
               escape(", ".join(f"{k} {v}" for k, v in bound.items())),
               "[green]yes[/]" if m.ok else f"[red]no[/]: {escape(m.why)}")
+    for g in m.groups:     # per kind of text and length; the worst one is the row above
+        t.add_row(f"  {escape(g['text'])} at {g['tokens']} tokens", "", "", f"{g['value']:.4f}",
+                  "-" if g["worst"] is None else f"{g['worst']:.4f}", "",
+                  "[green]yes[/]" if g["ok"] else f"[red]no[/]: {escape(g['why'])}")
     _console().print(t)
     return EXIT_OK if m.ok else EXIT_FAILED
 
@@ -407,6 +465,107 @@ def _cmd_export(args) -> int:
     path = opt.export_onnx(args.onnx)
     names = ", ".join(list(opt.example[1]) or [f"args[{i}]" for i in range(len(opt.example[0]))])
     _console(stderr=True).print(f"wrote {path} (inputs: {names}; batch and length dynamic)", markup=False)
+    return EXIT_OK
+
+
+def bench(opt, lengths: list[int] | None = None, batch: int = 1, repeats: int = 3) -> dict:
+    """Latency of a rebuilt OptimizedModel and its base model at each length, interleaved
+    (report.latency_ms), with the predicted speed-up (whole-model FLOPs before / after: the saved
+    report's, else counted now). ValueError names a length beyond the model's position limit."""
+    import copy
+
+    from . import cost as C
+    from .api import _prepare
+    from .report import crossover, latency_ms, stretch, sweep_lengths
+    loaded, gm = opt.io, opt.graph_module
+    args, kwargs = opt.example
+    example = dict(zip(opt.__dict__["_inputs"].arg_names, args)) | dict(kwargs)
+    saved = opt.report.flops_per_token
+    if saved:                        # the whole-model count saved with the report, per token
+        symbols = C.find_symbols(gm)
+        before, after = (saved[k] * C.N for k in ("before", "after"))
+    else:                            # a report saved before the whole-model count: count it now
+        whole = C.model_cost(_prepare(loaded, example)[0], gm)
+        symbols, before, after = whole.before.symbols, whole.before.total, whole.after.total
+    seq_dims = C.seq_inputs(gm, symbols)
+    limits = {**getattr(loaded, "max_positions", {})}
+    bound = C.seq_limit(gm, symbols)
+    limit = min([*limits.values(), *([bound] if bound else [])], default=None)
+    lengths = lengths or sweep_lengths(opt.recipe.calibration.seq_len, limit)
+    if not seq_dims:
+        raise ValueError("the model's inputs have no sequence dim (its attention length is fixed): "
+                         "there is no length to vary")
+    if limit is not None and lengths[-1] > limit:
+        what = ", ".join(f"{k} takes at most {v}" for k, v in limits.items()) or "torch.export's bound"
+        raise ValueError(f"--seq {lengths[-1]}: longer than the model's position limit of {limit} tokens "
+                         f"({what})")
+    base = copy.deepcopy(loaded.model).eval()
+    rows = []
+    for n in lengths:
+        inputs = stretch(example, n, seq_dims, rows=batch, batched=C.batch_inputs(gm, symbols))
+        b, a = latency_ms([base, opt], inputs, repeats)
+        f_b, f_a = (float(e.subs(C.N, n)) for e in (before, after))
+        rows.append({"seq_len": n, "batch": batch, "before_ms": b, "after_ms": a, "speedup": b / a,
+                     "predicted_speedup": round(f_b / f_a, 4) if f_a > 0 else None})
+    return {"model": loaded.name, "rows": rows, "crossover": crossover(rows), "position_limit": limit}
+
+
+def _plot(result: dict, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    xs = [r["seq_len"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(xs, [r["before_ms"] for r in rows], "o-", label="original")
+    ax.plot(xs, [r["after_ms"] for r in rows], "s-", label="rewritten")
+    pred = [(r["seq_len"], r["before_ms"] / r["predicted_speedup"]) for r in rows
+            if r.get("predicted_speedup")]
+    if pred:
+        ax.plot(*zip(*pred), "x--", color="gray", label="rewritten, predicted (FLOPs)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"sequence length (tokens), batch {rows[0]['batch']}")
+    ax.set_ylabel("latency per call (ms)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cmd_bench(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+    lengths = _lengths(args.seq) if args.seq is not None else None      # before the slow load
+    opt = _load_saved(args.saved, args.trust_code)
+    try:
+        result = bench(opt, lengths, args.batch, args.repeats)
+    except ValueError as e:
+        raise _Failure(f"{args.saved}: {e}", EXIT_USAGE) from e
+    if args.png:
+        _plot(result, args.png, f"{args.saved} against {result['model']}")
+        result["png"] = args.png
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    t = Table(title=f"{escape(args.saved)} against its base {escape(result['model'])} "
+                    f"(batch {args.batch}, median of {args.repeats})", title_justify="left")
+    for col in ("length", "before ms", "after ms", "measured ×", "predicted ×"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        p = r["predicted_speedup"]
+        t.add_row(str(r["seq_len"]), f"{r['before_ms']:.1f}", f"{r['after_ms']:.1f}",
+                  f"{'[red]' if r['speedup'] < 1 else ''}{r['speedup']:.2f}×",
+                  "-" if p is None else f"{p:.2f}×")
+    out = _console()
+    out.print(t)
+    c = result["crossover"]
+    out.print(f"the rewrite pays from {c['seq_len']} tokens ({c['why']})" if c["seq_len"] else
+              f"the rewrite does not pay at the measured lengths ({c['why']})", markup=False)
+    if args.png:
+        _console(stderr=True).print(f"wrote {args.png}", markup=False)
     return EXIT_OK
 
 

@@ -7,7 +7,12 @@ Three verbs, and rules use none of them themselves:
                              trial gated against the ORIGINAL model's outputs → Record; budgets
     replay(gm, sites, recs)  what load() does: apply every applied record's built tensors again
 
-Budgets (max sites applied, max seconds; max_applied per step) stop with a stated reason.
+Budgets (max sites applied, max seconds; max_applied per step) stop with a stated reason. In a
+ranked step (StepOptions.ranked: order: damage, layers: auto, or a rule's own ranking) `patience`
+consecutive gate failures end the step: every untried candidate is recorded as skipped, the rule
+named. Each measurement (the gate's and the damage ranking's) runs through an ActivationCache
+(rewriter/cache.py): a candidate resumes from the current model's cached values at the latest cut
+upstream of everything it changed, bit for bit what the full forward gives.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from .gate import Gate, Measurement, compare, run as run_model
+from .cache import DEFAULT_CAP_BYTES, ActivationCache
+from .gate import Gate, Measurement, compare
 from .io import ModelIO, PlainIO
 from .rule import Built, Candidate, Refused, Rule, get_rule
 from .site import AttentionSite
@@ -132,18 +138,27 @@ class RunResult:
     records: list[Record]
     stop_reason: str
     final: Measurement | None
+    cache: dict = field(default_factory=dict)   # the activation cache's counts (ActivationCache.stats)
 
 
 class Driver:
     """Runs recipe steps on `gm` in place, gating each candidate against `gate` (the original's
-    outputs). `on_record(record)` is called after every decision (progress for the CLI)."""
+    outputs). `on_record(record)` is called after every decision (progress for the CLI).
+    `cache_bytes`: the cap on each activation cache (rewriter/cache.py; 0: every run in full)."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, io: ModelIO, gate: Gate,
-                 budget=None, on_record: Callable[[Record], None] | None = None):
+                 budget=None, on_record: Callable[[Record], None] | None = None,
+                 cache_bytes: int = DEFAULT_CAP_BYTES):
         self.ctx = Context(gm, sites, calibration, io)
         self.gm, self.sites, self.gate, self.budget = gm, sites, gate, budget
         self.on_record = on_record
         self.records: list[Record] = []
+        self.cache_bytes, self.anchors = cache_bytes, [s.node for s in sites]
+        self.cache = ActivationCache(gm, gate.batches, self.ctx.io, self.anchors, cache_bytes)
+
+    def _measure(self, gm: fx.GraphModule) -> Measurement:
+        """The gate's measurement of `gm`, its outputs from the activation cache."""
+        return self.gate.measure(gm, self.cache.run)
 
     # ---- trial ---------------------------------------------------------------------------------
     def trial(self, rule: Rule, cand: Candidate, opts, measure: Callable[[fx.GraphModule], Measurement],
@@ -175,6 +190,8 @@ class Driver:
                 rec.status, rec.reason = "rolled_back", f"gate: {m.why}"
         if rec.status != "applied":
             restore(self.gm, snap)
+        else:
+            self.cache.accept(self.gm)
         rec.seconds = time.perf_counter() - t
         return rec
 
@@ -182,10 +199,13 @@ class Driver:
         """order: damage — each checked candidate built and applied alone on the current model and
         undone; the relative RMS change of the main output on the calibration batches ranks them."""
         io, batches = self.ctx.io, self.ctx.batches
-        ref = run_model(self.gm, batches, io)
+        gated = self.gate.batches
+        same = len(batches) == len(gated) and all(a is b for a, b in zip(batches, gated))
+        cache = self.cache if same else ActivationCache(self.gm, batches, io, self.anchors, self.cache_bytes)
+        ref = cache.run(self.gm)
 
         def damage(gm) -> Measurement:
-            value, _ = compare("relative_rms", batches, ref, run_model(gm, batches, io), io)
+            value, _ = compare("relative_rms", batches, ref, cache.run(gm), io)
             return Measurement("relative_rms", value, None, True, "")
 
         usable = [c for c in cands if rule.check(c, opts) is None]
@@ -218,7 +238,7 @@ class Driver:
 
     def run(self, steps) -> RunResult:
         t0 = time.perf_counter()
-        current = self.gate.measure(self.gm)
+        current = self._measure(self.gm)
         for step_i, step in enumerate(steps):
             rule: Rule = get_rule(step.rule)
             opts = step.options
@@ -239,19 +259,31 @@ class Driver:
             cands = rule.plan(self.ctx, selected, opts)
             if opts.by_damage:
                 cands = self._by_damage(rule, cands, opts)
-            limit, applied_here = opts.limit, 0
+            limit, applied_here, failed = opts.limit, 0, 0
+            patience = opts.patience if opts.ranked else None
             for cand in cands:
                 if stop := self._over_budget(t0):
-                    return RunResult(self.records, stop, current)
+                    return self._result(stop, current)
                 if limit is not None and applied_here >= limit:
                     name = "max_applied" if opts.max_applied is not None else "max_layers"
                     note(cand.sites, f"{name}={limit} already applied in this step", cand.facts)
+                    continue
+                if patience is not None and failed >= patience:
+                    note(cand.sites, f"patience={patience}: {patience} ranked candidates in a row failed the "
+                                     "gate; the remaining ones rank as more damaging", cand.facts)
                     continue
                 rec = self._record(self._decide(rule, cand, opts, opts_d, current, step_i))
                 if rec.status == "applied":
                     applied_here += 1
                     current = rec.measurement
-        return RunResult(self.records, "all steps done", current)
+                if rec.status in ("applied", "rolled_back"):      # rejections and errors do not count
+                    failed = failed + 1 if rec.status == "rolled_back" else 0
+        return self._result("all steps done", current)
+
+    def _result(self, stop: str, current: Measurement | None) -> RunResult:
+        """The run's result; the activation cache's values are freed (its counts stay)."""
+        self.cache.clear()
+        return RunResult(self.records, stop, current, dict(self.cache.stats))
 
     def _decide(self, rule: Rule, cand: Candidate, opts, opts_d: dict, current: Measurement, step_i: int) -> Record:
         t, fields = time.perf_counter(), dict(metric_before=current.value, step=step_i, options=opts_d)
@@ -259,7 +291,7 @@ class Driver:
         if reason:
             return Record.of(rule.name, cand.sites, "rejected", reason, info=dict(cand.facts),
                              seconds=time.perf_counter() - t, **fields)
-        return self.trial(rule, cand, opts, self.gate.measure, **fields)
+        return self.trial(rule, cand, opts, self._measure, **fields)
 
 
 def replay(gm: fx.GraphModule, sites: list[AttentionSite], records: list[Record]) -> None:

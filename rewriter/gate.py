@@ -6,11 +6,16 @@ Metrics (recipe names, DESIGN.md §5):
   kl                mean KL(p₀ ‖ p) of next-token distributions                  bound: max
   top1_agreement    fraction of positions whose argmax agrees                     bound: min
   perplexity_ratio  perplexity(candidate) / perplexity(original) on the inputs    bound: max
+
+Labelled batches (a kind of text and a length per batch, or per row of a batch that holds several
+kinds: rewriter.calibrate.Calibration) are judged per label and the worst label decides: a bound
+met on average but broken on Python source at 1024 tokens is broken. The measurement lists every
+label's value.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,13 @@ class Measurement:
     worst: float | None     # worst sample (embedding_cosine only)
     ok: bool
     why: str                # "embedding_cosine 0.962 < min 0.97"
+    groups: list[dict] = field(default_factory=list)   # per label: {text, tokens, value, worst, ok}
+    label: tuple[str, int] | None = None                # the label that decided (the worst)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "worst": self.worst, "ok": self.ok,
+                "why": self.why, "groups": self.groups,
+                **({"text": self.label[0], "tokens": self.label[1]} if self.label else {})}
 
 
 def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_outs: list[torch.Tensor],
@@ -66,22 +78,39 @@ def compare(metric: str, batches: list[dict], ref_outs: list[torch.Tensor], new_
         return tot / max(n, 1), None
     if metric == "perplexity_ratio":
         return math.exp(_nll(batches, new_outs, io) - _nll(batches, ref_outs, io)), None
+    if metric == "token_nll":          # perplexity_ratio of outputs already reduced by token_nll
+        return math.exp(_mean_nll(new_outs) - _mean_nll(ref_outs)), None
     raise ValueError(f"unknown gate metric {metric!r}; allowed: relative_rms, embedding_cosine, kl, "
                      "top1_agreement, perplexity_ratio")
 
 
-def _nll(batches, outs, io: ModelIO) -> float:
+def token_nll(io: ModelIO, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    """[B, T − 1] float64 next-token negative log-likelihoods of `logits` [B, T, V], NaN where the
+    pair is not two real tokens. One row at a time, so no float64 copy of the whole batch's logits
+    exists; a gate on perplexity keeps these instead of the logits (V times smaller)."""
+    ids = io.labels(batch)
+    if ids is None:
+        raise ValueError(f"{io.name}: perplexity needs next-token labels, and this model's I/O gives none "
+                         f"(kind {io.kind!r}); use another gate metric")
+    valid = _valid(io, batch, logits)
+    v = valid[:, 1:] & valid[:, :-1]
+    out = torch.empty(v.shape, dtype=torch.float64)
+    for i in range(logits.shape[0]):
+        out[i] = -logits[i, :-1].double().log_softmax(-1).gather(-1, ids[i, 1:, None]).squeeze(-1)
+    return out.masked_fill(~v, math.nan)
+
+
+def _mean_nll(nlls: list[torch.Tensor]) -> float:
     tot = n = 0.0
-    for b, logits in zip(batches, outs):
-        ids = io.labels(b)
-        if ids is None:
-            raise ValueError(f"{io.name}: perplexity needs next-token labels, and this model's I/O gives none "
-                             f"(kind {io.kind!r}); use another gate metric")
-        v = _valid(io, b, logits)[:, 1:] & _valid(io, b, logits)[:, :-1]
-        lp = logits[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        tot -= lp[v].sum().item()
-        n += v.sum().item()
+    for t in nlls:
+        real = ~t.isnan()
+        tot += t[real].sum().item()
+        n += real.sum().item()
     return tot / max(n, 1)
+
+
+def _nll(batches, outs, io: ModelIO) -> float:
+    return _mean_nll([token_nll(io, b, y) for b, y in zip(batches, outs)])
 
 
 def perplexity(batches, outs, io: ModelIO | None = None) -> float:
@@ -91,24 +120,96 @@ def perplexity(batches, outs, io: ModelIO | None = None) -> float:
 class Gate:
     """Holds the original model's outputs on a fixed input set and judges candidates against them."""
 
-    def __init__(self, spec, batches: list[dict], reference_outputs: list[torch.Tensor], io: ModelIO | None = None):
+    def __init__(self, spec, batches: list[dict], reference_outputs: list[torch.Tensor],
+                 io: ModelIO | None = None, labels: list | None = None):
         self.spec, self.batches, self.ref, self.io = spec, batches, reference_outputs, io or PlainIO()
+        labels = list(labels or [])
+        if labels and len(labels) != len(batches):
+            raise ValueError(f"Gate: {len(labels)} labels for {len(batches)} batches")
+        # per batch, the label of each row: a batch's label is (text, tokens) or one such per row
+        self.rows = [[tuple(lb)] * len(y) if isinstance(lb[0], str) else [tuple(x) for x in lb]
+                     for lb, y in zip(labels, reference_outputs)]
+        self.labels = list(dict.fromkeys(x for r in self.rows for x in r))
+
+        # perplexity needs only each token's NLL: kept instead of the logits (V times smaller)
+        self.reduce = spec.metric == "perplexity_ratio"
+        if self.reduce:
+            self.ref = [y if y.dtype == torch.float64 and y.dim() == 2 else token_nll(self.io, b, y)
+                        for b, y in zip(batches, reference_outputs)]
 
     @classmethod
-    def from_model(cls, spec, model, batches, io: ModelIO | None = None):
-        return cls(spec, batches, run(model, batches, io), io)
+    def from_model(cls, spec, model, batches, io: ModelIO | None = None, labels=None):
+        io = io or PlainIO()
+        reduce = (lambda b, y: token_nll(io, b, y)) if spec.metric == "perplexity_ratio" else None
+        ref = run(model, batches, io, reduce)      # reduced batch by batch: one batch's logits at a time
+        return cls(spec, batches, ref, io, labels)
 
-    def measure(self, model) -> Measurement:
-        return self.judge(run(model, self.batches, self.io))
+    def measure(self, model, runner=None) -> Measurement:
+        """Judge `model` on the gate's batches. `runner(model, batches, io, reduce=)` computes its main
+        outputs (default `run`, the full forward; the driver passes rewriter.cache.ActivationCache.run,
+        equal bit for bit and resumed from cached activations)."""
+        if self.reduce:     # per-token NLLs as each batch's logits come: one batch's logits at a time
+            nll = (runner or run)(model, self.batches, self.io, reduce=lambda b, y: token_nll(self.io, b, y))
+            return self.judge(nll, reduced=True)
+        return self.judge((runner or run)(model, self.batches, self.io))
 
-    def judge(self, outs: list[torch.Tensor]) -> Measurement:
-        value, worst = compare(self.spec.metric, self.batches, self.ref, outs, self.io)
-        fails = self.spec.failures(value, worst)
-        return Measurement(self.spec.metric, value, worst, not fails, "; ".join(fails) or "within bound")
+    def judge(self, outs: list[torch.Tensor], reduced: bool = False) -> Measurement:
+        """The measurement of candidate outputs (`reduced`: already per-token NLLs, token_nll)."""
+        metric = how = self.spec.metric
+        if self.reduce:
+            if not reduced:
+                outs = [token_nll(self.io, b, y) for b, y in zip(self.batches, outs)]
+            how = "token_nll"
+        if len(self.labels) <= 1:
+            value, worst = compare(how, self.batches, self.ref, outs, self.io)
+            fails = self.spec.failures(value, worst)
+            return Measurement(metric, value, worst, not fails, "; ".join(fails) or "within bound",
+                               label=self.labels[0] if self.labels else None)
+        groups, order = [], self.labels
+        for lb in order:
+            parts = [self._rows(i, lb, outs) for i in range(len(self.batches))]
+            parts = [p for p in parts if p is not None]
+            value, worst = compare(how, *map(list, zip(*parts)), self.io)
+            fails = self.spec.failures(value, worst)
+            groups.append({"text": lb[0], "tokens": lb[1], "value": value, "worst": worst, "ok": not fails,
+                           "why": "; ".join(fails)})
+        sign = 1 if self.spec.higher_is_better else -1      # the worst group: lowest score, or highest loss
+        bad = min(range(len(groups)),
+                  key=lambda i: (groups[i]["ok"], sign * _finite(groups[i]["value"], sign)))
+        g = groups[bad]
+        worsts = [x["worst"] for x in groups if x["worst"] is not None]
+        worst = min(worsts) if worsts else None
+        fails = self.spec.failures(g["value"], worst)
+        where = f" (worst of {len(groups)}: {g['text']} at {g['tokens']} tokens)"
+        why = ("; ".join(fails) if fails else f"within bound: {metric} {g['value']:.4g}") + where
+        return Measurement(metric, g["value"], worst, not fails, why, groups, order[bad])
+
+    def _rows(self, i: int, label, outs) -> tuple | None:
+        """(batch, reference, candidate output) of batch `i` cut to its rows labelled `label`."""
+        pick = [r == label for r in self.rows[i]]
+        if not any(pick):
+            return None
+        if all(pick):
+            return self.batches[i], self.ref[i], outs[i]
+        idx = torch.tensor([j for j, p in enumerate(pick) if p])
+        n = len(pick)
+        b = {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+             for k, v in self.batches[i].items()}
+        return b, self.ref[i][idx], outs[i][idx]
+
+
+def _finite(v: float, sign: int) -> float:
+    """`v`, with NaN ranked worst whichever way the bound points."""
+    return v if math.isfinite(v) else -sign * math.inf
 
 
 @torch.no_grad()
-def run(model, batches: list[dict], io: ModelIO | None = None) -> list[torch.Tensor]:
-    """The main output of `model` on each batch (io.main_output; the first tensor without an io)."""
+def run(model, batches: list[dict], io: ModelIO | None = None, reduce=None) -> list[torch.Tensor]:
+    """The main output of `model` on each batch (io.main_output; the first tensor without an io);
+    `reduce(batch, y)`, if given, applied to each as soon as it is computed."""
     main = (io or PlainIO()).main_output
-    return [main(model(**b)).detach() for b in batches]
+    out = []
+    for b in batches:
+        y = main(model(**b)).detach()
+        out.append(y if reduce is None else reduce(b, y))
+    return out

@@ -10,6 +10,10 @@ one thing everywhere.
 Editing: every node an edit creates carries provenance in node.meta["rewriter"] = {"rule", "site"}.
 Tensors a rule builds are registered on the traced GraphModule as buffers named
 `rw_<rule>_<site>_<key>` and read through get_attr nodes. Rules never reach into the user's modules.
+The graph's own parameters share their storage with the user's model (`rewriter.trace`): a rule
+replaces a weight by registering a new tensor, and one that must edit a weight in place first takes
+a private copy of it with `writable` (copy-on-write); an in-place write into a shared tensor is
+caught after the decision (`rewriter.trace.WeightGuard`) and fails the run.
 """
 from __future__ import annotations
 
@@ -216,13 +220,47 @@ def buffer_name(rule: str, site: int | None, key: str) -> str:
     return re.sub(r"\W", "_", f"rw_{rule}_{'x' if site is None else site}_{key}")
 
 
+def _storages(gm: nn.Module) -> set:
+    return {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()] if not t.is_meta}
+
+
 def register_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Register `tensor` as a buffer of gm and return a get_attr node placed before `before`."""
-    gm.register_buffer(name, tensor.detach().clone(), persistent=True)
+    """Register `tensor` as a buffer of gm and return a get_attr node placed before `before`. The
+    buffer is `tensor` itself (no second copy of what a rule built) unless it is a view of a larger
+    storage (a slice of a capture would keep all of it alive) or shares storage with a tensor the
+    graph already holds (a weight shared with the user's model): then a compact private copy."""
+    t = tensor.detach()
+    if not t.is_meta:
+        view = t.untyped_storage().nbytes() > t.numel() * t.element_size()
+        if view or t.untyped_storage().data_ptr() in _storages(gm):
+            t = t.clone(memory_format=torch.contiguous_format)
+    gm.register_buffer(name, t, persistent=True)
     with gm.graph.inserting_before(before):
         n = gm.graph.get_attr(name)
     n.meta["val"] = tensor
     return n
+
+
+def writable(gm: fx.GraphModule, qual: str) -> torch.Tensor:
+    """Copy-on-write: replace the parameter or buffer `qual` of gm (e.g. "layers.3.mlp.up.weight") by
+    a private copy of itself (same kind, dtype, `requires_grad`) and return it, for a rule that
+    edits a weight in place; the user's tensor, which the graph shared, stays as it was. Other names
+    tied to the same tensor keep reading the shared one. A second call returns the same copy."""
+    prefix, _, leaf = qual.rpartition(".")
+    owner = gm.get_submodule(prefix) if prefix else gm
+    t = fetch_attr(gm, qual)
+    if not isinstance(t, torch.Tensor):
+        raise KeyError(f"writable: {qual!r} is not a tensor of the traced graph")
+    if getattr(t, "_rewriter_private", False):
+        return t
+    copy = t.detach().clone()
+    if isinstance(t, nn.Parameter):
+        copy = nn.Parameter(copy, requires_grad=t.requires_grad)
+        owner.register_parameter(leaf, copy)
+    else:
+        owner.register_buffer(leaf, copy, persistent=leaf not in owner._non_persistent_buffers_set)
+    copy._rewriter_private = True
+    return copy
 
 
 def replace_with_op(gm: fx.GraphModule, old: fx.Node, op, args: tuple, kwargs: dict | None = None,

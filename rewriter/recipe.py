@@ -1,7 +1,7 @@
 """Recipes: a YAML file (or a dict) validated into typed objects.
 
     model: minilm                     # optional: registered name, HF folder path, or "module:function"
-    calibration: {text: bundled, samples: 64, seq_len: 128, batch_size: 8, heldout: 16}
+    calibration: {text: auto, samples: 64, seq_len: 128, lengths: auto, batch_size: 8, heldout: 16}
     gate: {metric: embedding_cosine, min: 0.97, min_worst: 0.90}
     budget: {max_sites: null, max_seconds: null}
     steps:
@@ -29,21 +29,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from .rule import StepOptions, all_rules
+from .rule import StepOptions, all_rules, get_rule
 
 __all__ = ["RecipeError", "CalibrationSpec", "GateSpec", "BudgetSpec", "Step", "Recipe",
            "load_recipe", "recipe_schema", "default_gate", "GATE_BOUNDS", "MODEL_KINDS"]
 
 TOP_LEVEL_KEYS = ("model", "calibration", "gate", "budget", "steps", "output")
-TEXT_KEYWORDS = ("bundled", "pydoc")
+TEXT_KEYWORDS = ("auto", "mix", "bundled", "pydoc", "python", "legal")   # models/text.py's sources
 TEXT_SUFFIXES = (".txt", ".jsonl")
-TEXT_ALLOWED = "bundled, pydoc, or a path to a .txt or .jsonl file"
+TEXT_ALLOWED = ("auto, mix, bundled, pydoc, python, legal, a '+'-joined mix such as pydoc+python, or a path "
+                "to a .txt or .jsonl file")
 
 # metric -> the bound key it takes, the keys it may take besides, and the range of their values
 GATE_BOUNDS: dict[str, tuple[str, tuple[str, ...], tuple[float, float, str]]] = {
@@ -89,18 +90,36 @@ class _Spec(BaseModel):
 class CalibrationSpec(_Spec):
     """Where calibration inputs come from and how many (see rewriter.models.make_calibration)."""
 
-    text: str = Field("bundled", description="bundled | pydoc | path to a .txt (one sample per line "
-                      "or paragraph) or .jsonl file (objects with a \"text\" field); relative paths "
-                      "resolve against the recipe file's folder")
-    samples: int = Field(64, gt=0, description="calibration samples (sequences or images)")
+    text: str = Field("auto", description="auto (causal LMs: mix; encoders: bundled) | mix (bundled, pydoc, "
+                      "python and legal text, each judged on its own) | bundled | pydoc | python | legal | "
+                      "a '+'-joined mix such as pydoc+python | path to a .txt (one sample per line or "
+                      "paragraph) or .jsonl file (objects with a \"text\" field); relative paths resolve "
+                      "against the recipe file's folder")
+    samples: int = Field(64, gt=0, description="calibration samples of seq_len tokens (sequences or images); "
+                         "over several kinds of text and lengths, this many samples' tokens spread evenly")
     seq_len: int = Field(128, gt=0, description="tokens per sample (maximum for padded encoders)")
-    batch_size: int = Field(8, gt=0, description="samples per forward pass")
+    lengths: Literal["auto"] | list[Annotated[int, Field(gt=0)]] = Field(
+        "auto", description="token lengths to draw calibration samples at and to judge every rewrite at "
+        "(the worst decides); auto: a causal LM's seq_len and 4 x seq_len (capped at its position "
+        "limit), other models seq_len")
+    batch_size: int = Field(8, gt=0, description="samples of seq_len tokens per forward pass (fewer at "
+                            "longer lengths)")
     heldout: int = Field(16, ge=0, description="extra samples, never used for calibration, for the "
                          "final held-out accuracy check (0 skips it)")
-    validation: int = Field(0, ge=0, description="samples drawn like the calibration samples but never "
-                            "fitted on; the gate judges every rewrite on them instead of on the "
-                            "calibration samples (0). Use it with rules that fit (linear_attention, masa, "
-                            "normlin, agent calibrate) so the gate catches a fit that only memorized")
+    validation: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="samples drawn like the calibration samples but never fitted on; the gate "
+        "judges every rewrite on them instead of on the calibration samples (0). auto: a quarter of "
+        "samples when a step fits tensors to calibration data (linear_attention, masa, normlin, "
+        "agent_attention with calibrate), so the gate catches a fit that only memorized; else 0")
+
+    def resolved(self, steps: list | None = None) -> dict:
+        """The keyword arguments of make_calibration / calibration_from, ``validation: auto``
+        resolved against the recipe's `steps`."""
+        d = self.model_dump()
+        if d["validation"] == "auto":
+            fits = any(get_rule(s.rule).fitted(s.options) for s in steps or [])
+            d["validation"] = max(1, self.samples // 4) if fits else 0
+        return d
 
 
 class GateSpec(_Spec):
@@ -339,6 +358,11 @@ def _resolve_model(spec: str | None, base: Path) -> str | None:
 
 def _resolve_text(text: str, file: str, base: Path) -> str:
     if text in TEXT_KEYWORDS:
+        return text
+    parts = text.split("+")
+    if len(parts) > 1 and all(p in TEXT_KEYWORDS[2:] for p in parts):
+        if len(set(parts)) < len(parts):
+            raise RecipeError(file, "calibration.text", f"{text!r} names a kind of text twice", TEXT_ALLOWED)
         return text
     path = Path(text).expanduser()
     if path.suffix not in TEXT_SUFFIXES:

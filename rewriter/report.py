@@ -3,13 +3,22 @@
 Stable keys of to_dict(): model, kind, sites [{index, module, heads, kv_heads, head_dim, mask, norm,
 ...}], records [{rule, site, status, reason, metric_before, metric_after, seconds, ...}],
 params_before, params_after, attention_flops_per_token {before, after} (sympy expressions in N),
-latency {seq_len, batch, before_ms, after_ms, speedup}, heldout {metric, value, worst, ok, before},
-gate, calibration, stop_reason, canonicalized, notes, seconds.
+latency {seq_len, batch, before_ms, after_ms, speedup, predicted_speedup, slower, by_length
+[{seq_len, batch, before_ms, after_ms, speedup, predicted_speedup}], crossover {seq_len, why}},
+flops_per_token {before, after} (whole model, rewriter.cost), predicted_speedup {length: FLOPs
+before / after}, cost {unknown_ops, symbols, ...} (these three absent from reports saved before them),
+heldout {metric, value, worst, ok, why, groups
+[{text, tokens, value, worst, ok}], text, tokens: the worst group's}, calibration {source, samples,
+seq_len, lengths, gate_on, sets {calibration, validation, heldout: [{text, tokens, samples}]}},
+gate, calibration, stop_reason, canonicalized, notes, seconds, memory {peak_rss_bytes, start_rss_bytes,
+weights_bytes, graph_shared_bytes, graph_private_bytes, method} (absent from reports saved before it).
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +56,11 @@ def attention_flops(sites, records) -> tuple:
     return before, after
 
 
+SWEEP_FACTORS = (1, 4, 16)   # the report times the recipe's length × these, up to the position limit
+SWEEP_MAX_FLOPS = 4e11        # ... and only lengths where one call of the original costs at most this
+SLOWER_BELOW = 0.98           # the report warns below this speed-up at the recipe's length (timing noise: ~2 %)
+
+
 @torch.no_grad()
 def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
     """Median wall time (ms) per call of each model on `batch`, after one warm-up call each, the calls
@@ -62,12 +76,105 @@ def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def latency(original, rewritten, batch: dict) -> dict:
-    """The report's latency entry: both models timed side by side on one calibration batch."""
-    before_ms, after_ms = latency_ms([original, rewritten], batch)
+def latency(original, rewritten, batch: dict, *, lengths=(), stretch=None, predict=None,
+            repeats: int = 5, long_repeats: int = 3) -> dict:
+    """The report's latency entry: both models timed side by side (interleaved, `latency_ms`) on one
+    calibration batch, and, when `lengths` are given, at batch 1 at each of those lengths
+    (`stretch(batch, n)` builds the inputs; `by_length`), with the cost model's prediction beside
+    each measurement (`predict(n)`: FLOPs before / after at length n), the crossover (`crossover`)
+    and `slower`: True when the rewritten model is slower at the recipe's own length."""
+    before_ms, after_ms = latency_ms([original, rewritten], batch, repeats)
     first = next((list(v.shape) for v in batch.values() if isinstance(v, torch.Tensor)), None)
-    return {"seq_len": first[-1] if first else None, "batch": first[0] if first else None,
-            "input_shape": first, "before_ms": before_ms, "after_ms": after_ms, "speedup": before_ms / after_ms}
+    seq_len = first[-1] if first else None
+    out = {"seq_len": seq_len, "batch": first[0] if first else None,
+           "input_shape": first, "before_ms": before_ms, "after_ms": after_ms,
+           "speedup": before_ms / after_ms}
+    if predict is not None and seq_len is not None:
+        out["predicted_speedup"] = predict(seq_len)
+    rows = []
+    for n in lengths:
+        try:
+            b, a = latency_ms([original, rewritten], stretch(batch, n), long_repeats)
+        except Exception as e:  # noqa: BLE001 (inputs the length sweep could not build: say so, go on)
+            out["by_length_error"] = f"at {n} tokens: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            break
+        rows.append({"seq_len": n, "batch": 1, "before_ms": b, "after_ms": a, "speedup": b / a,
+                     "predicted_speedup": predict(n) if predict is not None else None})
+    if rows:
+        out["by_length"] = rows
+        out["crossover"] = crossover(rows)
+    out["slower"] = out["speedup"] < SLOWER_BELOW
+    return out
+
+
+def sweep_lengths(seq_len: int, limit: int | None = None, factors=SWEEP_FACTORS, cost=None,
+                  max_flops: float = SWEEP_MAX_FLOPS) -> list[int]:
+    """The lengths the report times: `seq_len` × each of `factors`, at most `limit` (the model's
+    position limit; the limit itself is timed when a factor passes it) and, when `cost(n)` (the
+    original's FLOPs per call at length n) is given, only lengths whose call costs ≤ `max_flops`,
+    so that optimize stays cheap (a few forward passes each)."""
+    out = []
+    for f in factors:
+        n = seq_len * f
+        if limit is not None and n > limit:
+            n = limit
+        if n in out or (cost is not None and f > 1 and cost(n) > max_flops):
+            continue
+        out.append(n)
+        if limit is not None and n >= limit:
+            break
+    return out
+
+
+def stretch(batch: dict, n: int, seq_dims: dict[str, list[int]], rows: int = 1,
+            batched: set[str] | None = None) -> dict:
+    """Row 0 of a batch at length n, repeated to `rows` rows: each input's sequence dims (`seq_dims`:
+    name → dims, read from the traced graph's symbols) repeated or cut to n. `batched`: the inputs
+    whose dim 0 is the batch (default: every tensor of rank ≥ 1); the others are passed as they are."""
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or (batched is not None and k not in batched):
+            out[k] = v
+            continue
+        x = v[:1]
+        for d in seq_dims.get(k, ()):
+            reps = -(-n // x.shape[d])
+            x = x.repeat(*[reps if i == d else 1 for i in range(x.dim())]).narrow(d, 0, n)
+        out[k] = x.repeat(rows, *[1] * (x.dim() - 1)) if rows > 1 else x
+    return out
+
+
+def crossover(rows: list[dict]) -> dict:
+    """Where the rewrite starts to pay, from rows {seq_len, speedup} (any order): the shortest
+    measured length from which the rewritten model is at least as fast at every longer measured
+    length. {seq_len: None, why} when it is slower at the longest."""
+    rows = sorted(rows, key=lambda r: r["seq_len"])
+    if not rows:
+        return {"seq_len": None, "why": "no lengths measured"}
+    if rows[-1]["speedup"] < 1.0:
+        return {"seq_len": None, "why": f"slower at every measured length up to {rows[-1]['seq_len']}"
+                if all(r["speedup"] < 1.0 for r in rows) else
+                f"slower at the longest measured length, {rows[-1]['seq_len']}"}
+    i = len(rows) - 1
+    while i > 0 and rows[i - 1]["speedup"] >= 1.0:
+        i -= 1
+    why = ("faster at every measured length" if i == 0 else
+           f"slower up to {rows[i - 1]['seq_len']}, faster from {rows[i]['seq_len']} on")
+    return {"seq_len": rows[i]["seq_len"], "why": why}
+
+
+def latency_warning(latency: dict) -> str | None:
+    """The report's warning when the rewritten model is slower than the original at the recipe's
+    own length, by more than timing noise (speed-up < SLOWER_BELOW); None when it is not, or
+    nothing was timed."""
+    if not latency or latency.get("speedup") is None or latency["speedup"] >= SLOWER_BELOW:
+        return None
+    cross = latency.get("crossover") or {}
+    pays = (f"; it pays from {cross['seq_len']} tokens" if cross.get("seq_len") and
+            cross["seq_len"] > (latency.get("seq_len") or 0) else "")
+    return (f"the rewritten model is SLOWER than the original at the recipe's length "
+            f"({latency.get('seq_len')} tokens, batch {latency.get('batch')}): {latency['speedup']:.2f}× "
+            f"the speed ({latency['before_ms']:.1f} ms → {latency['after_ms']:.1f} ms){pays}")
 
 
 def unique_numel(module: torch.nn.Module) -> int:
@@ -79,6 +186,101 @@ def unique_numel(module: torch.nn.Module) -> int:
             seen.add(key)
             total += t.numel()
     return total
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+def _rss() -> int | None:
+    """Resident bytes of this process now (/proc/self/statm; None where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _maxrss() -> int | None:
+    """The process's peak resident bytes so far (getrusage ru_maxrss: KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied and viewed tensors counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+class MemoryMeter:
+    """Peak resident memory of the process while a block runs (`with MemoryMeter() as m: ...`;
+    then `m.result(model, gm)`). Exact where the block raised the process's lifetime peak (getrusage
+    ru_maxrss grew: the peak is that), else the maximum of /proc/self/statm sampled every
+    `every` seconds by a daemon thread (a peak shorter than that can be missed; `method` says which).
+    Only reads process statistics: never resets them (so /usr/bin/time still sees the true peak)."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self.start = every, None, None
+        self._stop, self._thread, self._maxrss0 = threading.Event(), None, None
+
+    def __enter__(self) -> "MemoryMeter":
+        self.start = self.peak = _rss()
+        self._maxrss0 = _maxrss()
+        if self.start is not None:
+            self._thread = threading.Thread(target=self._sample, name="rewriter-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            now = _rss()
+            if now is not None and now > self.peak:
+                self.peak = now
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        now = _rss()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+    def result(self, model: torch.nn.Module, gm: torch.nn.Module | None = None) -> dict:
+        """The report's `memory` entry: the peak during the block, the resident bytes at its start,
+        the bytes of `model`'s weights (parameters and buffers, each storage once) and of the traced
+        graph's: shared with `model` and its own (what the rewrites added)."""
+        maxrss = _maxrss()
+        exact = maxrss is not None and self._maxrss0 is not None and maxrss > self._maxrss0
+        peak = maxrss if exact else self.peak
+        if peak is None:
+            return {}
+        user = [*model.parameters(), *model.buffers()]
+        theirs = {t.untyped_storage().data_ptr() for t in user if not t.is_meta}
+        graph = [*gm.parameters(), *gm.buffers()] if gm is not None else []
+        shared = [t for t in graph if not t.is_meta and t.untyped_storage().data_ptr() in theirs]
+        own = [t for t in graph if not t.is_meta and t.untyped_storage().data_ptr() not in theirs]
+        return {"peak_rss_bytes": int(peak), "start_rss_bytes": self.start,
+                "weights_bytes": storage_bytes(user), "graph_shared_bytes": storage_bytes(shared),
+                "graph_private_bytes": storage_bytes(own),
+                "method": "getrusage ru_maxrss (the process peak, reached during optimize)" if exact else
+                          f"/proc/self/statm sampled every {self.every * 1e3:g} ms"}
+
+
+def memory_line(m: dict) -> str:
+    """One line for the rich report: peak RSS, what the process held before, the weights."""
+    gb = lambda b: f"{b / 2**30:.2f} GB" if b >= 2**28 else f"{b / 2**20:.1f} MB"  # noqa: E731
+    start = f" ({gb(m['start_rss_bytes'])} before)" if m.get("start_rss_bytes") else ""
+    return (f"{gb(m['peak_rss_bytes'])} peak RSS{start}; weights {gb(m.get('weights_bytes', 0))} "
+            f"({gb(m.get('graph_shared_bytes', 0))} shared with the result, which adds "
+            f"{gb(m.get('graph_private_bytes', 0))})")
 
 
 @dataclass
@@ -99,6 +301,15 @@ class Report:
     canonicalized: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     seconds: float = 0.0
+    memory: dict = field(default_factory=dict)
+    flops_per_token: dict = field(default_factory=dict)      # whole model {before, after}: sympy in N
+    predicted_speedup: dict = field(default_factory=dict)    # {length: FLOPs before / after}
+    cost: dict = field(default_factory=dict)                 # unknown_ops, symbols, fixed_sizes
+
+    def __post_init__(self):
+        warning = latency_warning(self.latency)
+        if warning and warning not in self.notes:
+            self.notes = [*self.notes, warning]
 
     def to_dict(self) -> dict:
         return {
@@ -107,9 +318,13 @@ class Report:
             "records": [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in self.records],
             "params_before": self.params_before, "params_after": self.params_after,
             "attention_flops_per_token": {"before": str(self.flops_before), "after": str(self.flops_after)},
+            **({"flops_per_token": {k: str(v) for k, v in self.flops_per_token.items()},
+                "predicted_speedup": {str(k): v for k, v in self.predicted_speedup.items()},
+                "cost": self.cost} if self.flops_per_token else {}),
             "latency": self.latency, "heldout": self.heldout, "gate": self.gate,
             "calibration": self.calibration, "stop_reason": self.stop_reason,
             "canonicalized": self.canonicalized, "notes": self.notes, "seconds": round(self.seconds, 2),
+            **({"memory": self.memory} if self.memory else {}),
         }
 
     def to_json(self, **kw) -> str:
@@ -126,9 +341,13 @@ class Report:
              parse_flops(v, "report.json", f"attention_flops_per_token.{k}")
              for k, v in d["attention_flops_per_token"].items()}
         optional = ("latency", "heldout", "gate", "calibration", "stop_reason", "canonicalized", "notes",
-                    "seconds")
+                    "seconds", "memory", "cost")
+        whole = {k: v if isinstance(v, sympy.Basic) else parse_flops(v, "report.json", f"flops_per_token.{k}")
+                 for k, v in d.get("flops_per_token", {}).items()}
+        predicted = {int(k): v for k, v in d.get("predicted_speedup", {}).items()}
         return cls(d["model"], d["kind"], sites, d["records"], d["params_before"], d["params_after"],
-                   f["before"], f["after"], **{k: d[k] for k in optional if k in d})
+                   f["before"], f["after"], **{k: d[k] for k in optional if k in d},
+                   flops_per_token=whole, predicted_speedup=predicted)
 
     # ---- rendering -------------------------------------------------------------------------
     def render(self, console=None) -> None:
@@ -155,14 +374,28 @@ class Report:
         pb, pa = self.params_before, self.params_after
         s.add_row("parameters", f"{pb:,} → {pa:,} ({(pa - pb) / max(pb, 1):+.1%})")
         s.add_row("attention FLOPs/token", f"{self.flops_before} → {self.flops_after}")
+        if self.flops_per_token:
+            f = self.flops_per_token
+            s.add_row("FLOPs/token, whole model", f"{f['before']} → {f['after']}")
+            unknown = sorted({op for ops in self.cost.get("unknown_ops", {}).values() for op in ops})
+            if unknown:
+                s.add_row("ops without a FLOP count", ", ".join(unknown))
+        if self.predicted_speedup:
+            s.add_row("predicted speed-up (FLOPs before / after)", ", ".join(
+                f"{v:.2f}× at {k}" for k, v in sorted(self.predicted_speedup.items()) if v is not None))
         if self.latency:
             L = self.latency
             text = self.kind in ("encoder", "causal_lm") or not L.get("input_shape")
             where = (f"batch {L.get('batch')}, {L.get('seq_len')} tokens" if text
                      else f"input {'×'.join(map(str, L['input_shape']))}")
+            pred = (f"; predicted {L['predicted_speedup']:.2f}×" if L.get("predicted_speedup") else "")
             s.add_row(f"latency ({where})",
                       f"{L['before_ms']:.1f} ms → {L['after_ms']:.1f} ms ({L['speedup']:.2f}× the speed: "
-                      f"{'faster' if L['speedup'] >= 1 else 'SLOWER'})")
+                      f"{'faster' if L['speedup'] >= 1 else '[bold red]SLOWER[/]'}{pred})")
+            if L.get("crossover"):
+                c = L["crossover"]
+                s.add_row("rewrite pays from", f"{c['seq_len']} tokens ({c['why']})" if c.get("seq_len")
+                          else f"[red]no measured length[/] ({c['why']})")
         if self.heldout:
             h = self.heldout
             worst = f", worst {h['worst']:.4f}" if h.get("worst") is not None else ""
@@ -171,14 +404,40 @@ class Report:
         if c:
             judged = (f"{c['validation_batches']} validation batches (never fitted on)"
                       if c.get("validation_batches") else "the calibration batches")
-            s.add_row("calibration", f"{c.get('samples')} samples × ≤{c.get('seq_len')} tokens from "
-                                     f"{c.get('source')}; gate judged on {judged}")
+            kinds = sorted({x["text"] for x in c.get("sets", {}).get("calibration", [])})
+            lengths = c.get("lengths") or [c.get("seq_len")]
+            s.add_row("calibration", f"{c.get('samples')} samples × {c.get('seq_len')} tokens (spread as tokens) from "
+                                     f"{c.get('source')}{' (' + ', '.join(kinds) + ')' if len(kinds) > 1 else ''} "
+                                     f"at {', '.join(map(str, lengths))} tokens; gate judged on {judged}"
+                                     f"{', per kind and length, the worst deciding' if len(kinds) * len(lengths) > 1 else ''}")
         applied = sum(r["status"] == "applied" for r in d["records"])
         s.add_row("applied / decisions", f"{applied} / {len(d['records'])}")
         s.add_row("stopped because", self.stop_reason)
+        if self.memory.get("peak_rss_bytes"):
+            s.add_row("peak memory", memory_line(self.memory))
         yield s
+        if self.latency.get("by_length"):
+            t = Table(title="latency across lengths (batch 1, original and rewritten interleaved)")
+            for col in ("tokens", "before ms", "after ms", "measured ×", "predicted ×"):
+                t.add_column(col, justify="right")
+            for r in self.latency["by_length"]:
+                p = r.get("predicted_speedup")
+                t.add_row(str(r["seq_len"]), f"{r['before_ms']:.1f}", f"{r['after_ms']:.1f}",
+                          f"{'[red]' if r['speedup'] < 1 else ''}{r['speedup']:.2f}×",
+                          "-" if p is None else f"{p:.2f}×")
+            yield t
+        if self.heldout.get("groups"):
+            h = Table(title=f"held-out {self.heldout['metric']} by kind of text and length (the worst decides)")
+            for col in ("text", "tokens", "value", "worst sample", "within bound"):
+                h.add_column(col, justify="right" if col in ("tokens", "value", "worst sample") else "left")
+            for g in self.heldout["groups"]:
+                h.add_row(g["text"], str(g["tokens"]), f"{g['value']:.4f}",
+                          "-" if g.get("worst") is None else f"{g['worst']:.4f}",
+                          "[green]yes[/]" if g.get("ok") else f"[red]no[/]: {g.get('why', '')}")
+            yield h
         for n in self.notes:
-            yield f"[dim]note: {n}[/dim]"
+            yield (f"[bold red]warning: {n}[/]" if n == latency_warning(self.latency)
+                   else f"[dim]note: {n}[/dim]")
 
     def __str__(self) -> str:
         import io

@@ -47,6 +47,13 @@ class StepOptions(BaseModel):
         '"damage": each candidate is first built and applied alone on the current model and the relative '
         "RMS change of the model's output measured, then tried least damaging first.")
 
+    patience: int | None = Field(
+        default=3, ge=1,
+        description="In a ranked step (order: damage, layers: auto, or a rule's own ranking such as "
+        "drop_attention's order: importance): stop after this many candidates in a row failed the gate; "
+        "the rest rank as more damaging and are recorded as skipped with this reason. null: try every "
+        "candidate.")
+
     @field_validator("layers")
     @classmethod
     def _layers_syntax(cls, v):
@@ -63,6 +70,12 @@ class StepOptions(BaseModel):
     @property
     def by_damage(self) -> bool:
         return self.order == "damage" or self.layers == "auto"
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the candidates come least damaging first, so that `patience` applies: the driver's
+        `order: damage`, or a rule's own ranking (an `order` other than "plan" or "graph")."""
+        return self.by_damage or self.order not in ("plan", "graph")
 
     def selects(self, site: AttentionSite) -> bool:
         """Whether `layers` selects this site (matched on site.layer, falling back to site.index)."""
@@ -151,6 +164,13 @@ class Rule:
     plan: Callable[[Any, list[AttentionSite], Any], list[Candidate]] = one_per_site
     cost: Callable[[AttentionSite, Any], Any] | None = None   # attention FLOPs/token after the rewrite (sympy, in N)
     kind: Literal["attention", "memory", "structure"] = "attention"
+    # fits tensors to the calibration data (True, or a function of the options, e.g. agent's calibrate):
+    # such steps gate on held-out validation samples by default (recipe calibration.validation)
+    fits: bool | Callable[[Any], bool] = False
+
+    def fitted(self, opts) -> bool:
+        """Whether a step of this rule with `opts` fits tensors to the calibration samples."""
+        return bool(self.fits(opts) if callable(self.fits) else self.fits)
 
 
 RULES: dict[str, Rule] = {}

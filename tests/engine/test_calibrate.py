@@ -30,8 +30,19 @@ def _word_ngrams(tokenizer, rows, n: int = 8) -> set:
     """Runs of n words in the decoded samples (the decontamination unit of rewriter.models)."""
     out = set()
     for r in rows:
-        words = re.findall(r"\w+", tokenizer.decode(r, skip_special_tokens=True).lower())
+        text = tokenizer.decode(r, skip_special_tokens=True).lower()
+        text = re.sub(r"\s*_\s*", "_", text)        # BERT's decode spaces "__enter__" as "_ _ enter _ _"
+        words = re.findall(r"\w+", text)
         out |= {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return out
+
+
+def _labelled_rows(batches, labels) -> list:
+    """(label, input_ids row) of every row: a batch's label is one (text, tokens) or one per row."""
+    out = []
+    for b, lb in zip(batches, labels):
+        per_row = [tuple(lb)] * len(b["input_ids"]) if isinstance(lb[0], str) else [tuple(x) for x in lb]
+        out += list(zip(per_row, b["input_ids"]))
     return out
 
 
@@ -64,17 +75,42 @@ def test_encoder_truncates_to_seq_len(bert):
 
 
 def test_causal_chunks_have_exact_length_and_default_fits(llama):
-    cal = make_calibration(llama)          # the recipe default: 64 x 128, held-out 16
-    assert cal.notes == [], "bundled text covers the default without repeating"
-    assert len(cal.batches) == 8 and len(cal.heldout) == 2
-    for b in cal.batches + cal.heldout:
-        assert b["input_ids"].shape == (8, 128) and bool(b["attention_mask"].all())
+    cal = make_calibration(llama)          # the recipe default: 64 x 128 tokens of the mix, held-out 16
+    assert cal.notes == [], "every kind of text covers the default without repeating"
+    assert cal.lengths == [128, 512], "auto lengths: seq_len and 4 x seq_len (within 512 positions)"
+    kinds = ("bundled", "pydoc", "python", "legal")
+    rows = _labelled_rows(cal.batches, cal.batch_labels)
+    assert sorted(set(lb for lb, _ in rows)) == sorted((k, n) for k in kinds for n in (128, 512))
+    assert {lb for lb, _ in _labelled_rows(cal.heldout, cal.heldout_labels)} == {lb for lb, _ in rows}
+    for lb, r in rows + _labelled_rows(cal.heldout, cal.heldout_labels):
+        assert r.shape == (lb[1],), "every row is a chunk of exactly its label's length"
+    per_cell = {}
+    for lb, r in rows:
+        per_cell[lb] = per_cell.get(lb, 0) + r.numel()
+    assert set(per_cell.values()) == {64 * 128 // 8}, "the 64 x 128 tokens spread evenly over the 8 cells"
+    for b in cal.batches:             # one length per batch, the kinds side by side, ≤ 8 x 128 tokens
+        assert b["input_ids"].numel() <= 8 * 128 and bool(b["attention_mask"].all())
+    assert len(cal.batches) == 4 * 8 // 8 + 4 * 2 // 2, "full batches: 4 of 8 x 128, 4 of 2 x 512"
     with torch.no_grad():
         logits = llama.model(**cal.batches[0]).logits
     assert logits.shape == (8, 128, llama.model.config.vocab_size)
-    # chunks are consecutive slices of one stream: no chunk repeats
+    # chunks are consecutive slices of one stream per kind: no chunk repeats
     rows = _rows(cal.batches)
     assert len(set(rows)) == len(rows)
+
+
+def test_one_kind_at_one_length_is_the_plain_draw(llama):
+    cal = make_calibration(llama, text="bundled", lengths=[128])
+    assert len(cal.batches) == 8 and len(cal.heldout) == 2 and cal.lengths == [128]
+    assert set(cal.batch_labels) == {("bundled", 128)}
+    for b in cal.batches + cal.heldout:
+        assert b["input_ids"].shape == (8, 128)
+
+
+def test_lengths_beyond_the_position_table_name_the_limit(llama):
+    with pytest.raises(ValueError, match="calibration.lengths: 4096 exceeds llama's max_length 512"):
+        make_calibration(llama, lengths=[128, 4096])
+    assert make_calibration(llama, seq_len=256, samples=8, heldout=0).lengths == [256, 512], "capped at 512"
 
 
 @pytest.mark.parametrize("kind", ["encoder", "causal_lm"])
@@ -130,7 +166,8 @@ def test_too_little_text_repeats_with_a_note(bert, llama, tmp_path):
     assert len(held) == 2 and held.isdisjoint(_rows(cal.batches))
     with pytest.warns(UserWarning, match="repeating it"):
         cal = make_calibration(llama, text=str(f), samples=8, seq_len=64, heldout=1)
-    assert all(b["input_ids"].shape[1] == 64 for b in cal.batches)
+    assert cal.lengths == [64, 256]
+    assert all(r.shape == (lb[1],) for lb, r in _labelled_rows(cal.batches, cal.batch_labels))
     with pytest.warns(UserWarning, match="validation samples repeat calibration ones"):
         make_calibration(bert, text=str(f), samples=6, seq_len=32, heldout=2, validation=4)
 
@@ -204,8 +241,10 @@ def test_validation_samples_are_new_and_leave_the_fit_data_alone(bert, llama, ki
     """validation draws extra calibration-side samples: the fitted batches stay exactly what they
     were without it, the validation rows are different ones, and held-out text stays out."""
     loaded = bert if kind == "encoder" else llama
-    plain = make_calibration(loaded, samples=12, seq_len=32, batch_size=4, heldout=4)
-    cal = make_calibration(loaded, samples=12, seq_len=32, batch_size=4, heldout=4, validation=6)
+    plain = make_calibration(loaded, samples=12, seq_len=32, batch_size=4, heldout=4, text="bundled",
+                             lengths=[32])
+    cal = make_calibration(loaded, samples=12, seq_len=32, batch_size=4, heldout=4, validation=6, text="bundled",
+                           lengths=[32])
     assert _rows(cal.batches) == _rows(plain.batches) and _rows(cal.heldout) == _rows(plain.heldout)
     val = _rows(cal.validation)
     assert len(val) == 6 and [len(b["input_ids"]) for b in cal.validation] == [4, 2]

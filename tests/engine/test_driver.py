@@ -1,6 +1,8 @@
 """The driver's promises: the user's model is never modified; a failed gate or a failing rule
 restores the snapshot exactly; decisions are recorded; save → load reproduces outputs."""
 
+from typing import Literal
+
 import pytest
 import torch
 
@@ -138,3 +140,60 @@ def test_build_can_refuse_a_site_with_a_reason(bert, frozen_state, state_equal):
     assert (r0.status, r1.status) == ("applied", "rejected")
     assert r1.reason == "site 1 measured unsuitable" and r1.info == {"measured": 1}
     assert sum(n.target is G.SDPA for n in opt.graph_module.graph.nodes) == 3
+
+
+# ---- patience: a ranked step stops after consecutive gate failures ------------------------------------
+
+class _ListedOpts(StepOptions):
+    order: Literal["listed", "plan", "damage"] = "listed"    # the rule ranks its own candidates ("listed")
+    bad: list[int] = []                                      # sites whose edit is damaging
+
+
+def _scale_attention(gm, c, built, opts):
+    """Scales the attention output by 1 (harmless, exact) or, on the `bad` sites, its query by 100."""
+    n = G.node(gm, c.site.node)
+    if c.site.index in opts.bad:
+        G.replace_with_op(gm, n, torch.ops.aten.mul.Tensor, (G.sdpa_args(n)["query"], 100.0),
+                          rule="_listed", site=c.site.index)
+    else:
+        with gm.graph.inserting_after(n):
+            m = gm.graph.call_function(torch.ops.aten.mul.Tensor, (n, 1.0))
+        n.replace_all_uses_with(m)
+        m.args = (n, 1.0)
+
+
+if "_listed" not in RULES:
+    register(Rule("_listed", paper="test", summary="test rule", exact=False, options=_ListedOpts,
+                  check=lambda s, o: None, build=lambda c, s, o: {}, apply=_scale_attention))
+
+
+def _statuses(opt):
+    return [(r.sites, r.status) for r in opt.report.records]
+
+
+def test_patience_stops_a_ranked_step_with_the_reason(bert):
+    """Two gate failures in a row end a ranked step: the untried candidates are skipped, each naming
+    the rule; a success in between resets the count; patience: null and unranked steps try all."""
+    def run(**o):
+        return optimize(bert, _recipe({"_listed": {"patience": 2, **o}}), measure_latency=False,
+                        progress=False)
+
+    opt = run(bad=[1, 2])
+    assert _statuses(opt) == [((0,), "applied"), ((1,), "rolled_back"), ((2,), "rolled_back"),
+                              ((3,), "skipped")]
+    assert opt.report.records[-1].reason == ("patience=2: 2 ranked candidates in a row failed the gate; the "
+                                             "remaining ones rank as more damaging")
+    assert [s for _, s in _statuses(run(bad=[1, 3]))] == ["applied", "rolled_back", "applied", "rolled_back"]
+    assert [s for _, s in _statuses(run(bad=[1, 2], patience=3))][-1] == "applied"
+    assert [s for _, s in _statuses(run(bad=[0, 1], patience=1))] == ["rolled_back"] + ["skipped"] * 3
+    assert [s for _, s in _statuses(run(bad=[1, 2], patience=None))][-1] == "applied"
+    assert [s for _, s in _statuses(run(bad=[1, 2], order="plan"))][-1] == "applied"   # not ranked
+
+
+def test_patience_ends_the_damage_ranking_too(bert):
+    """order: damage puts the least damaging first; with every candidate damaging, two are tried."""
+    opt = optimize(bert, _recipe({"_damage": {"order": "damage", "patience": 2}}), measure_latency=False,
+                   progress=False)
+    assert [r.status for r in opt.report.records] == ["rolled_back"] * 2 + ["skipped"] * 2
+    assert all("damage_alone" in r.info for r in opt.report.records)
+    assert all(r.reason.startswith("patience=2") for r in opt.report.records[2:])

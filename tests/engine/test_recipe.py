@@ -55,7 +55,8 @@ def test_minimal_dict_gets_defaults():
     r = load_recipe(STEP)
     assert isinstance(r, Recipe)
     assert r.model is None and r.gate is None and r.output is None and r.source is None
-    assert r.calibration == CalibrationSpec(text="bundled", samples=64, seq_len=128, batch_size=8, heldout=16)
+    assert r.calibration == CalibrationSpec(text="auto", samples=64, seq_len=128, lengths="auto", batch_size=8,
+                                           heldout=16, validation="auto")
     assert r.budget == BudgetSpec(max_sites=None, max_seconds=None)
     assert r.steps == [Step("_test_rule", _TestOptions(max_layers=2))]
     assert type(r.steps[0].options) is _TestOptions
@@ -118,7 +119,7 @@ def test_calibration_text_resolves_against_recipe_folder_not_cwd(tmp_path, monke
 def test_example_recipes(name):
     r = load_recipe(EXAMPLES / f"{name}.yaml")
     assert [s.rule for s in r.steps] == ["drop_attention"]
-    assert r.calibration.text == "bundled"
+    assert r.calibration.text == ("bundled" if name == "minilm-drop" else "auto")
     if name == "minilm-drop":
         assert r.model == "minilm" and r.output == "out/minilm-drop"
         assert (r.calibration.samples, r.calibration.seq_len) == (64, 128)
@@ -126,7 +127,7 @@ def test_example_recipes(name):
         assert r.steps[0].options.max_layers == 2
     else:
         assert r.model == "smollm2" and r.output == "out/smollm2-drop"
-        assert (r.calibration.samples, r.calibration.seq_len) == (32, 256)
+        assert (r.calibration.samples, r.calibration.seq_len, r.calibration.lengths) == (32, 256, "auto")
         assert r.gate == GateSpec(metric="perplexity_ratio", max=1.05)
         assert r.steps[0].options.max_layers == 4
 
@@ -234,7 +235,7 @@ def test_unknown_option_lists_the_rules_options(tmp_path):
     p = write(tmp_path, "steps:\n  - _test_rule: {max_layer: 2}\n")
     e = error_of(p)
     assert str(e) == (f"{p}: steps[0]._test_rule.max_layer: unknown option (did you mean 'max_layers'?); "
-                      "allowed: layers, max_applied, max_layers, order")
+                      "allowed: layers, max_applied, max_layers, order, patience")
 
 
 @pytest.mark.parametrize("opts,message", [
@@ -244,7 +245,7 @@ def test_unknown_option_lists_the_rules_options(tmp_path):
                           "allowed: 'importance' or 'graph'"),
     ({"layers": "x-y"}, 'steps[0]._test_rule.layers: layers must be "all", "auto", "A-B", "A,B,C" or a list of ints'),
     ({"layers": 3.5}, "steps[0]._test_rule.layers: invalid value 3.5 (number); allowed: Which sites to target"),
-    (7, "steps[0]._test_rule: options must be a mapping (or empty), got 7 (integer); allowed: layers, max_applied, max_layers, order"),
+    (7, "steps[0]._test_rule: options must be a mapping (or empty), got 7 (integer); allowed: layers, max_applied, max_layers, order, patience"),
 ])
 def test_bad_option_values(opts, message):
     e = error_of({"steps": [{"_test_rule": opts}]})
@@ -268,7 +269,8 @@ def test_calibration_text_missing(tmp_path):
     e = error_of(p)
     assert str(e) == (f"{p}: calibration.text: calibration text file not found: {tmp_path.resolve() / 'data' / 'cal.txt'} "
                       f"(relative paths resolve against {tmp_path.resolve()}); "
-                      "allowed: bundled, pydoc, or a path to a .txt or .jsonl file")
+                      "allowed: auto, mix, bundled, pydoc, python, legal, a '+'-joined mix such as pydoc+python, "
+                      "or a path to a .txt or .jsonl file")
 
 
 def test_calibration_text_wrong_kind(tmp_path):
@@ -292,7 +294,7 @@ def test_steps_not_a_list():
 def test_section_not_a_mapping_and_model_not_a_string():
     e = error_of({"calibration": 64, **STEP})
     assert str(e) == ("<recipe>: calibration: expected a mapping, got 64 (integer); "
-                      "allowed: text, samples, seq_len, batch_size, heldout, validation")
+                      "allowed: text, samples, seq_len, lengths, batch_size, heldout, validation")
     e = error_of({"model": ["minilm"], **STEP})
     assert str(e).startswith("<recipe>: model: expected a non-empty string, got a list ['minilm']")
 
@@ -338,7 +340,8 @@ def test_schema_describes_every_rule_and_section():
     assert {"_test_rule", "drop_attention"} <= set(by_rule)
     ref = by_rule["_test_rule"]["properties"]["_test_rule"]["anyOf"][0]["$ref"]
     opts = s["$defs"][ref.rsplit("/", 1)[1]]
-    assert set(opts["properties"]) == {"layers", "max_applied", "max_layers", "order"} and opts["additionalProperties"] is False
+    assert set(opts["properties"]) == {"layers", "max_applied", "max_layers", "order", "patience"}
+    assert opts["additionalProperties"] is False
     cal_ref = s["properties"]["calibration"]["anyOf"][0]["$ref"].rsplit("/", 1)[1]
     assert s["$defs"][cal_ref]["properties"]["samples"]["exclusiveMinimum"] == 0
     gate_ref = s["properties"]["gate"]["anyOf"][0]["$ref"].rsplit("/", 1)[1]

@@ -55,6 +55,20 @@ def test_window_covering_the_sequence_is_exact_softmax(llama):
     torch.testing.assert_close(_run(opt, batch), _run(llama.model, batch), rtol=1e-5, atol=1e-5)
 
 
+def test_layers_sharing_a_mask_share_one_key_mask_reduction(llama):
+    """A decoder's layers read one [B, 1, T, T] mask: the rewritten graph reduces it to real keys once
+    (one key_valid node feeding every hybrid op), not once per layer, and padding still gives the
+    outputs of the unpadded rows (the window ≥ T setting is exact softmax)."""
+    opt = optimize(llama, _recipe({"window": 64, "steps": 0}, seq_len=32), progress=False, measure_latency=False)
+    gm = opt.graph_module
+    kv = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is key_valid]
+    assert len(kv) == 1 and _count(gm, HYBRID) == 4
+    assert all(n.args[8] is kv[0] for n in gm.graph.nodes if n.target == HYBRID)
+    batch = llama.example_inputs(batch=2, seq_len=32)
+    batch["attention_mask"][1, :7] = 0                  # left padding in one row
+    torch.testing.assert_close(_run(opt, batch), _run(llama.model, batch), rtol=1e-4, atol=1e-4)
+
+
 def test_rewritten_graph_computes_the_fitted_attention(bert):
     """The aten feature-map nodes + mask reduction in the graph equal the eager math the fit optimized."""
     opt = optimize(bert, _recipe({"steps": 5, "layers": [1]}), progress=False, measure_latency=False)

@@ -2,7 +2,7 @@
 processes, with different Python hash seeds (set and dict-of-set iteration orders) and different
 global torch RNG states, of a recipe whose rules fit (hedgehog linear attention, MASA, k-means
 centroids, calibrated per-head routing budgets, `layers: auto`'s damage order). Only wall-clock times
-(`seconds`, `*_seconds`) may differ."""
+(`seconds`, `*_seconds`) and the process's resident memory (`*_rss_bytes`) may differ."""
 import json
 import os
 import subprocess
@@ -33,9 +33,10 @@ opt.save(sys.argv[1])
 
 
 def _untimed(x):
-    """`x` without wall-clock times: keys `seconds` and `*_seconds`, at any depth."""
+    """`x` without wall-clock times and resident memory: keys `seconds`, `*_seconds`, `*_rss_bytes`."""
     if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if not (k == "seconds" or k.endswith("_seconds"))}
+        return {k: _untimed(v) for k, v in x.items()
+                if not (k == "seconds" or k.endswith(("_seconds", "_rss_bytes")))}
     if isinstance(x, list):
         return [_untimed(v) for v in x]
     return x
