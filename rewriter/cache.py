@@ -294,7 +294,7 @@ class ActivationCache:
         self._pending = None
         for bi, b in enumerate(self.batches):
             env: dict[fx.Node, object] = {}
-            flat = iter(_flatten(gm, b))
+            flat = iter(flatten_inputs(gm, b))
             for x in start:
                 env[by_name[x]] = self.values[x][bi]
             for i, n in enumerate(order):
@@ -365,7 +365,8 @@ def spread(n: int) -> list[int]:
     return taken
 
 
-def _flatten(gm: fx.GraphModule, kwargs: dict) -> list:
+def flatten_inputs(gm: fx.GraphModule, kwargs: dict) -> list:
+    """A batch of keyword inputs as the traced graph's flat placeholder values (its input spec)."""
     spec = getattr(gm, "_in_spec", None)
     if spec is None:
         return list(kwargs.values())

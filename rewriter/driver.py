@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from .cache import DEFAULT_CAP_BYTES, ActivationCache
+from .cache import DEFAULT_CAP_BYTES, ActivationCache, flatten_inputs
 from .gate import Gate, Measurement, compare
 from .io import ModelIO, PlainIO
 from .rule import Built, Candidate, Refused, Rule, get_rule
@@ -123,14 +123,6 @@ class Context:
         for b in batches if batches is not None else self.batches:
             _Rec(gm).run(*flatten_inputs(gm, b))
         return out
-
-
-def flatten_inputs(gm: fx.GraphModule, kwargs: dict) -> list:
-    spec = getattr(gm, "_in_spec", None)
-    if spec is None:
-        return list(kwargs.values())
-    import torch.fx._pytree as fx_pytree
-    return fx_pytree.tree_flatten_spec(((), kwargs), spec)
 
 
 @dataclass
