@@ -54,7 +54,9 @@ def test_importance_ranks_and_drops_least_important_first(minilm):
 
 
 def test_gate_rolls_back_damaging_drop(minilm):
-    opt = optimize(minilm, _recipe({"drop_block": {"max_layers": 6}}, metric="embedding_cosine", min=0.9999),
+    # patience: null, so that every ranked candidate is gated (the default stops after 3 failures)
+    opt = optimize(minilm, _recipe({"drop_block": {"max_layers": 6, "patience": None}}, metric="embedding_cosine",
+                                   min=0.9999),
                    progress=False, measure_latency=False)
     assert all(r.status == "rolled_back" for r in opt.report.records)
     assert all("gate: embedding_cosine" in r.reason for r in opt.report.records)

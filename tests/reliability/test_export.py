@@ -66,7 +66,8 @@ def test_the_routing_example_recipe_calibrated_at_batch_one_serves_other_batch_s
     r = load_recipe(ROOT / "examples" / "recipes" / "smollm2-routing.yaml")
     assert r.calibration.batch_size == 1
     loaded = load_model("llama", num_hidden_layers=2)
-    calib = r.calibration.model_dump() | {"samples": 2, "seq_len": 128, "heldout": 0, "validation": 0}
+    calib = r.calibration.model_dump() | {"samples": 2, "seq_len": 128, "lengths": [128], "heldout": 0,
+                                          "validation": 0}
     recipe = {"calibration": calib, "gate": {"metric": "relative_rms", "max": 100.0},
               "steps": [{s.rule: s.options.model_dump(exclude_unset=True)} for s in r.steps]}
     opt = optimize(loaded, recipe, progress=False, measure_latency=False)
