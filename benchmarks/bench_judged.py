@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rewriter import load, optimize
+from rewriter.calibrate import row_labels
 from rewriter.gate import Gate
 from rewriter.models import load_model, make_calibration
 from rewriter.recipe import GateSpec
@@ -50,7 +51,7 @@ def main() -> None:
     m = Gate.from_model(spec, loaded.model.eval(), cal.heldout, loaded, cal.heldout_labels).measure(opt.graph_module)
     rows = {}
     for b, lb in zip(cal.heldout, cal.heldout_labels):
-        for x in ([tuple(lb)] * len(b["input_ids"]) if isinstance(lb[0], str) else map(tuple, lb)):
+        for x in row_labels(lb, len(b["input_ids"])):
             rows[x] = rows.get(x, 0) + 1
     result = {"what": what, "metric": "perplexity_ratio", "bound": 1.05, "worst": m.value, "ok": m.ok,
               "why": m.why, "groups": [{**g, "samples": rows[(g["text"], g["tokens"])]} for g in m.groups],

@@ -33,7 +33,7 @@ from rewriter.calibrate import Calibration
 from .images import digit_indices, digits_pixel_values
 from .signature import bind_batch
 from .text import load_source, load_sources, split_heldout
-from .zoo import Loaded, token_chunks
+from .zoo import Loaded, encode_documents, token_chunks
 
 __all__ = ["make_calibration", "calibration_from", "evaluation_batches", "padding_tokenizer",
            "judged_lengths"]
@@ -173,22 +173,26 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: in
     cells = [(src, L) for src in sources for L in lens]
     one = len(cells) == 1
     drawn = {"cal": {}, "val": {}, "held": {}}          # part -> length -> [(label, row)]
+    encoded: dict = {}                                  # each source's documents, tokenized once
     for src, L in cells:
         n_cal, n_val, n_held = (_cell_counts(c, seq_len, len(cells), L)
                                 for c in (samples, validation, heldout))
-        tag = "" if one else f"-{src.name}-{L}"
+        # the random stream of a cell (one cell: the seed itself, as before there were cells)
+        key = seed if one else f"{seed}-{src.name}-{L}"
         where = src.name if one else f"{src.name} at {L} tokens"
         if kind == "encoder":
-            cal, held = _encoder_cell(loaded, src, L, seq_len, n_cal + n_val, n_held, seed, tag, notes, where,
-                                      n_val)
+            cal, held = _encoder_cell(loaded, src, L, seq_len, n_cal + n_val, n_held, key, notes, where, n_val)
         else:                                               # causal_lm: chunks of exactly L tokens
-            rng = random.Random(f"{seed}{tag}" if tag else seed)
-            cal = _token_cell(loaded, src.documents, n_cal + n_val, L, rng, notes,
+            if src.name not in encoded:
+                encoded[src.name] = [encode_documents(loaded.tokenizer, d)
+                                     for d in (src.documents, src.heldout_documents)]
+            docs, held_docs = encoded[src.name]
+            cal = _token_cell(loaded, docs, n_cal + n_val, L, random.Random(key), notes,
                               f"{where}: {n_cal + n_val} x {L} tokens requested but the calibration text "
                               f"is shorter", n_val)
-            held = _token_cell(loaded, src.heldout_documents, n_held, L, random.Random(f"heldout-{seed}{tag}"),
-                               notes, f"{where}: {n_held} x {L} held-out tokens requested but the held-out "
-                                      f"text is shorter") if n_held else []
+            held = _token_cell(loaded, held_docs, n_held, L, random.Random(f"heldout-{key}"), notes,
+                               f"{where}: {n_held} x {L} held-out tokens requested but the held-out "
+                               f"text is shorter") if n_held else []
         for part, rows in (("cal", cal[:n_cal]), ("val", cal[n_cal:]), ("held", held)):
             drawn[part].setdefault(L, []).extend(((src.name, L), r) for r in rows)
     out, labels = {}, {}
@@ -209,16 +213,16 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: in
                        labels["cal"], labels["val"], labels["held"], lens)
 
 
-def _token_cell(loaded: Loaded, documents: list[str], n: int, length: int, rng, notes: list, short: str,
+def _token_cell(loaded: Loaded, encoded: list[list[int]], n: int, length: int, rng, notes: list, short: str,
                 validation: int = 0) -> torch.Tensor:
-    ids, passes = token_chunks(loaded.tokenizer, documents, n, length, rng)
+    ids, passes = token_chunks(loaded.tokenizer, None, n, length, rng, encoded=encoded)
     if passes > 1:
         _note(notes, f"{short}; repeating it ({passes} passes){_VALIDATION_REPEATS if validation else ''}")
     return ids
 
 
-def _encoder_cell(loaded: Loaded, src, length: int, seq_len: int, n: int, n_held: int, seed: int, tag: str,
-                  notes: list, where: str, validation: int) -> tuple[list[str], list[str]]:
+def _encoder_cell(loaded: Loaded, src, length: int, seq_len: int, n: int, n_held: int, key, notes: list,
+                  where: str, validation: int) -> tuple[list[str], list[str]]:
     """An encoder cell's calibration and held-out samples: units (sentences, paragraphs) as they are
     up to ``seq_len``; at a longer length, consecutive units joined until they fill it."""
     cal_pool, held_pool = src.samples, src.heldout_samples
@@ -226,10 +230,8 @@ def _encoder_cell(loaded: Loaded, src, length: int, seq_len: int, n: int, n_held
         raise ValueError(f"make_calibration: {src.name} has no held-out samples")
     if length > seq_len:
         cal_pool, held_pool = (_packed(loaded.tokenizer, p, length) for p in (cal_pool, held_pool))
-    picked = _draw(cal_pool, n, int(seed) if not tag else f"{seed}{tag}", notes, source=where, unit="samples",
-                   validation=validation)
-    held = _draw(held_pool, n_held, seed if not tag else f"{seed}{tag}", notes, source=where, unit="samples",
-                 heldout=True)
+    picked = _draw(cal_pool, n, key, notes, source=where, unit="samples", validation=validation)
+    held = _draw(held_pool, n_held, key, notes, source=where, unit="samples", heldout=True)
     return picked, held
 
 
@@ -367,8 +369,8 @@ def evaluation_batches(loaded: Loaded, text: str | list[str], samples: int = 64,
         units = (src.samples + src.heldout_samples)[:samples]
         return [_encode_encoder(loaded, b, seq_len) for b in _batched(units, batch_size)]
     docs = src.documents + src.heldout_documents
-    encoded = loaded.tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    encoded = encode_documents(loaded.tokenizer, docs)
     stream = sum(len(x) + 1 for x in encoded)
     n = max(1, min(samples, stream // seq_len))
-    ids, _ = token_chunks(loaded.tokenizer, docs, n, seq_len)
+    ids, _ = token_chunks(loaded.tokenizer, None, n, seq_len, encoded=encoded)
     return [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch_size)]

@@ -250,14 +250,20 @@ def _encoder_example(tokenizer, batch: int, seq_len: int) -> dict:
     return out
 
 
-def token_chunks(tokenizer, documents: list[str], n: int, seq_len: int,
-                 rng=None) -> tuple[torch.Tensor, int]:
+def encode_documents(tokenizer, documents: list[str]) -> list[list[int]]:
+    """Token ids of each document, without special tokens (what ``token_chunks`` reads)."""
+    return tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def token_chunks(tokenizer, documents: list[str] | None, n: int, seq_len: int,
+                 rng=None, *, encoded: list[list[int]] | None = None) -> tuple[torch.Tensor, int]:
     """``n`` contiguous chunks of exactly ``seq_len`` tokens from ``documents`` read as one
     stream (document order shuffled by ``rng`` when given, separated by the tokenizer's EOS,
     else SEP token). When one pass over the text is too short, further passes (reshuffled)
-    are appended. Returns ``(ids (n, seq_len), passes)``; ``passes > 1`` means text repeats."""
+    are appended; ``encoded`` (``encode_documents``) stands in for ``documents`` already tokenized.
+    Returns ``(ids (n, seq_len), passes)``; ``passes > 1`` means text repeats."""
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    encoded = tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]
+    encoded = encode_documents(tokenizer, documents) if encoded is None else encoded
     need, stream, passes = n * seq_len, [], 0
     while len(stream) < need:
         order = list(range(len(encoded)))

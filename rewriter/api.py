@@ -14,6 +14,7 @@ from . import graph as G
 from .analyze import analyze
 from .canonicalize import canonicalize, explain_unmatched
 from .driver import Driver, Record, replay
+from .calibrate import row_labels
 from .gate import Gate
 from .cost import graph_flops, report_cost
 from .report import MemoryMeter, Report, attention_flops, latency, unique_numel
@@ -219,7 +220,7 @@ def _calibration_summary(calib) -> dict:
         out: dict = {}
         for b, lb in zip(batches, labels or [(calib.source, None)] * len(batches)):
             rows = next((int(v.shape[0]) for v in b.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
-            for x in ([tuple(lb)] * rows if isinstance(lb[0], str) else map(tuple, lb)):
+            for x in row_labels(lb, rows):
                 out[x] = out.get(x, 0) + 1
         return [{"text": t, "tokens": n, "samples": k} for (t, n), k in out.items()]
     return {"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,

@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Calibration"]
+__all__ = ["Calibration", "row_labels"]
+
+
+def row_labels(label, rows: int) -> list[tuple[str, int]]:
+    """The label of each of a batch's `rows` rows: a batch's label is one (text, tokens), or a list
+    with one per row."""
+    return [tuple(label)] * rows if isinstance(label[0], str) else [tuple(x) for x in label]
 
 
 @dataclass

@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", metavar="TEXT", help="kinds of text, held-out side (bundled, pydoc, python, "
                    "legal, mix, or a '+'-joined mix such as pydoc+python), or a .txt (paragraphs, or one "
                    "sample per line) or .jsonl ({\"text\": ...} per line) file, all of it")
-    e.add_argument("--lengths", type=_length_list, metavar="N,N", help="token lengths to measure at "
+    e.add_argument("--lengths", metavar="N,N", help="token lengths to measure at "
                    "(default: the recipe's calibration lengths)")
     e.add_argument("--samples", type=_positive_int, metavar="N", help="at most N samples (sentences, or "
                    "chunks of the recipe's seq_len tokens; default: the recipe's samples + heldout)")
@@ -176,18 +176,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lengths(text: str) -> list[int]:
+def _lengths(text: str, flag: str = "--seq") -> list[int]:
     """'128,512,2048' → [128, 512, 2048] (positive integers, each once, ascending); a usage error
-    (one line, exit 2) names the part that is not one."""
+    (one line, exit 2) names the flag and the part that is not one."""
     out = []
     for part in text.split(","):
         try:
             n = int(part.strip())
         except ValueError:
-            raise _Failure(f"--seq {text}: expected comma-separated positive integers such as 128,512,2048; "
+            raise _Failure(f"{flag} {text}: expected comma-separated positive integers such as 128,512,2048; "
                            f"{part.strip()!r} is not an integer", EXIT_USAGE) from None
         if n <= 0:
-            raise _Failure(f"--seq {text}: lengths must be positive, got {n}", EXIT_USAGE)
+            raise _Failure(f"{flag} {text}: lengths must be positive, got {n}", EXIT_USAGE)
         out.append(n)
     return sorted(set(out))
 
@@ -394,17 +394,6 @@ def _load_saved(path: str, trust_code: bool):
         raise _Failure(f"{path}: cannot rebuild the saved model: {e}", EXIT_USAGE) from e
 
 
-def _length_list(text: str) -> list[int]:
-    """--lengths 256,1024: token counts >= 1."""
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected token counts such as 256,1024, got {text!r}")
-    return out
-
-
 def _cmd_eval(args) -> int:
     import copy
 
@@ -415,11 +404,12 @@ def _cmd_eval(args) -> int:
     from .models import evaluation_batches, judged_lengths, make_calibration
     from .recipe import default_gate
 
+    asked = _lengths(args.lengths, "--lengths") if args.lengths is not None else None   # before the load
     opt = _load_saved(args.saved, args.trust_code)
     loaded, spec = opt.io, opt.recipe.calibration
     gate_spec = opt.recipe.gate or default_gate(loaded.kind)
     samples = args.samples or spec.samples + spec.heldout
-    lengths = args.lengths or spec.lengths
+    lengths = asked or spec.lengths
     try:
         if args.text and Path(args.text).suffix.lower() in (".txt", ".jsonl"):
             batches, labels = [], []

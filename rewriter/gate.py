@@ -14,12 +14,14 @@ label's value.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .calibrate import row_labels
 from .io import ModelIO, PlainIO
 
 
@@ -121,35 +123,34 @@ class Gate:
     """Holds the original model's outputs on a fixed input set and judges candidates against them."""
 
     def __init__(self, spec, batches: list[dict], reference_outputs: list[torch.Tensor],
-                 io: ModelIO | None = None, labels: list | None = None):
+                 io: ModelIO | None = None, labels: list | None = None, reduced: bool = False):
+        """`reference_outputs`: the original's main outputs on `batches` (`reduced`: for a perplexity
+        gate, already its per-token NLLs, token_nll)."""
         self.spec, self.batches, self.ref, self.io = spec, batches, reference_outputs, io or PlainIO()
         labels = list(labels or [])
         if labels and len(labels) != len(batches):
             raise ValueError(f"Gate: {len(labels)} labels for {len(batches)} batches")
         # per batch, the label of each row: a batch's label is (text, tokens) or one such per row
-        self.rows = [[tuple(lb)] * len(y) if isinstance(lb[0], str) else [tuple(x) for x in lb]
-                     for lb, y in zip(labels, reference_outputs)]
+        self.rows = [row_labels(lb, len(y)) for lb, y in zip(labels, reference_outputs)]
         self.labels = list(dict.fromkeys(x for r in self.rows for x in r))
-
         # perplexity needs only each token's NLL: kept instead of the logits (V times smaller)
         self.reduce = spec.metric == "perplexity_ratio"
-        if self.reduce:
-            self.ref = [y if y.dtype == torch.float64 and y.dim() == 2 else token_nll(self.io, b, y)
-                        for b, y in zip(batches, reference_outputs)]
+        if self.reduce and not reduced:
+            self.ref = [token_nll(self.io, b, y) for b, y in zip(batches, reference_outputs)]
 
     @classmethod
     def from_model(cls, spec, model, batches, io: ModelIO | None = None, labels=None):
-        io = io or PlainIO()
-        reduce = (lambda b, y: token_nll(io, b, y)) if spec.metric == "perplexity_ratio" else None
-        ref = run(model, batches, io, reduce)      # reduced batch by batch: one batch's logits at a time
-        return cls(spec, batches, ref, io, labels)
+        io, reduced = io or PlainIO(), spec.metric == "perplexity_ratio"
+        # reduced batch by batch: one batch's logits exist at a time
+        ref = run(model, batches, io, functools.partial(token_nll, io) if reduced else None)
+        return cls(spec, batches, ref, io, labels, reduced)
 
     def measure(self, model, runner=None) -> Measurement:
         """Judge `model` on the gate's batches. `runner(model, batches, io, reduce=)` computes its main
         outputs (default `run`, the full forward; the driver passes rewriter.cache.ActivationCache.run,
         equal bit for bit and resumed from cached activations)."""
         if self.reduce:     # per-token NLLs as each batch's logits come: one batch's logits at a time
-            nll = (runner or run)(model, self.batches, self.io, reduce=lambda b, y: token_nll(self.io, b, y))
+            nll = (runner or run)(model, self.batches, self.io, reduce=functools.partial(token_nll, self.io))
             return self.judge(nll, reduced=True)
         return self.judge((runner or run)(model, self.batches, self.io))
 

@@ -144,4 +144,4 @@ def test_eval_measures_a_saved_model_per_kind_and_length(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {(g["text"], g["tokens"]) for g in out["groups"]} == {("mine.txt", 16), ("mine.txt", 32)}
     assert main(["eval", str(tmp_path / "saved"), "--lengths", "16,x"]) == 2
-    assert "expected token counts such as 256,1024" in capsys.readouterr().err
+    assert "--lengths 16,x: expected comma-separated positive integers" in capsys.readouterr().err
