@@ -5,7 +5,7 @@
     rewriter rules [--json]                                      every rewrite rule with its paper
     rewriter schema                                              JSON Schema of recipes (for editors)
     rewriter models [--json]                                     registered model names
-    rewriter eval SAVED_DIR [--text FILE] [--json]               re-measure a saved model against its base
+    rewriter eval SAVED_DIR [--text TEXT] [--lengths N,N] [--json]   re-measure a saved model against its base
     rewriter export SAVED_DIR --onnx FILE                        ONNX, dynamic batch and length
     rewriter generate SAVED_DIR --prompt TEXT [--max-new-tokens N]   stream a causal LM's continuation
     rewriter bench SAVED_DIR [--seq 128,512,2048] [--batch 1] [--png FILE]   latency against length
