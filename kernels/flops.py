@@ -14,13 +14,11 @@ runs them on symbolic fake tensors and counts the aten ops and custom ops they c
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Callable
 
-SOFTMAX = 5          # FLOPs per softmax score: max, subtract, exp, sum, divide
+from .tables import collect
 
-_FORMULAS: dict[str, Callable] | None = None
+SOFTMAX = 5          # FLOPs per softmax score: max, subtract, exp, sum, divide
 
 
 def softmax_attention(B, H, Tq, Tk, D, Dv, pairs=None):
@@ -36,26 +34,8 @@ def causal_pairs(Tq, Tk):
 
 
 def formulas() -> dict[str, Callable]:
-    """{op name: formula} from every op folder's flops.py (imported once)."""
-    global _FORMULAS
-    if _FORMULAS is None:
-        found: dict[str, Callable] = {}
-        pkg = importlib.import_module(__name__.rpartition(".")[0])
-        for m in pkgutil.iter_modules(pkg.__path__):
-            if not m.ispkg or m.name.startswith("_"):
-                continue
-            try:
-                mod = importlib.import_module(f"{pkg.__name__}.{m.name}.flops")
-            except ModuleNotFoundError as e:
-                if e.name != f"{pkg.__name__}.{m.name}.flops":
-                    raise
-                continue
-            for name, fn in mod.FLOPS.items():
-                if name in found:
-                    raise ValueError(f"{mod.__file__}: FLOP formula for {name!r} defined twice")
-                found[name] = fn
-        _FORMULAS = found
-    return _FORMULAS
+    """{op name: formula} from every op folder's flops.py."""
+    return collect("flops", "FLOPS")
 
 
 def op_name(op) -> str | None:

@@ -28,22 +28,22 @@ Lowered by op, whatever rule left the op there:
         kv-heads width (the k/v before repeat_kv), written with index_copy at cache_position and read
         by rewriter::decode_attention (Lean Attention on CUDA, SDPA on CPU). In the prefill a masked
         causal SDPA runs as rewriter::causal_attention (the fused causal kernel without padding).
-    rewriter::linear_attention (causal) → (S [B, H', F, D], z [B, H', F]) from
-        linear_attention_prefill_state, then rewriter::linear_attention_step.
-    rewriter::hybrid_window_attention → (S, z) + a ring buffer of the last W keys, values and φ(k)
-        (hybrid_window_prefill_state), then rewriter::hybrid_window_step (LoLCATs, arXiv:2410.10254).
+    any other rewriter:: op → the DecodeForm its kernels/ folder declares (rewriter.kernels.decode):
+        its state, built from the prompt, and its step op. linear_attention (causal): (S [B, H', F, D],
+        z [B, H', F]) and rewriter::linear_attention_step; hybrid_window_attention: (S, z) + a ring
+        buffer of the last W keys, values and φ(k), and rewriter::hybrid_window_step (LoLCATs,
+        arXiv:2410.10254). The engine names no op of ours but the canonical attention's.
     a dropped attention (drop_attention / drop_block, LLM-Drop arXiv:2406.15786): no node, no state;
         `SiteState.saved_bytes` says what its KV cache would have held per token.
 
 All four are exact: prefill + steps reproduce the full-sequence outputs (tests/generation). Anything
-else that mixes tokens (block / k-means routing, agent attention, an SDPA whose mask is not causal,
-an unknown op in front of an output projection) raises `LoweringError`, one line naming the site and
-why; no fallback recomputes full attention. MASA is lowered after `OptimizedModel.materialize()`
+else that mixes tokens (block / k-means routing and agent attention, whose folders say why in their
+NO_DECODE; an SDPA whose mask is not causal; an unknown op in front of an output projection) raises
+`LoweringError`, one line naming the site and why; no fallback recomputes full attention. MASA is lowered after `OptimizedModel.materialize()`
 (generate calls it), so a step reads dense weights instead of rebuilding them.
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -51,7 +51,7 @@ import torch
 import torch.fx as fx
 
 import rewriter.kernels  # noqa: F401  (registers the rewriter:: ops the lowered graphs call)
-from rewriter.kernels.linear_attention import hybrid_window_prefill_state, linear_attention_prefill_state
+from rewriter.kernels import decode as D
 
 from . import graph as G
 from .masks import mask_kind
@@ -60,23 +60,18 @@ from .site import AttentionSite
 aten = torch.ops.aten
 R = torch.ops.rewriter
 
-# mask argument of each lowered op: (position, keyword); a node feeding only these is mask-only
-_MASK_SLOT = {G.SDPA: (3, "attn_mask"), R.causal_attention.default: (3, "attn_mask"),
-              R.linear_attention.default: (3, "key_mask"), R.hybrid_window_attention.default: (8, "key_mask")}
+# the attention mask argument of the canonical attention ops: (position, keyword)
+_MASK_SLOT = {G.SDPA: (3, "attn_mask"), R.causal_attention.default: (3, "attn_mask")}
 
-# token-mixing ops that have no decode form here, and why (matched by name: no import of what they are)
-_NO_DECODE_FORM = {
-    "block_routed_attention": "block routing selects key blocks from block summaries of the whole sequence "
-                              "per query block; its decode form (per-block key summaries kept on append, a "
-                              "per-step selection) is not built",
-    "kmeans_routed_attention": "k-means routing sorts all tokens into balanced clusters per call; a new "
-                               "token has no cluster without re-sorting the whole prefix",
-    "agent_block": "pooled agents average queries from the whole sequence, so no step can be computed from "
-                   "the past alone",
-    "agent_attention": "agent attention reads agents pooled from the whole sequence",
-    "block_sparse_attention": "a block-sparse table is computed for the whole sequence",
-    "block_sparse_attention_lse": "a block-sparse table is computed for the whole sequence",
-}
+
+def _mask_slot(target) -> tuple[int, str] | None:
+    """Where `target` takes the mask a node feeding only it is part of: the canonical attention's
+    attn_mask, or the key mask of an op with a decode form (rewriter.kernels.decode)."""
+    if target in _MASK_SLOT:
+        return _MASK_SLOT[target]
+    form = D.form_of(target) if isinstance(target, torch._ops.OpOverload) else None
+    return D.slot(target, form.key_mask) if form is not None else None
+
 
 _LAYOUT = frozenset({aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute,
                      aten.contiguous, aten.clone, aten.alias, aten.slice, aten.unsqueeze, aten.squeeze,
@@ -89,8 +84,9 @@ class LoweringError(ValueError):
 
 @dataclass(frozen=True)
 class SiteState:
-    """One attention site's state in the step graphs. `form`: "kv" (KV cache), "linear" ((S, z)),
-    "hybrid" ((S, z) + window ring buffer) or "dropped" (none). `names`: its state tensors in
+    """One attention site's state in the step graphs. `form`: "kv" (KV cache), "dropped" (none), or
+    the state kind of the op's decode form (rewriter.kernels.decode: "linear" for (S, z), "hybrid"
+    for (S, z) + a window ring buffer). `names`: its state tensors in
     the graphs' order. `saved_bytes`: for a dropped site, the bytes per token per batch row a KV
     cache would have held (k and v at kv-heads width, in the model's dtype)."""
     site: int | None
@@ -162,11 +158,16 @@ def state_bytes(state: list[torch.Tensor]) -> int:
 @dataclass
 class _Attn:
     node: fx.Node
-    form: str                 # kv | linear | hybrid
+    form: str                 # kv, or the op's decode form's kind
     site: AttentionSite | None
     k_src: fx.Node | None = None
     v_src: fx.Node | None = None
     note: str = ""
+    decode: D.DecodeForm | None = None
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        return ("k", "v") if self.decode is None else self.decode.state
 
 
 def _where(n: fx.Node, site: AttentionSite | None) -> str:
@@ -251,18 +252,16 @@ def _attention_nodes(gm: fx.GraphModule, sites: list[AttentionSite],
             if G.shape(k_src)[1:2] != G.shape(v_src)[1:2] or (nk == "") != (nv == ""):
                 k_src, v_src, nk = k, v, "k and v repeat differently; cached at the attention's width"
             found.append(_Attn(n, "kv", site, k_src, v_src, nk or nv))
-        elif t is R.linear_attention.default:
-            if not G.arg(n, 4, "causal", False):
-                raise LoweringError(f"{_where(n, site)}: non-causal linear attention sums over every key, "
-                                    f"future ones included; a decoder needs causal=True")
-            found.append(_Attn(n, "linear", site))
-        elif t is R.hybrid_window_attention.default:
-            found.append(_Attn(n, "hybrid", site))
-        elif (short := name.split("::")[-1]) in _NO_DECODE_FORM:
-            raise LoweringError(f"{_where(n, site)}: {name} has no decode form: {_NO_DECODE_FORM[short]}")
+        elif (form := D.form_of(t) if isinstance(t, torch._ops.OpOverload) else None) is not None:
+            why = form.refuse(D.arguments(t, n.args, n.kwargs)) if form.refuse else None
+            if why:
+                raise LoweringError(f"{_where(n, site)}: {why}")
+            found.append(_Attn(n, form.form, site, decode=form))
+        elif (why := D.refusal(name.split("::")[-1])) is not None:
+            raise LoweringError(f"{_where(n, site)}: {name} has no decode form: {why}")
         elif isinstance(t, torch._ops.OpOverload) and t.namespace == "rewriter":
-            raise LoweringError(f"{_where(n, site)}: {name} has no decode form (the lowering knows "
-                                f"{', '.join(_op_name(o) for o in _MASK_SLOT)})")
+            raise LoweringError(f"{_where(n, site)}: {name} has no decode form (neither a KV cache nor a "
+                                f"DecodeForm in its kernels/ folder)")
     return found
 
 
@@ -302,7 +301,7 @@ def _mask_only(gm: fx.GraphModule) -> set[fx.Node]:
         for u in n.users:
             if u in out:
                 continue
-            slot = _MASK_SLOT.get(u.target)
+            slot = _mask_slot(u.target)
             if slot is None:
                 ok = False
                 break
@@ -375,10 +374,8 @@ def lower_for_generation(gm: fx.GraphModule, sites: list[AttentionSite], *,
     for a in attn:
         idx = a.site.index if a.site is not None else None
         tag = f"s{idx}" if idx is not None else a.node.name
-        names = {"kv": ("k", "v"), "linear": ("S", "z"),
-                 "hybrid": ("S", "z", "k_win", "v_win", "fk_win", "win_valid")}[a.form]
         order[a.node] = SiteState(idx, a.site.module if a.site else a.node.name, a.form,
-                                  _op_name(a.node.target), tuple(f"{tag}_{x}" for x in names), a.note)
+                                  _op_name(a.node.target), tuple(f"{tag}_{x}" for x in a.state), a.note)
     states = list(order.values()) + [
         SiteState(s.index, s.module, "dropped", "none",
                   saved_bytes=2 * s.kv_heads * s.head_dim * _dtype_bytes(gm, s)) for s in dropped]
@@ -513,47 +510,33 @@ def _prefill_attention(g: fx.Graph, call, n: fx.Node, a: _Attn, look) -> fx.Node
     return new
 
 
+def _op_args(n: fx.Node, env) -> dict:
+    """The arguments of a decode-form op node by name, mapped to the step graph's values."""
+    return {k: env[x] if isinstance(x, fx.Node) else x for k, x in D.arguments(n.target, n.args, n.kwargs).items()}
+
+
 def _prefill_state(call, n: fx.Node, a: _Attn, env) -> list[fx.Node]:
-    m = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
-    if a.form == "kv":
+    if a.decode is None:
         return [env[a.k_src], env[a.v_src]]
-    if a.form == "linear":
-        fk, v, km = (m(G.arg(n, i, k)) for i, k in ((1, "fk"), (2, "v"), (3, "key_mask")))
-        st = call(linear_attention_prefill_state, fk, v, km)
-        return [call(operator.getitem, st, i) for i in range(2)]
-    k, v, fk, window, km = (m(G.arg(n, i, k)) for i, k in ((1, "k"), (2, "v"), (4, "fk"), (5, "window"),
-                                                             (8, "key_mask")))
-    st = call(hybrid_window_prefill_state, k, v, fk, window, km)
-    return [call(operator.getitem, st, i) for i in range(6)]
+    return a.decode.prefill(call, _op_args(n, env))
 
 
 def _decode_step(call, n: fx.Node, a: _Attn, env, state, cache_position, key_valid, token_valid,
                  inplace: bool = False):
     """The decode form of attention node `n` (its step op and the new state), on the step graph's
-    values `env`."""
+    values `env`: a KV cache written at cache_position and read by decode_attention, or the op's
+    own DecodeForm step."""
+    if a.decode is not None:
+        return a.decode.step(call, _op_args(n, env), state, cache_position, token_valid)
     m = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
-    if a.form == "kv":
-        args = G.sdpa_args(n)
-        scale = args["scale"] if n.target is G.SDPA else G.arg(n, 4, "scale")
-        write = aten.index_copy_.default if inplace else aten.index_copy.default
-        k_cache = call(write, state[0], 2, cache_position, env[a.k_src])
-        v_cache = call(write, state[1], 2, cache_position, env[a.v_src])
-        out = call(R.decode_attention.default, m(args["query"]), k_cache, v_cache, cache_position, key_valid,
-                   None if scale is None else float(scale))
-        return out, [k_cache, v_cache]
-    if a.form == "linear":
-        fq, fk, v, eps = (m(G.arg(n, i, k, d))
-                          for i, k, d in ((0, "fq", None), (1, "fk", None), (2, "v", None), (5, "eps", 1e-6)))
-        real = call(aten.view.default, token_valid, [-1, 1, 1, 1])
-        fk = call(aten.where.ScalarOther, real, fk, 0.0)   # a padded token adds nothing to (S, z)
-        step = call(R.linear_attention_step.default, fq, fk, v, state[0], state[1], eps)
-        return call(operator.getitem, step, 0), [call(operator.getitem, step, i) for i in (1, 2)]
-    q, k, v, fq, fk, _, scale, mix, _, eps = (m(G.arg(n, i, k, d)) for i, k, d in (
-        (0, "q", None), (1, "k", None), (2, "v", None), (3, "fq", None), (4, "fk", None), (5, "window", None),
-        (6, "scale", None), (7, "mix", None), (8, "key_mask", None), (9, "eps", 1e-6)))
-    step = call(R.hybrid_window_step.default, q, k, v, fq, fk, *state, cache_position, float(scale), mix,
-                token_valid, eps)
-    return call(operator.getitem, step, 0), [call(operator.getitem, step, i) for i in range(1, 7)]
+    args = G.sdpa_args(n)
+    scale = args["scale"] if n.target is G.SDPA else G.arg(n, 4, "scale")
+    write = aten.index_copy_.default if inplace else aten.index_copy.default
+    k_cache = call(write, state[0], 2, cache_position, env[a.k_src])
+    v_cache = call(write, state[1], 2, cache_position, env[a.v_src])
+    out = call(R.decode_attention.default, m(args["query"]), k_cache, v_cache, cache_position, key_valid,
+               None if scale is None else float(scale))
+    return out, [k_cache, v_cache]
 
 
 def _check_mask_uses(g: fx.Graph, mask: str) -> None:
