@@ -35,11 +35,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from rewriter.calibrate import register_text
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 HELDOUT_EVERY = 5          # every fifth unit is held out (20 %)
 OVERLAP_WORDS = 8          # a held-out unit sharing an 8-word run with calibration text is dropped
 SENTENCES_PER_DOC = 8      # bundled sentences are grouped into running text for causal LMs
 MIX = ("bundled", "pydoc", "python", "legal")   # the kinds of text of "mix", the causal-LM default
+for _name in ("mix", *MIX):      # the names a recipe's calibration.text accepts (rewriter.calibrate)
+    register_text(_name, MIX if _name == "mix" else ())
 # pure-Python standard-library modules read by "python" (about 1 MB of source; a module this
 # interpreter lacks or ships frozen is skipped)
 PYTHON_MODULES = ("argparse", "ast", "calendar", "configparser", "contextlib", "csv", "dataclasses",

@@ -21,7 +21,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Calibration", "row_labels"]
+__all__ = ["Calibration", "row_labels", "register_text", "text_sources"]
+
+_TEXT: dict[str, tuple[str, ...]] = {}
+
+
+def register_text(name: str, kinds: tuple[str, ...] = ()) -> None:
+    """Make `name` a value a recipe's `calibration.text` accepts. `kinds`: the sources a mix stands
+    for (each judged on its own); a plain source is one kind, itself. models/text.py registers the
+    built-in sources; a plug-in registers its own from a module named in the `rewriter.text`
+    entry-point group (the way rules register in `rewriter.rules`)."""
+    _TEXT[name] = tuple(kinds) or (name,)
+
+
+def text_sources() -> dict[str, tuple[str, ...]]:
+    """{name: the kinds of text it stands for} of every registered calibration text source."""
+    from .rule import load_plugins
+    load_plugins("rewriter.text")
+    return dict(_TEXT)
 
 
 def row_labels(label, rows: int) -> list[tuple[str, int]]:

@@ -35,16 +35,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from .calibrate import text_sources
 from .rule import StepOptions, all_rules, get_rule
 
 __all__ = ["RecipeError", "CalibrationSpec", "GateSpec", "BudgetSpec", "Step", "Recipe",
            "load_recipe", "recipe_schema", "default_gate", "GATE_BOUNDS", "MODEL_KINDS"]
 
 TOP_LEVEL_KEYS = ("model", "calibration", "gate", "budget", "steps", "output")
-TEXT_KEYWORDS = ("auto", "mix", "bundled", "pydoc", "python", "legal")   # models/text.py's sources
 TEXT_SUFFIXES = (".txt", ".jsonl")
-TEXT_ALLOWED = ("auto, mix, bundled, pydoc, python, legal, a '+'-joined mix such as pydoc+python, or a path "
-                "to a .txt or .jsonl file")
+
+
+def _text_allowed(sources: dict) -> str:
+    kinds = [k for k, v in sources.items() if v == (k,)]
+    mix = "+".join(kinds[1:3]) if len(kinds) > 2 else "a+b"
+    return (f"{', '.join(['auto', *sources])}, a '+'-joined mix such as {mix}, or a path to a .txt or "
+            f".jsonl file")
 
 # metric -> the bound key it takes, the keys it may take besides, and the range of their values
 GATE_BOUNDS: dict[str, tuple[str, tuple[str, ...], tuple[float, float, str]]] = {
@@ -357,23 +362,25 @@ def _resolve_model(spec: str | None, base: Path) -> str | None:
 
 
 def _resolve_text(text: str, file: str, base: Path) -> str:
-    if text in TEXT_KEYWORDS:
+    sources = text_sources()      # registered by models/text.py (and plug-ins): rewriter.calibrate
+    allowed = _text_allowed(sources)
+    if text == "auto" or text in sources:
         return text
     parts = text.split("+")
-    if len(parts) > 1 and all(p in TEXT_KEYWORDS[2:] for p in parts):
+    if len(parts) > 1 and all(sources.get(p) == (p,) for p in parts):
         if len(set(parts)) < len(parts):
-            raise RecipeError(file, "calibration.text", f"{text!r} names a kind of text twice", TEXT_ALLOWED)
+            raise RecipeError(file, "calibration.text", f"{text!r} names a kind of text twice", allowed)
         return text
     path = Path(text).expanduser()
     if path.suffix not in TEXT_SUFFIXES:
         raise RecipeError(file, "calibration.text",
-                          f"{text!r} is neither a known source nor a .txt/.jsonl file", TEXT_ALLOWED)
+                          f"{text!r} is neither a known source nor a .txt/.jsonl file", allowed)
     if not path.is_absolute():
         path = base / path
     if not path.is_file():
         raise RecipeError(file, "calibration.text",
                           f"calibration text file not found: {path} (relative paths resolve against "
-                          f"{base})", TEXT_ALLOWED)
+                          f"{base})", allowed)
     return str(path.resolve())
 
 

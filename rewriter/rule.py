@@ -183,21 +183,22 @@ def register(rule: Rule) -> Rule:
     return rule
 
 
-@functools.cache   # once; a failed import is not cached, so the next call tries again
-def _load_entry_points() -> None:
-    """Import every module named in the `rewriter.rules` entry-point group."""
+@functools.cache   # once per group; a failed import is not cached, so the next call tries again
+def load_plugins(group: str = "rewriter.rules") -> None:
+    """Import every module named in the entry-point group `group` (rules register themselves in
+    `rewriter.rules`, calibration text sources in `rewriter.text`)."""
     from importlib.metadata import entry_points
-    for ep in entry_points(group="rewriter.rules"):
+    for ep in entry_points(group=group):
         try:
             ep.load()
         except Exception as e:
-            raise ImportError(f"the rules of entry point {ep.name!r} ({ep.value}, group rewriter.rules) "
+            raise ImportError(f"the plug-ins of entry point {ep.name!r} ({ep.value}, group {group}) "
                               f"failed to import: {type(e).__name__}: {e}") from e
 
 
 def all_rules() -> dict[str, Rule]:
     """Every registered rule: the built-in ones and third-party ones, through their entry points."""
-    _load_entry_points()
+    load_plugins("rewriter.rules")
     return dict(sorted(RULES.items()))
 
 
