@@ -2,7 +2,7 @@
 (`rewriter.generate`, rewriter/lower.py) with no rule, 6 dropped attention layers and linear attention
 (LoLCATs window 64) on the 17 layers the 5 % perplexity budget converted.
 
-    python benchmarks/bench_generate.py [--threads 2] [--contexts 512 2048] [--new 64] [--repeats 3]
+    python benchmarks/bench_generate.py [--threads 2] [--contexts 512 2048] [--new 64] [--repeats 3] [--compile]
 
 Batch 1, greedy, `--new` tokens without early stop. The machine this runs on may be shared, so the
 models are interleaved step by step: every model prefills the same prompt, then each decode step is
@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time each of our models with its decode "
+                    "steps through torch.compile (rows '<name>+compile'; the compiling step is left out)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     L = load_model("smollm2")
@@ -136,18 +138,25 @@ def main():
            "repeats": args.repeats, "floors": floors, "refused": refused,
            "load_average_at_start": os.getloadavg(),
            "lowering": {k: lowered(m).summary() for k, m in ours.items()}, "by_context": {}}
+    variants = {k: (m, False) for k, m in ours.items()}
+    if args.compile:
+        variants |= {f"{k}+compile": (m, True) for k, m in ours.items()}
     bw = floors["read_GBps"] * 1e9
     for n in args.contexts:
         batch = L.example_inputs(batch=1, seq_len=n)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        runs: dict[str, list] = {"transformers": [], **{k: [] for k in ours}}
+        runs: dict[str, list] = {"transformers": [], **{k: [] for k in variants}}
+        compile_s: dict[str, float] = {}
         for _ in range(args.repeats):
             stats = {k: {} for k in runs}
             its = {"transformers": hf_stream(L.model, ids, mask, args.new, stats["transformers"])}
-            its |= {k: stream(m, ids, mask, max_new_tokens=args.new, eos_token_id=[], stats=stats[k])
-                    for k, m in ours.items()}
+            its |= {k: stream(m, ids, mask, max_new_tokens=args.new, eos_token_id=[], stats=stats[k], compile=c)
+                    for k, (m, c) in variants.items()}
             got = _interleaved(its)
             for k in runs:
+                if "compile_s" in stats[k]:           # the step that compiled (or found the cache)
+                    compile_s.setdefault(k, stats[k]["compile_s"])
+                    got[k]["steps"] = got[k]["steps"][1:]
                 runs[k].append({**got[k], "state_bytes": stats[k]["state_bytes"]})
         rows = {}
         for name, r in runs.items():
@@ -159,6 +168,8 @@ def main():
                           "state_bytes": int(state),
                           "gemv_floor_ms": round(floors["gemv_ms"] + state / bw * 1e3, 1),
                           "roofline_ms": round((floors["weight_bytes"] + state) / bw * 1e3, 1)}
+            if name in compile_s:
+                rows[name]["compile_s"] = round(compile_s[name], 1)
         base = rows["transformers"]
         for name, row in rows.items():
             speedup = base["decode_ms_per_token"] / row["decode_ms_per_token"]

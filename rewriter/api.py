@@ -466,15 +466,18 @@ class OptimizedModel(torch.nn.Module):
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id=None, streamer=None, generator=None, stats=None):
+                 eos_token_id=None, pad_token_id=None, streamer=None, generator=None, stats=None,
+                 compile: bool = False):
         """Token ids [B, T + new] as transformers' generate returns them (prompt + new tokens, left
         padding by `attention_mask`): prefill, then one token per step through the lowered graphs
         with each site's state (`rewriter.generate`; it calls `materialize()` first). A causal LM
-        only; a rewrite without a decode form raises GenerationError naming the site and why."""
+        only; a rewrite without a decode form raises GenerationError naming the site and why.
+        `compile=True`: the decode steps run through torch.compile (rewriter.generate)."""
         from .generate import generate
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, streamer=streamer, generator=generator, stats=stats)
+                        pad_token_id=pad_token_id, streamer=streamer, generator=generator, stats=stats,
+                        compile=compile)
 
     def save(self, path: str | Path) -> Path:
         """Write recipe.yaml, report.json, tensors.safetensors (built tensors and example inputs) and

@@ -7,7 +7,7 @@
     rewriter models [--json]                                     registered model names
     rewriter eval SAVED_DIR [--text TEXT] [--lengths N,N] [--json]   re-measure a saved model against its base
     rewriter export SAVED_DIR --onnx FILE                        ONNX, dynamic batch and length
-    rewriter generate SAVED_DIR --prompt TEXT [--max-new-tokens N]   stream a causal LM's continuation
+    rewriter generate SAVED_DIR --prompt TEXT [--max-new-tokens N] [--compile]   stream a continuation
     rewriter bench SAVED_DIR [--seq 128,512,2048] [--batch 1] [--png FILE]   latency against length
 
 Exit status: 0 done; 1 the model could not be traced or optimized (`eval`: the saved model is outside
@@ -156,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
     g.add_argument("--top-p", type=float, default=None, metavar="P")
+    g.add_argument("--compile", action="store_true", help="run the decode steps through torch.compile "
+                   "(inductor): the first step compiles, the later ones run faster")
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", parents=[common, saved],
@@ -594,7 +596,7 @@ def _cmd_generate(args) -> int:
     try:
         opt.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     streamer=_TextStreamer(tok, sys.stdout))
+                     streamer=_TextStreamer(tok, sys.stdout), compile=args.compile)
     except GenerationError as e:
         sys.stdout.write("\n")
         raise _Failure(f"{args.saved}: {e}", EXIT_FAILED) from e

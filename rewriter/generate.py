@@ -15,6 +15,13 @@ row is. `eos_token_id` / `pad_token_id` left None take the model's `generation_c
 where it has one (transformers' defaults; `eos_token_id=[]` never stops early).
 `streamer.put(tokens)` / `streamer.end()` as transformers' streamers expect (the prompt first,
 then each step's tokens). `stream(model, ...)` yields the same new tokens one step at a time.
+
+`compile=True` runs each decode step through `torch.compile` (inductor; on the CPU, generated C++
+with the step's elementwise ops fused around the matmuls and no Python per op), compiled once per
+lowered model and batch/cache shape. The first step pays the compilation (`stats["compile_s"]`);
+later steps are what a long generation or a server sees. Same function: the logits agree with the
+eager step to float rounding (tests/generation/test_lowering.py). Measured side by side on SmolLM2
+in benchmarks/bench_generate.py.
 """
 from __future__ import annotations
 
@@ -94,7 +101,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
              streamer=None, generator: torch.Generator | None = None,
-             stats: dict | None = None) -> torch.Tensor:
+             stats: dict | None = None, compile: bool = False) -> torch.Tensor:
     """Prefill + decode of an OptimizedModel (module docstring): the prompt and the new tokens,
     [B, T + new]. `stats`, if a dict, receives the prefill and decode seconds, the decode steps and
     the state's bytes at the end."""
@@ -104,7 +111,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     new = []
     for nxt in stream(model, ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                       temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                      pad_token_id=pad_token_id, generator=generator, stats=stats):
+                      pad_token_id=pad_token_id, generator=generator, stats=stats, compile=compile):
         new.append(nxt)
         if streamer is not None:
             streamer.put(nxt.cpu())
@@ -116,11 +123,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
            max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
-           generator: torch.Generator | None = None, stats: dict | None = None):
+           generator: torch.Generator | None = None, stats: dict | None = None, compile: bool = False):
     """The new tokens of `generate`, one [B] tensor per step as soon as it is chosen: the first
     after the prefill, each later one after one decode step (so a caller can time or interleave
     the steps). The arguments are generate's; the inputs are checked before the prefill."""
     low = lowered(model)
+    decode = low.compiled_decode() if compile else low.decode_inplace
     io = model.io
     ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
     if ids.dtype.is_floating_point or ids.dtype is torch.bool:
@@ -194,9 +202,13 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         with torch.no_grad():
             step = feed(nxt[:, None], torch.ones(B, 1, dtype=torch.bool, device=ids.device), pos,
                         torch.tensor([slot], device=ids.device), valid, *state)
-            out = low.decode_inplace(*step)
+            out = decode(*step)
         logits = _logits(low, io, out)
         state = list(out[low.n_outputs:])
-        stats["decode_s"] += time.perf_counter() - t2
-        stats["decode_steps"] += 1
+        dt = time.perf_counter() - t2
+        if compile and i == 0:                  # the first compiled step compiles (or finds the cache)
+            stats["compile_s"] = dt
+        else:
+            stats["decode_s"] += dt
+            stats["decode_steps"] += 1
         stats["state_bytes"] = state_bytes(state)

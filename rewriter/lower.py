@@ -117,6 +117,13 @@ class Lowered:
         """Every site with state is a KV cache: `key_valid=None` is accepted (all slots real)."""
         return all(s.form in ("kv", "dropped") for s in self.sites)
 
+    def compiled_decode(self):
+        """`decode_inplace` through torch.compile (inductor), made once per Lowered; it recompiles
+        for a new batch or cache length the way torch.compile does (rewriter.generate's docstring)."""
+        if self.__dict__.get("_compiled") is None:
+            self.__dict__["_compiled"] = torch.compile(self.decode_inplace, dynamic=False)
+        return self.__dict__["_compiled"]
+
     @property
     def state_names(self) -> list[str]:
         return [n for s in self.sites for n in s.names]
