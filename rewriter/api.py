@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+from . import distributed
 from . import graph as G
 from .analyze import analyze
 from .canonicalize import canonicalize, explain_unmatched
@@ -129,7 +130,15 @@ def optimize(model=None, recipe=None, *, tokenizer=None, calibration=None, examp
     `model` (so training `model` afterwards changes it too: `copy.deepcopy` the result to part them);
     the original's outputs come from `model` itself, in eval mode under no_grad, its modes restored;
     an in-place write into a shared tensor raises SharedWriteError naming the rule and the tensor.
-    `report.memory` holds the peak RSS."""
+    `report.memory` holds the peak RSS.
+
+    Data parallel: inside an initialized torch.distributed process group of N > 1 processes
+    (torchrun, `rewriter run --nproc N`, rewriter.distributed.init_from_env or your own
+    init_process_group) every rank calls optimize with the same arguments; the forward passes
+    over the calibration, validation, gate and held-out batches are shared out (batch i on rank
+    i mod N, rewriter/distributed.py), every rank gets the same records, tensors and report
+    (`report.world_size` = N; latency timed on rank 0), equal to the one-process run's bit for
+    bit at the same per-process thread count. Save on rank 0."""
     from .models import calibration_from, is_sentence_transformer, sentence_result
     from .recipe import default_gate, load_recipe
 
@@ -140,6 +149,7 @@ def optimize(model=None, recipe=None, *, tokenizer=None, calibration=None, examp
     # user's own module run in eval mode under no_grad (its modes restored after), never a copy;
     # the guard checks after the trace and after every decision that nothing wrote into them
     guard = WeightGuard(loaded.model)
+    world = distributed.current()
     with MemoryMeter() as meter, _evaluating(loaded.model) as original:
         calib = calibration_from(loaded, calibration, **rec.calibration.resolved(rec.steps))
         example = calib.batches[0] if example_inputs is None else _named(loaded, example_inputs)
@@ -152,14 +162,14 @@ def optimize(model=None, recipe=None, *, tokenizer=None, calibration=None, examp
             raise ValueError(f"{loaded.name}: no attention sites to rewrite. "
                              + " ".join(explain_unmatched(gm) or [_what_it_saw(gm)]))
         gate_spec = rec.gate or default_gate(loaded.kind)
-        gate = Gate.from_model(gate_spec, original, calib.gate_batches, loaded, calib.gate_labels)
+        gate = Gate.from_model(gate_spec, original, calib.gate_batches, loaded, calib.gate_labels, world)
         with _progress(progress, loaded.name) as on_record:
             driver = Driver(gm, sites, calib, loaded, gate, rec.budget, _guarded(guard, on_record))
             result = driver.run(rec.steps)
         guard.check("the rewrites")
         del driver, gate            # the gate's reference outputs go before the held-out check's come
         report = _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency,
-                         t_start)
+                         t_start, world)
     report.memory = meter.result(loaded.model, gm)
     opt = OptimizedModel(gm, report, rec, sites, example, base=loaded.name, io=loaded)
     return sentence_result(model, opt) if is_sentence_transformer(model) else opt
@@ -231,10 +241,12 @@ def _calibration_summary(calib) -> dict:
                      "heldout": cells(calib.heldout, calib.heldout_labels)}}
 
 
-def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start) -> Report:
+def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start,
+            world=distributed.SINGLE) -> Report:
     heldout = {}
     if calib.heldout:
-        m = Gate.from_model(gate_spec, original, calib.heldout, loaded, calib.heldout_labels).measure(gm)
+        m = Gate.from_model(gate_spec, original, calib.heldout, loaded, calib.heldout_labels,
+                            world).measure(gm)
         heldout = m.to_dict()
     fb, fa = attention_flops(sites, result.records)
     # whole-model FLOPs (rewriter.cost), from the graph's cost before the rewrites (else a fresh trace)
@@ -248,12 +260,25 @@ def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measur
         flops_before=fb, flops_after=fa,
         flops_per_token=whole.per_token if whole else {}, predicted_speedup=whole.predicted if whole else {},
         cost=whole.info if whole else {},
-        latency=latency(original, gm, calib.batches[0], **whole.sweep()) if measure_latency else {},
+        # timed on rank 0 alone (the other ranks wait: timing beside them would measure the sharing)
+        latency=world.on_rank0(lambda: latency(original, gm, calib.batches[0], **whole.sweep()),
+                               "timing latency") if measure_latency else {},
         heldout=heldout, gate=gate_spec.model_dump(exclude_none=True),
         calibration=_calibration_summary(calib),
         stop_reason=result.stop_reason, canonicalized=canon,
-        notes=_user_notes(loaded, calib) + explain_unmatched(gm),
-        seconds=time.perf_counter() - t_start)
+        notes=_user_notes(loaded, calib) + explain_unmatched(gm) + _world_notes(world, calib),
+        seconds=time.perf_counter() - t_start, world_size=world.size)
+
+
+def _world_notes(world, calib) -> list[str]:
+    """What the report says about a data-parallel run (nothing with one process)."""
+    if world.single:
+        return []
+    n = world.size
+    return [f"{n} processes shared the forward passes: batch i of the calibration "
+            f"({len(calib.batches)}), validation ({len(calib.validation)}) and held-out "
+            f"({len(calib.heldout)}) batches ran on rank i mod {n}, the results gathered in batch order; "
+            "latency timed on rank 0"]
 
 
 # ---- the result ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The `rewriter` command line.
 
-    rewriter run RECIPE [--model SPEC] [--output DIR] [--json]   optimize a model as a recipe says
+    rewriter run RECIPE [--model SPEC] [--output DIR] [--json] [--nproc N]   optimize a model as a recipe says
     rewriter inspect MODEL [--json] [--seq-len N] [--eager]      attention sites found; nothing changed
     rewriter rules [--json]                                      every rewrite rule with its paper
     rewriter schema                                              JSON Schema of recipes (for editors)
@@ -14,6 +14,11 @@ Exit status: 0 done; 1 the model could not be traced or optimized (`eval`: the s
 its gate's bound on that text); 2 a usage error (bad
 arguments, a recipe that does not validate, a model that cannot be found or loaded). Expected
 failures print one message on stderr and no traceback; `--debug` shows the traceback.
+
+Data parallel (rewriter/distributed.py): `rewriter run --nproc N` starts N local ranks of itself;
+`torchrun --nproc_per_node N -m rewriter run RECIPE` starts them from outside (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). Rank 0 prints the progress and the report and saves; the other ranks
+print nothing but their own errors, each prefixed with its rank.
 """
 from __future__ import annotations
 
@@ -68,11 +73,21 @@ def _expected(e: Exception) -> _Failure | None:
         return _Failure(str(e), EXIT_USAGE)
     if isinstance(e, TraceError):
         return _Failure(str(e), EXIT_FAILED)
+    from .distributed import DistributedError
+    if isinstance(e, DistributedError):             # a rank failed (named) or the ranks disagreed
+        return _Failure(str(e), EXIT_FAILED)
     return None
 
 
+def _rank_prefix() -> str:
+    """'rank R of N: ' inside a data-parallel run (RANK / WORLD_SIZE in the environment), else ''."""
+    import os
+    size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK")
+    return f"rank {rank} of {size}: " if rank is not None and size not in ("", "1") else ""
+
+
 def _error(message: str) -> None:
-    sys.stderr.write(f"rewriter: error: {message}\n")
+    sys.stderr.write(f"rewriter: error: {_rank_prefix()}{message}\n")
     sys.stderr.flush()
 
 
@@ -98,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
                    '(registered name, HF folder, or "module:function")')
     r.add_argument("--output", metavar="DIR", help="save here instead of the recipe's `output:`")
     r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    r.add_argument("--nproc", type=_positive_int, metavar="N", default=None,
+                   help="run as N local processes that share the calibration, validation, gate and held-out "
+                        "batches (data parallel, gloo; the same result as one process); under torchrun the "
+                        "ranks come from the environment instead")
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inspect", parents=[common], help="list the attention sites of a model; changes nothing",
@@ -256,25 +275,70 @@ def _load(spec: str, **kw):
 # ---- commands ------------------------------------------------------------------------------------
 
 def _cmd_run(args) -> int:
+    from . import distributed
     from .recipe import RecipeError, load_recipe
 
     recipe = load_recipe(args.recipe)          # validate before anything slow happens
     spec = args.model or recipe.model
     if not spec:
         raise _Failure(f"{args.recipe}: the recipe names no `model:`; pass one with --model", EXIT_USAGE)
+    try:
+        in_env = distributed.env_world_size()
+    except ValueError as e:
+        raise _Failure(str(e), EXIT_USAGE) from e
+    if args.nproc is not None and in_env > 1:
+        raise _Failure(f"--nproc {args.nproc}: this process is already one of WORLD_SIZE={in_env} ranks "
+                       "(torchrun); use --nproc or torchrun, not both", EXIT_USAGE)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args)
+    try:
+        world = distributed.init_from_env()
+    except ValueError as e:
+        raise _Failure(str(e), EXIT_USAGE) from e
+    try:
+        return _run_rank(args, recipe, spec, world)
+    finally:
+        distributed.close()
+
+
+def _launch(args) -> int:
+    """`run --nproc N`: N ranks of this very command (without --nproc), then their exit status."""
+    from . import distributed
+    argv = ["run", args.recipe, *(["--model", args.model] if args.model else []),
+            *(["--output", args.output] if args.output else []), *(["--json"] if args.json else []),
+            *(["--debug"] if args.debug else [])]
+    code, codes = distributed.launch(args.nproc, argv)
+    if code:
+        failed = [f"rank {r} exited with status {c}" for r, c in enumerate(codes) if c not in (0, None)]
+        stopped = [f"rank {r} was stopped" for r, c in enumerate(codes) if c is None]
+        _error(f"--nproc {args.nproc}: " + ", ".join(failed + stopped))
+    return code
+
+
+def _run_rank(args, recipe, spec: str, world) -> int:
+    """One process's run (rank 0 of 1, or one rank of a data-parallel run: only rank 0 talks)."""
+    from .recipe import RecipeError
+    talk = world.rank == 0
     err = _console(stderr=True)
-    if not args.json:
-        err.print(f"loading {spec} …", markup=False)
+    if not args.json and talk:
+        n = "" if world.single else f" ({world.size} processes)"
+        err.print(f"loading {spec} …{n}", markup=False)
     loaded = _load(spec)
     from .api import optimize
     if args.model:                   # the saved recipe must name the model actually used
         recipe = dataclasses.replace(recipe, model=args.model)
+    import io
+    # the other ranks stay quiet: no progress, and what a rule draws on stdout (a fit's bar) goes nowhere
+    quiet = contextlib.nullcontext() if talk else contextlib.redirect_stdout(io.StringIO())
     try:
-        opt = optimize(loaded, recipe=recipe, progress=not args.json)
+        with quiet:
+            opt = optimize(loaded, recipe=recipe, progress=not args.json and talk)
     except (ValueError, OSError) as e:  # no attention sites, unreadable calibration text, ...
         if isinstance(e, RecipeError):
             raise
         raise _Failure(f"{loaded.name}: {e}", EXIT_FAILED) from e
+    if not talk:                     # rank 0 saves and prints
+        return EXIT_OK
 
     output = args.output or recipe.output
     saved = str(opt.save(output)) if output else None

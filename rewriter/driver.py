@@ -13,6 +13,12 @@ consecutive gate failures end the step: every untried candidate is recorded as s
 named. Each measurement (the gate's and the damage ranking's) runs through an ActivationCache
 (rewriter/cache.py): a candidate resumes from the current model's cached values at the latest cut
 upstream of everything it changed, bit for bit what the full forward gives.
+
+Data parallel (rewriter/distributed.py, `world`): every forward pass over a list of batches (the
+gate's, the damage ranking's, `Context.capture`'s) runs on each rank for its own share of the
+batches, each rank's activation cache holding its own share, and the results are all-gathered in
+batch order; each decision's record is then checked to be the same on every rank, and a time budget
+is rank 0's call. With one process none of this calls a collective.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch.fx as fx
 
 from . import graph as G
 from .cache import DEFAULT_CAP_BYTES, ActivationCache, flatten_inputs
+from .distributed import SINGLE, World
 from .gate import Gate, Measurement, compare
 from .io import ModelIO, PlainIO
 from .rule import Built, Candidate, Refused, Rule, get_rule
@@ -85,10 +92,12 @@ class Record:
 
 class Context:
     """What a rule's plan/build may use: the current graph, the sites, the calibration inputs, the
-    model's I/O (rewriter.io.ModelIO), and activation capture at named nodes."""
+    model's I/O (rewriter.io.ModelIO), and activation capture at named nodes. `world`: the processes
+    that share capture's forward passes (each gets every batch's values, in batch order)."""
 
-    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, io: ModelIO | str):
-        self.gm, self.sites, self.calibration = gm, sites, calibration
+    def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, io: ModelIO | str,
+                 world: World = SINGLE):
+        self.gm, self.sites, self.calibration, self.world = gm, sites, calibration, world
         self.io = io if not isinstance(io, str) else PlainIO(kind=io)
 
     @property
@@ -120,9 +129,20 @@ class Context:
                     out[n.name].append(v.detach() if isinstance(v, torch.Tensor) else v)
                 return v
 
-        for b in batches if batches is not None else self.batches:
-            _Rec(gm).run(*flatten_inputs(gm, b))
-        return out
+        batches = batches if batches is not None else self.batches
+        if self.world.single:
+            for b in batches:
+                _Rec(gm).run(*flatten_inputs(gm, b))
+            return out
+
+        def mine(bs: list[dict]) -> list[dict]:     # this rank's batches; one {name: value} per batch
+            for b in bs:
+                _Rec(gm).run(*flatten_inputs(gm, b))
+            per = [{k: out[k][i] for k in names} for i in range(len(bs))]
+            out.update({n: [] for n in names})
+            return per
+        per = self.world.shard(mine, batches, f"capturing {', '.join(names)}")
+        return {k: [p[k] for p in per] for k in names}
 
 
 @dataclass
@@ -136,17 +156,23 @@ class RunResult:
 class Driver:
     """Runs recipe steps on `gm` in place, gating each candidate against `gate` (the original's
     outputs). `on_record(record)` is called after every decision (progress for the CLI).
-    `cache_bytes`: the cap on each activation cache (rewriter/cache.py; 0: every run in full)."""
+    `cache_bytes`: the cap on each activation cache (rewriter/cache.py; 0: every run in full).
+    `world`: the processes that share the forward passes (default: the gate's); each rank's caches
+    hold its own batches."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[AttentionSite], calibration, io: ModelIO, gate: Gate,
                  budget=None, on_record: Callable[[Record], None] | None = None,
-                 cache_bytes: int = DEFAULT_CAP_BYTES):
-        self.ctx = Context(gm, sites, calibration, io)
+                 cache_bytes: int = DEFAULT_CAP_BYTES, world: World | None = None):
+        own = getattr(gate, "world", SINGLE)
+        self.world = world = own if world is None else world
+        if world != own:
+            raise ValueError(f"Driver: world {world} differs from the gate's {own}")
+        self.ctx = Context(gm, sites, calibration, io, world)
         self.gm, self.sites, self.gate, self.budget = gm, sites, gate, budget
         self.on_record = on_record
         self.records: list[Record] = []
         self.cache_bytes, self.anchors = cache_bytes, [s.node for s in sites]
-        self.cache = ActivationCache(gm, gate.batches, self.ctx.io, self.anchors, cache_bytes)
+        self.cache = ActivationCache(gm, world.mine(gate.batches), self.ctx.io, self.anchors, cache_bytes)
 
     def _measure(self, gm: fx.GraphModule) -> Measurement:
         """The gate's measurement of `gm`, its outputs from the activation cache."""
@@ -193,11 +219,14 @@ class Driver:
         io, batches = self.ctx.io, self.ctx.batches
         gated = self.gate.batches
         same = len(batches) == len(gated) and all(a is b for a, b in zip(batches, gated))
-        cache = self.cache if same else ActivationCache(self.gm, batches, io, self.anchors, self.cache_bytes)
-        ref = cache.run(self.gm)
+        world = self.world
+        cache = self.cache if same else ActivationCache(self.gm, world.mine(batches), io, self.anchors,
+                                                        self.cache_bytes)
+        ref = world.shard(lambda bs: cache.run(self.gm, bs), batches, "ranking by damage")
 
         def damage(gm) -> Measurement:
-            value, _ = compare("relative_rms", batches, ref, cache.run(gm), io)
+            new = world.shard(lambda bs: cache.run(gm, bs), batches, "ranking by damage")
+            value, _ = compare("relative_rms", batches, ref, new, io)
             return Measurement("relative_rms", value, None, True, "")
 
         usable = [c for c in cands if rule.check(c, opts) is None]
@@ -213,9 +242,15 @@ class Driver:
 
     # ---- run -----------------------------------------------------------------------------------
     def _over_budget(self, t0: float) -> str | None:
+        """Why the run stops here (a budget reached), or None; a time budget is rank 0's call."""
         b = self.budget
         if b is None:
             return None
+        if not self.world.single and b.max_seconds is not None:
+            return self.world.broadcast(self._budget_reason(b, t0))
+        return self._budget_reason(b, t0)
+
+    def _budget_reason(self, b, t0: float) -> str | None:
         if b.max_sites is not None and sum(r.status == "applied" for r in self.records) >= b.max_sites:
             return f"budget: max_sites={b.max_sites} reached"
         if b.max_seconds is not None and time.perf_counter() - t0 > b.max_seconds:
@@ -223,6 +258,10 @@ class Driver:
         return None
 
     def _record(self, rec: Record) -> Record:
+        if not self.world.single:       # every rank must have taken this very decision, built these tensors
+            self.world.agree((rec.rule, rec.sites, rec.status, rec.reason, rec.metric_before,
+                              rec.metric_after, rec.worst_after, _digest(rec.built)),
+                             f"the decision on {rec.rule} site(s) {list(rec.sites)} (step {rec.step})")
         self.records.append(rec)
         if self.on_record:
             self.on_record(rec)
@@ -284,6 +323,17 @@ class Driver:
             return Record.of(rule.name, cand.sites, "rejected", reason, info=dict(cand.facts),
                              seconds=time.perf_counter() - t, **fields)
         return self.trial(rule, cand, opts, self._measure, **fields)
+
+
+def _digest(tensors: dict) -> str:
+    """SHA-256 of a record's built tensors (names, dtypes, shapes, bytes): compared across ranks."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def replay(gm: fx.GraphModule, sites: list[AttentionSite], records: list[Record]) -> None:

@@ -11,6 +11,11 @@ Labelled batches (a kind of text and a length per batch, or per row of a batch t
 kinds: rewriter.calibrate.Calibration) are judged per label and the worst label decides: a bound
 met on average but broken on Python source at 1024 tokens is broken. The measurement lists every
 label's value.
+
+Data parallel (rewriter/distributed.py): with N processes each rank runs the forward passes of its
+share of the batches (batch i on rank i mod N); the per-batch outputs (per-token NLLs for a
+perplexity gate) are all-gathered and judged by the same code, in the same batch order, on every
+rank, so every rank's measurement equals the one-process measurement bit for bit.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibrate import row_labels
+from .distributed import SINGLE, World
 from .io import ModelIO, PlainIO
 
 
@@ -123,10 +129,13 @@ class Gate:
     """Holds the original model's outputs on a fixed input set and judges candidates against them."""
 
     def __init__(self, spec, batches: list[dict], reference_outputs: list[torch.Tensor],
-                 io: ModelIO | None = None, labels: list | None = None, reduced: bool = False):
+                 io: ModelIO | None = None, labels: list | None = None, reduced: bool = False,
+                 world: World = SINGLE):
         """`reference_outputs`: the original's main outputs on `batches` (`reduced`: for a perplexity
-        gate, already its per-token NLLs, token_nll)."""
+        gate, already its per-token NLLs, token_nll). `world`: the processes that share the forward
+        passes (each runs its own batches, `World.mine`; the outputs are gathered)."""
         self.spec, self.batches, self.ref, self.io = spec, batches, reference_outputs, io or PlainIO()
+        self.world = world
         labels = list(labels or [])
         if labels and len(labels) != len(batches):
             raise ValueError(f"Gate: {len(labels)} labels for {len(batches)} batches")
@@ -139,20 +148,26 @@ class Gate:
             self.ref = [token_nll(self.io, b, y) for b, y in zip(batches, reference_outputs)]
 
     @classmethod
-    def from_model(cls, spec, model, batches, io: ModelIO | None = None, labels=None):
+    def from_model(cls, spec, model, batches, io: ModelIO | None = None, labels=None,
+                   world: World = SINGLE):
         io, reduced = io or PlainIO(), spec.metric == "perplexity_ratio"
         # reduced batch by batch: one batch's logits exist at a time
-        ref = run(model, batches, io, functools.partial(token_nll, io) if reduced else None)
-        return cls(spec, batches, ref, io, labels, reduced)
+        red = functools.partial(token_nll, io) if reduced else None
+        ref = world.shard(lambda bs: run(model, bs, io, red), batches, "computing the original's outputs")
+        return cls(spec, batches, ref, io, labels, reduced, world)
 
     def measure(self, model, runner=None) -> Measurement:
         """Judge `model` on the gate's batches. `runner(model, batches, io, reduce=)` computes its main
         outputs (default `run`, the full forward; the driver passes rewriter.cache.ActivationCache.run,
-        equal bit for bit and resumed from cached activations)."""
+        equal bit for bit and resumed from cached activations). With several processes `runner` gets
+        this rank's batches (`World.mine`) and the outputs of all are gathered."""
+        runner, red = runner or run, functools.partial(token_nll, self.io) if self.reduce else None
         if self.reduce:     # per-token NLLs as each batch's logits come: one batch's logits at a time
-            nll = (runner or run)(model, self.batches, self.io, reduce=functools.partial(token_nll, self.io))
+            nll = self.world.shard(lambda bs: runner(model, bs, self.io, reduce=red), self.batches,
+                                   "measuring a candidate")
             return self.judge(nll, reduced=True)
-        return self.judge((runner or run)(model, self.batches, self.io))
+        return self.judge(self.world.shard(lambda bs: runner(model, bs, self.io), self.batches,
+                                           "measuring a candidate"))
 
     def judge(self, outs: list[torch.Tensor], reduced: bool = False) -> Measurement:
         """The measurement of candidate outputs (`reduced`: already per-token NLLs, token_nll)."""

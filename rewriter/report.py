@@ -11,7 +11,9 @@ heldout {metric, value, worst, ok, why, groups
 [{text, tokens, value, worst, ok}], text, tokens: the worst group's}, calibration {source, samples,
 seq_len, lengths, gate_on, sets {calibration, validation, heldout: [{text, tokens, samples}]}},
 gate, calibration, stop_reason, canonicalized, notes, seconds, memory {peak_rss_bytes, start_rss_bytes,
-weights_bytes, graph_shared_bytes, graph_private_bytes, method} (absent from reports saved before it).
+weights_bytes, graph_shared_bytes, graph_private_bytes, method} (absent from reports saved before it),
+world_size (how many processes shared the run's forward passes, rewriter/distributed.py; reports
+saved before it read as 1).
 """
 from __future__ import annotations
 
@@ -305,6 +307,7 @@ class Report:
     flops_per_token: dict = field(default_factory=dict)      # whole model {before, after}: sympy in N
     predicted_speedup: dict = field(default_factory=dict)    # {length: FLOPs before / after}
     cost: dict = field(default_factory=dict)                 # unknown_ops, symbols, fixed_sizes
+    world_size: int = 1                                      # processes that shared the forward passes
 
     def __post_init__(self):
         warning = latency_warning(self.latency)
@@ -325,6 +328,7 @@ class Report:
             "calibration": self.calibration, "stop_reason": self.stop_reason,
             "canonicalized": self.canonicalized, "notes": self.notes, "seconds": round(self.seconds, 2),
             **({"memory": self.memory} if self.memory else {}),
+            "world_size": self.world_size,
         }
 
     def to_json(self, **kw) -> str:
@@ -341,7 +345,7 @@ class Report:
              parse_flops(v, "report.json", f"attention_flops_per_token.{k}")
              for k, v in d["attention_flops_per_token"].items()}
         optional = ("latency", "heldout", "gate", "calibration", "stop_reason", "canonicalized", "notes",
-                    "seconds", "memory", "cost")
+                    "seconds", "memory", "cost", "world_size")
         whole = {k: v if isinstance(v, sympy.Basic) else parse_flops(v, "report.json", f"flops_per_token.{k}")
                  for k, v in d.get("flops_per_token", {}).items()}
         predicted = {int(k): v for k, v in d.get("predicted_speedup", {}).items()}
@@ -413,6 +417,9 @@ class Report:
         applied = sum(r["status"] == "applied" for r in d["records"])
         s.add_row("applied / decisions", f"{applied} / {len(d['records'])}")
         s.add_row("stopped because", self.stop_reason)
+        s.add_row("processes", "1" if self.world_size == 1 else
+                  f"{self.world_size} (data parallel: batches shared out, results gathered; "
+                  "latency on rank 0)")
         if self.memory.get("peak_rss_bytes"):
             s.add_row("peak memory", memory_line(self.memory))
         yield s
