@@ -11,11 +11,18 @@ sample count follows LLM-Drop's recipe of one forward pass over a fixed calibrat
 (He et al., "What Matters in Transformers? Not All Attention is Needed", arXiv:2406.15786,
 256 x 2048 tokens of C4); the defaults here are smaller for CPU runs.
 
-- Encoders: one sentence or paragraph per sample, truncated to ``seq_len`` tokens and padded
-  to the longest sample of its batch, so the batches carry real padding.
-- Causal LMs: contiguous chunks of exactly ``seq_len`` tokens of running text.
+How text becomes samples is ``Loaded.text_inputs`` (``rewriter.models.signature.text_inputs``):
+
+- ``"sentences"`` (encoders): one sentence or paragraph per sample, truncated to ``seq_len`` tokens
+  and padded to the longest sample of its batch, so the batches carry real padding.
+- ``"stream"`` (causal LMs, and causal decoders without an LM head, kind ``"generic"``): contiguous
+  chunks of exactly ``seq_len`` tokens of running text.
+- ``"seq2seq"`` (encoder-decoders with a tokenizer, kind ``"generic"``): sentences as for encoders,
+  and as ``decoder_input_ids`` the same tokens shifted right after the decoder start token
+  (``Loaded.with_decoder_inputs``).
 - Vision: scikit-learn's digits, resized to the model's image size and normalized.
-- Generic models: ``Loaded.inputs_fn`` samples, each batch with its own seed.
+- Other generic models (and text models of kind ``"generic"`` without a tokenizer):
+  ``Loaded.inputs_fn`` samples, each batch with its own seed.
 
 Held-out text is fixed by ``rewriter.models.split_heldout`` (every fifth unit) before any
 seed is applied. When the calibration part is too small for ``samples``, it is repeated
@@ -73,7 +80,7 @@ def _batched(items: list, batch_size: int) -> list[list]:
 def _encode_encoder(loaded: Loaded, texts: list[str], seq_len: int) -> dict:
     enc = padding_tokenizer(loaded.tokenizer)(texts, padding="longest", truncation=True,
                                               max_length=seq_len, return_tensors="pt")
-    return loaded.accepted({k: v for k, v in enc.items()})
+    return loaded.accepted(loaded.with_decoder_inputs({k: v for k, v in enc.items()}))
 
 
 def padding_tokenizer(tokenizer):
@@ -106,7 +113,7 @@ def judged_lengths(loaded: Loaded, seq_len: int, lengths="auto") -> list[int]:
     kinds ``[seq_len]`` (an encoder's samples are whole sentences or paragraphs, truncated at
     ``seq_len``). A list is used as given, each within 1..the model's max_length."""
     if lengths in (None, "auto"):
-        if loaded.kind != "causal_lm":
+        if loaded.text_inputs != "stream" or loaded.tokenizer is None:
             return [seq_len]
         return sorted({seq_len, max(seq_len, min(JUDGE_FACTOR * seq_len, loaded.max_length))})
     if isinstance(lengths, int):
@@ -135,8 +142,8 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: in
                      validation: int = 0, lengths="auto") -> Calibration:
     """Build calibration batches and disjoint held-out batches for ``loaded``.
 
-    ``text`` is "auto" (causal LMs: "mix", the four kinds of text of ``rewriter.models.text.MIX``;
-    encoders: "bundled"), a source name ("bundled", "pydoc", "python", "legal", "mix",
+    ``text`` is "auto" (running text, ``text_inputs`` "stream": "mix", the four kinds of text of
+    ``rewriter.models.text.MIX``; sentences, for encoders and encoder-decoders: "bundled"), a source name ("bundled", "pydoc", "python", "legal", "mix",
     "pydoc+python"), a ``.txt`` path, a ``.jsonl`` path or a list of strings (one sample each;
     vision models use the digits images and accept "auto", "bundled" or "digits"). ``lengths``
     (``judged_lengths``): the token lengths samples are drawn at. The ``samples`` x ``seq_len``
@@ -155,20 +162,23 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: in
     if kind == "vision":
         return _vision(loaded, "bundled" if text == "auto" else text, samples, batch_size, heldout, seed,
                        notes, validation)
-    if kind == "generic":
+    if kind == "generic" and (loaded.text_inputs is None or loaded.tokenizer is None):
         if loaded.inputs_fn is None:
             raise ValueError(f"make_calibration: model {name!r} is 'generic' with no tokenizer or "
                              f"inputs_fn; pass your own batches, optimize(..., calibration=[batch, ...]) "
                              f"(dicts of named inputs or tuples, e.g. a DataLoader), or return a Loaded "
                              f"with a kind and tokenizer (or an inputs_fn) from its loader")
-        _note(notes, f"{name}: 'generic' model calibrated on inputs_fn samples, not on text")
+        _note(notes, f"{name}: 'generic' model calibrated on inputs_fn samples, not on text"
+              + (" (it takes text, but no tokenizer is known: pass optimize(..., tokenizer=...))"
+                 if loaded.text_inputs is not None else ""))
         parts = [[len(b) for b in _batched(list(range(n)), batch_size)] for n in (samples, heldout, validation)]
         seeds = iter(range(seed * 100_003, seed * 100_003 + sum(map(len, parts))))
         made = [[loaded.inputs_fn(size, seq_len, next(seeds)) for size in sizes] for sizes in parts]
         return Calibration(made[0], made[1], "inputs_fn", samples, seq_len, heldout, kind, notes, made[2])
     loaded.check_text_inputs(seq_len)
+    stream = loaded.text_inputs == "stream"
     if text == "auto":
-        text = "mix" if kind == "causal_lm" else "bundled"
+        text = "mix" if stream else "bundled"
     sources, lens = load_sources(text), judged_lengths(loaded, seq_len, lengths)
     cells = [(src, L) for src in sources for L in lens]
     one = len(cells) == 1
@@ -180,9 +190,9 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: in
         # the random stream of a cell (one cell: the seed itself, as before there were cells)
         key = seed if one else f"{seed}-{src.name}-{L}"
         where = src.name if one else f"{src.name} at {L} tokens"
-        if kind == "encoder":
+        if not stream:                                      # sentences (+ their shifted decoder inputs)
             cal, held = _encoder_cell(loaded, src, L, seq_len, n_cal + n_val, n_held, key, notes, where, n_val)
-        else:                                               # causal_lm: chunks of exactly L tokens
+        else:                                               # a stream: chunks of exactly L tokens
             if src.name not in encoded:
                 encoded[src.name] = [encode_documents(loaded.tokenizer, d)
                                      for d in (src.documents, src.heldout_documents)]
@@ -202,11 +212,12 @@ def make_calibration(loaded: Loaded, text: str | list[str] = "auto", samples: in
             per = batch_size if L <= seq_len else max(1, batch_size * seq_len // L)
             for chunk in _batched(rows, per):
                 row_labels = [lb for lb, _ in chunk]
-                if kind == "encoder":
+                if not stream:
                     out[part].append(_encode_encoder(loaded, [r for _, r in chunk], L))
                 else:
                     ids = torch.stack([r for _, r in chunk])
-                    out[part].append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                    out[part].append(loaded.accepted({"input_ids": ids,
+                                                      "attention_mask": torch.ones_like(ids)}))
                 labels[part].append(row_labels[0] if len(set(row_labels)) == 1 else row_labels)
     source = "mix" if text == "mix" else "+".join(s.name for s in sources)
     return Calibration(out["cal"], out["held"], source, samples, seq_len, heldout, kind, notes, out["val"],
@@ -359,13 +370,14 @@ def evaluation_batches(loaded: Loaded, text: str | list[str], samples: int = 64,
     """Batches of ``text`` for measuring a model, not for fitting one: every unit of the text, both
     sides of the held-out split, in file order (encoders: up to ``samples`` sentences or paragraphs;
     causal LMs: up to ``samples`` chunks of ``seq_len`` tokens of the running text, fewer when the
-    text is shorter, never repeated). Vision and generic models have no text inputs: ValueError."""
-    if loaded.kind not in ("encoder", "causal_lm"):
+    text is shorter, never repeated; encoder-decoders: sentences, as encoders). Models without text
+    inputs (vision, audio, modules without a config): ValueError."""
+    if loaded.text_inputs is None:
         raise ValueError(f"{loaded.name} is a {loaded.kind!r} model: it takes no text, so it cannot be "
                          f"measured on a text file")
     loaded.check_text_inputs(seq_len)
     src = load_source(text)
-    if loaded.kind == "encoder":
+    if loaded.text_inputs != "stream":
         units = (src.samples + src.heldout_samples)[:samples]
         return [_encode_encoder(loaded, b, seq_len) for b in _batched(units, batch_size)]
     docs = src.documents + src.heldout_documents
@@ -373,4 +385,5 @@ def evaluation_batches(loaded: Loaded, text: str | list[str], samples: int = 64,
     stream = sum(len(x) + 1 for x in encoded)
     n = max(1, min(samples, stream // seq_len))
     ids, _ = token_chunks(loaded.tokenizer, None, n, seq_len, encoded=encoded)
-    return [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch_size)]
+    return [loaded.accepted({"input_ids": c, "attention_mask": torch.ones_like(c)})
+            for c in ids.split(batch_size)]

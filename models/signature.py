@@ -8,14 +8,26 @@ config, never from its class name or a list of model types.
 - main input ``pixel_values`` and a config with ``image_size``: ``"vision"``;
 - main input ``input_values`` / ``input_features`` (audio): ``"generic"``;
 - main input ``input_ids`` of a model that generates (Hugging Face ``can_generate()``: it has a
-  next-token head): ``"causal_lm"``; any other ``input_ids`` model with a ``vocab_size``:
-  ``"encoder"`` (its main output is per-token states or per-sample scores);
+  next-token head): ``"causal_lm"``;
+- main input ``input_ids`` of a causal model without such a head (``LlamaModel``, ``GPT2Model``: a
+  decoder's hidden states; ``is_causal`` finds it from what the model computes): ``"generic"``,
+  gated on its hidden states (relative RMS) and calibrated on running text (``text_inputs``);
+- any other ``input_ids`` model with a ``vocab_size``: ``"encoder"`` (its main output is per-token
+  states or per-sample scores);
 - anything else: ``"generic"``.
+
+``text_inputs(model, kind)`` says how text becomes the model's inputs: ``"sentences"`` (encoders:
+one sentence or paragraph per row, padded), ``"stream"`` (causal models, with or without a head:
+contiguous chunks of running text), ``"seq2seq"`` (encoder-decoders that take ``input_ids``: a
+sentence per row into the encoder and, as ``decoder_input_ids``, the same tokens shifted right
+after the decoder start token, as BART's forward builds them when none are given and as generate
+starts), or None (images, audio, modules without a config).
 
 ``config_inputs(model, kind)`` builds seeded example inputs from the same facts: token ids below
 the vocabulary size (a padded last row where attention is bidirectional), ``decoder_input_ids``
-starting with the decoder start token, ``input_values`` long enough for ``seq_len`` frames after the
-feature convolutions (``conv_kernel`` / ``conv_stride``), ``input_features`` of ``num_mel_bins`` by
+starting with the decoder start token (the pad id only as the padded row's padding),
+``input_values`` long enough for ``seq_len`` frames after the feature convolutions
+(``conv_kernel`` / ``conv_stride``), ``input_features`` of ``num_mel_bins`` by
 ``max_source_positions`` times the convolutions' stride (Radford et al., "Whisper",
 arXiv:2212.04356, reads fixed 30 s windows). Vision models get images of ``image_size`` from the
 calibration module instead. ``bind_batch(model, item)`` names the positional inputs of one batch
@@ -25,11 +37,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from typing import Callable
 
 import torch
 
-__all__ = ["forward_params", "main_input", "infer_kind", "config_inputs", "bind_batch", "text_config"]
+__all__ = ["forward_params", "main_input", "infer_kind", "config_inputs", "bind_batch", "text_config",
+           "is_causal", "text_inputs", "TEXT_INPUTS"]
+
+TEXT_INPUTS = ("sentences", "stream", "seq2seq")
 
 _AUDIO_INPUTS = ("input_values", "input_features")
 
@@ -72,11 +88,15 @@ def _generates(model: torch.nn.Module) -> bool:
         return False
 
 
+def _seq2seq(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) or \
+        "decoder_input_ids" in forward_params(model)
+
+
 def infer_kind(model: torch.nn.Module) -> str:
     """``"encoder"``, ``"causal_lm"``, ``"vision"`` or ``"generic"`` (see the module doc)."""
-    params, cfg = forward_params(model), getattr(model, "config", None)
-    main = main_input(model)
-    if getattr(cfg, "is_encoder_decoder", False) or "decoder_input_ids" in params:
+    cfg, main = getattr(model, "config", None), main_input(model)
+    if _seq2seq(model):
         return "generic"
     if main == "pixel_values" and getattr(cfg, "image_size", None) is not None:
         return "vision"
@@ -86,8 +106,71 @@ def infer_kind(model: torch.nn.Module) -> str:
         if _generates(model):
             return "causal_lm"
         if getattr(text_config(cfg), "vocab_size", None):
-            return "encoder"
+            return "generic" if is_causal(model) else "encoder"
     return "generic"
+
+
+def text_inputs(model: torch.nn.Module, kind: str) -> str | None:
+    """How text becomes ``model``'s inputs (one of ``TEXT_INPUTS``, or None: see the module doc)."""
+    if kind == "encoder":
+        return "sentences"
+    if kind == "causal_lm":
+        return "stream"
+    cfg = getattr(model, "config", None)
+    if kind != "generic" or main_input(model) != "input_ids" or \
+            not getattr(text_config(cfg), "vocab_size", None):
+        return None
+    if _seq2seq(model):
+        return "seq2seq" if "decoder_input_ids" in forward_params(model) else None
+    return "stream" if is_causal(model) else None
+
+
+_CAUSAL: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_PROBE_LEN = 8
+
+
+def is_causal(model: torch.nn.Module) -> bool:
+    """Whether a token model's per-token outputs never depend on later tokens (causal attention),
+    found from what it computes, not from its class: two seeded rows of ``_PROBE_LEN`` ids (fewer
+    where the position table is shorter) below the vocabulary size, differing only in the last
+    token, give the same main output at every earlier position and a different one at the last.
+    The model runs once, on those 2 rows, in eval mode under no_grad, every submodule put back in the
+    mode it was in; a model the probe cannot run (or whose output is not per token) is not causal.
+    Remembered per model object."""
+    if model in _CAUSAL:
+        return _CAUSAL[model]
+    vocab = getattr(text_config(getattr(model, "config", None)), "vocab_size", None)
+    if main_input(model) != "input_ids" or not vocab:
+        return False
+    from .zoo import main_output                   # a cycle at import time otherwise
+    g = torch.Generator().manual_seed(0)
+    top = max(2, min(int(vocab), 1000))
+    limit = getattr(text_config(getattr(model, "config", None)), "max_position_embeddings", None)
+    length = min(_PROBE_LEN, limit) if isinstance(limit, int) and limit >= 2 else _PROBE_LEN
+    ids = torch.randint(0, top, (1, length), generator=g).repeat(2, 1)
+    ids[1, -1] = (ids[0, -1] + 1) % top
+    param = next(model.parameters(), None)
+    kwargs = {"input_ids": ids.to(param.device) if param is not None else ids}
+    if "attention_mask" in forward_params(model):
+        kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            y = main_output(model(**kwargs)).float()
+    except Exception:                            # noqa: BLE001 - user code: not provably causal
+        y = None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    causal = False
+    if y is not None and y.dim() >= 3 and y.shape[:2] == ids.shape:
+        tol = 1e-5 * (y.abs().max().item() + 1)
+        earlier = (y[0, :-1] - y[1, :-1]).abs().max().item()
+        last = (y[0, -1] - y[1, -1]).abs().max().item()
+        causal = earlier <= tol < last
+    _CAUSAL[model] = causal
+    return causal
 
 
 def _frames_to_samples(config, frames: int) -> int:
@@ -124,6 +207,7 @@ def config_inputs(model: torch.nn.Module, kind: str) -> Callable[[int, int, int]
     if start is None:
         start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
     target = getattr(cfg, "max_target_positions", None)
+    pad = getattr(tcfg, "pad_token_id", None)
 
     def ids(g, batch, length, low=0):
         return torch.randint(low, max(low + 1, min(int(vocab or 2), 1000)), (batch, length), generator=g)
@@ -145,8 +229,12 @@ def config_inputs(model: torch.nn.Module, kind: str) -> Callable[[int, int, int]
             if padded and batch > 1:
                 mask[-1, max(1, seq_len // 2):] = 0
             out["attention_mask"] = mask
-        if seq2seq:
+        if seq2seq:             # no pad id among the decoder's tokens but its own padding, as the encoder's
             dec = ids(g, batch, min(seq_len, target) if target else seq_len)
+            if pad is not None:
+                dec[dec == pad] = (pad + 1) % max(2, min(int(vocab or 2), 1000))
+                if padded and batch > 1 and main == "input_ids":
+                    dec[-1, max(1, seq_len // 2) + 1:] = pad
             if start is not None:
                 dec[:, 0] = int(start)
             out["decoder_input_ids"] = dec

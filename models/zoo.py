@@ -37,7 +37,7 @@ import torch
 from rewriter.io import first_tensor
 
 from .images import digit_indices, digits_pixel_values
-from .signature import config_inputs, infer_kind, main_input
+from .signature import TEXT_INPUTS, config_inputs, infer_kind, main_input, text_inputs
 from .text import load_source
 
 log = logging.getLogger("rewriter.models")
@@ -46,7 +46,6 @@ __all__ = ["Loaded", "load_model", "wrap_module", "registered", "main_output", "
            "minilm_path", "smollm2_gguf", "smollm2_cache_dir", "ATTN_IMPLEMENTATIONS"]
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-TEXT_KINDS = ("encoder", "causal_lm")
 KINDS = ("encoder", "causal_lm", "vision", "generic")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_MARKER = "rewriter-cache.json"   # written last: a cache folder without it is incomplete
@@ -61,11 +60,14 @@ class Loaded:
     """A model ready for the optimizer, with what is needed to build inputs for it.
 
     ``example_inputs(batch, seq_len)`` returns model kwargs built from the bundled
-    calibration split: encoders get tokenized sentences padded to ``seq_len`` (rows after the
-    first are shorter, so ``attention_mask`` has zeros when ``batch > 1``); causal LMs get
-    ``seq_len`` contiguous tokens of running text per row and an all-ones ``attention_mask``;
-    vision models get ``pixel_values`` of the configured image size (``seq_len`` is ignored).
-    A ``generic`` model needs ``inputs_fn(batch, seq_len, seed) -> dict``.
+    calibration split, as ``text_inputs`` says (default: from the kind): ``"sentences"``
+    (encoders) tokenized sentences padded to ``seq_len`` (rows after the first are shorter, so
+    ``attention_mask`` has zeros when ``batch > 1``); ``"stream"`` (causal LMs, headless causal
+    decoders) ``seq_len`` contiguous tokens of running text per row and an all-ones
+    ``attention_mask``; ``"seq2seq"`` the sentences plus ``decoder_input_ids``, the same tokens
+    shifted right after the decoder start token. Vision models get ``pixel_values`` of the
+    configured image size (``seq_len`` is ignored). A ``generic`` model without text inputs (or
+    without a tokenizer) needs ``inputs_fn(batch, seq_len, seed) -> dict``.
 
     It is the engine's ``rewriter.io.ModelIO``: the Hugging Face knowledge of outputs
     (``logits`` / ``last_hidden_state``), ``attention_mask``, next-token labels and ``use_cache``
@@ -84,10 +86,16 @@ class Loaded:
     inputs_fn: Callable[..., dict] | None = field(default=None, repr=False)
     description: str = ""
     extra: dict = field(default_factory=dict)
+    text_inputs: str | None = None     # "sentences" | "stream" | "seq2seq"; None: from the kind
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Loaded({self.name!r}): kind {self.kind!r} is not one of {KINDS}")
+        if self.text_inputs is None:
+            self.text_inputs = {"encoder": "sentences", "causal_lm": "stream"}.get(self.kind)
+        if self.text_inputs not in TEXT_INPUTS + (None,):
+            raise ValueError(f"Loaded({self.name!r}): text_inputs {self.text_inputs!r} is not one of "
+                             f"{TEXT_INPUTS} (or None)")
         if self.kind == "vision" and (self.image_size is None or self.num_channels is None):
             raise ValueError(f"Loaded({self.name!r}): a vision model needs image_size and "
                              f"num_channels")
@@ -96,16 +104,16 @@ class Loaded:
         if batch < 1 or seq_len < 1:
             raise ValueError(f"{self.name}: example_inputs needs batch >= 1 and seq_len >= 1, "
                              f"got batch={batch}, seq_len={seq_len}")
-        if self.inputs_fn is not None and (self.tokenizer is None or self.kind not in TEXT_KINDS):
+        if self.inputs_fn is not None and (self.tokenizer is None or self.text_inputs is None):
             return self.inputs_fn(batch, seq_len, 0)
-        if self.kind in TEXT_KINDS:
+        if self.text_inputs is not None:
             self.check_text_inputs(seq_len)
-        if self.kind == "encoder":
-            return self.accepted(_encoder_example(self.tokenizer, batch, seq_len))
-        if self.kind == "causal_lm":
+        if self.text_inputs in ("sentences", "seq2seq"):
+            return self.accepted(self.with_decoder_inputs(_encoder_example(self.tokenizer, batch, seq_len)))
+        if self.text_inputs == "stream":
             docs = load_source("bundled").documents
             ids, _ = token_chunks(self.tokenizer, docs, batch, seq_len)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            return self.accepted({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         if self.kind == "vision":
             idx = digit_indices()[0][:batch]
             idx = (idx * math.ceil(batch / len(idx)))[:batch]
@@ -126,6 +134,30 @@ class Loaded:
         if seq_len > self.max_length:
             raise ValueError(f"{self.name}: seq_len={seq_len} exceeds the model's max_length "
                              f"{self.max_length}")
+
+    def with_decoder_inputs(self, batch: dict) -> dict:
+        """A ``"seq2seq"`` model's batch of encoder inputs plus ``decoder_input_ids``: each row's
+        tokens shifted right by one after the decoder start token (``config.decoder_start_token_id``,
+        else the generation config's, else the pad token), its padding kept as padding. This is what
+        BART's forward builds when given none (``shift_tokens_right``) and what T5 trains on; a
+        decoder that generates starts from the same token (Lewis et al., arXiv:1910.13461; Raffel et
+        al., arXiv:1910.10683). Other models' batches are returned as they are."""
+        if self.text_inputs != "seq2seq" or "input_ids" not in batch:
+            return batch
+        ids = batch["input_ids"]
+        cfg, pad = self.config, _pad_id(self.tokenizer, self.config)
+        start = getattr(cfg, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(getattr(self.model, "generation_config", None), "decoder_start_token_id", None)
+        if start is None:
+            start = pad
+        dec = torch.full_like(ids, pad)
+        dec[:, 0] = int(start)
+        dec[:, 1:] = ids[:, :-1]
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            dec[:, 1:] = dec[:, 1:].masked_fill(mask[:, :-1] == 0, pad)
+        return {**batch, "decoder_input_ids": dec}
 
     def accepted(self, kwargs: dict) -> dict:
         """``kwargs`` without the keys the model's forward does not take (e.g. token_type_ids)."""
@@ -160,7 +192,18 @@ class Loaded:
 
     def valid_tokens(self, batch: dict, y: torch.Tensor) -> torch.Tensor:
         """bool [B, T]: ``batch["attention_mask"]`` where it matches the [B, T, ...] output ``y``,
-        else all True ([B] for a [B, C] output)."""
+        else all True ([B] for a [B, C] output). The output of an encoder-decoder is the decoder's:
+        its real positions are those of ``batch["decoder_input_ids"]`` (its own mask where given)
+        that are not the pad token, the first (the start token) always real."""
+        dec = batch.get("decoder_input_ids")
+        if y.dim() >= 3 and isinstance(dec, torch.Tensor) and dec.shape == y.shape[:2]:
+            m = batch.get("decoder_attention_mask")
+            if isinstance(m, torch.Tensor) and m.shape == dec.shape:
+                return m.bool()
+            pad = getattr(self.config, "pad_token_id", None)
+            real = torch.ones_like(dec, dtype=torch.bool) if pad is None else dec != pad
+            real[:, 0] = True
+            return real
         m = batch.get("attention_mask")
         if y.dim() >= 3 and isinstance(m, torch.Tensor) and m.shape == y.shape[:2]:
             return m.bool()
@@ -221,6 +264,13 @@ def _is_mask_name(name: str) -> bool:
     """A word of ``name`` ends in "mask(s)": attention_mask, attn_mask, key_padding_mask, pixel_mask,
     attnMask; not bool_masked_pos or masked_lm_labels."""
     return any(w.endswith(("mask", "masks")) for w in re.split(r"[^a-z0-9]+", name.lower()))
+
+
+def _pad_id(tokenizer, config=None) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None)):
+        if isinstance(v, int):
+            return v
+    return 0
 
 
 def _encoder_example(tokenizer, batch: int, seq_len: int) -> dict:
@@ -353,7 +403,7 @@ def wrap_module(model: torch.nn.Module, tokenizer=None, name: str | None = None)
     return Loaded(name=name or type(model).__name__, model=model, kind=kind, tokenizer=tokenizer,
                   max_length=_max_length(cfg, tokenizer) if cfg is not None else 512, config=cfg,
                   inputs_fn=inputs_fn, description=f"{type(model).__name__} passed in", extra=extra,
-                  **fields)
+                  text_inputs=text_inputs(model, kind), **fields)
 
 
 def _vision_fields(config, folder: Path | None = None) -> dict:
@@ -610,7 +660,7 @@ def _load_folder(folder: Path, attn_implementation: str = "sdpa", use_cache: boo
     fields = _vision_fields(model.config, folder) if kind == "vision" else {}
     return Loaded(str(folder), _ready(model, kind, use_cache), kind, tok,
                   _max_length(model.config, tok), config=model.config,
-                  inputs_fn=config_inputs(model, kind),
+                  inputs_fn=config_inputs(model, kind), text_inputs=text_inputs(model, kind),
                   description=f"{type(model).__name__} from {folder}", **fields)
 
 

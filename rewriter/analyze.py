@@ -16,7 +16,9 @@ Read-only. For each SDPA node (graph order) the analyzer walks the traced graph:
   window partition). A parallel block (GPT-J, Falcon: x + Attn(n(x)) + MLP(n(x))) first merges the
   attention with a branch computed from the same stream; `site.extra["residual"]` says which form
   (sequential / parallel), where the attention merges (the add a drop cuts) and the branch norm;
-* up the attention mask's ancestors to decide its kind (`rewriter.masks`).
+* up the attention mask's ancestors to decide its kind (`rewriter.masks`);
+* and the site's `layer`: the position of its transformer block among all the model's blocks,
+  from the graph's module stack (see "layers" below).
 
 A field that cannot be determined is None (projections, residual) and the reason is written to
 ``site.extra["notes"]``; unusual graphs never raise.
@@ -74,17 +76,94 @@ def analyze(gm: fx.GraphModule, mask_inputs: Collection[str] = ()) -> list[Atten
     sites: list[AttentionSite] = []
     mask_cache: dict = {}
     order = _Order(gm)
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is SDPA:
-            try:
-                sites.append(_site(gm, n, len(sites), mask_cache, mask_inputs, order))
-            except Exception as e:  # an unforeseen graph shape must not stop inspect/optimize
-                sites.append(_bare_site(n, len(sites), e))
+    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    layers = _layers(gm, sdpas)
+    for n in sdpas:
+        try:
+            sites.append(_site(gm, n, len(sites), mask_cache, mask_inputs, order, layers.get(n)))
+        except Exception as e:  # an unforeseen graph shape must not stop inspect/optimize
+            sites.append(_bare_site(n, len(sites), e, layers.get(n)))
     return sites
 
 
-def _layer_of(path: str) -> int | None:
-    return next((int(part) for part in path.split(".") if re.fullmatch(r"\d+", part)), None)
+# ---- layers --------------------------------------------------------------------------------------
+#
+# A site's `layer` is the position of its transformer block among all the model's blocks: what
+# `layers:` in a recipe selects, what MASA groups and sorts by and what the report prints. A block is
+# an item of a list of modules of one type repeated along the model, found from the SDPA node's
+# nn_module_stack, never from names: the deepest numbered level of its module path whose items
+# (across the model's sites) are of one class and take more than one index. So Swin's
+# `encoder.layers.0.blocks.1` is a block (its stages hold lists of SwinLayer; Liu et al.,
+# arXiv:2103.14030), T5's `decoder.block.0` is one too while its `layer.0` / `layer.1` (self- and
+# cross-attention sublayers, different classes) are not, and a decoder block's self- and
+# cross-attention share its layer. Blocks are numbered over the whole model: within a stack by their
+# indices (outer level first: Swin stage, then block), the stacks in the order the graph runs them
+# (an encoder-decoder's decoder blocks follow its encoder's: BART 2+2, decoder.layers.0 is layer 2),
+# counting the blocks the graph's parameters name even when they hold no site, so that in a one-stack
+# model layer i is always the module `...layers.i`.
+
+
+def _numbered(sdpa: fx.Node) -> list[tuple[str, str, int]]:
+    """(module path, module class, index) of each nn_module_stack entry whose path ends in a number,
+    outermost first; from the module path alone (class unknown) when the stack is missing."""
+    stack = sdpa.meta.get("nn_module_stack") or {}
+    entries = [(str(v[0]), str(getattr(v[1], "__qualname__", v[1])) if len(v) > 1 else "")
+               if isinstance(v, (tuple, list)) else (str(v), "") for v in stack.values()]
+    path = module_path(sdpa)
+    known = {p for p, _ in entries}
+    parts = path.split(".") if path else []
+    for i in range(len(parts)):               # levels the stack skips (or no stack): class unknown
+        prefix = ".".join(parts[:i + 1])
+        if prefix not in known:
+            entries.append((prefix, ""))
+    out = {p: (p, c, int(p.rsplit(".", 1)[-1])) for p, c in entries
+           if (path == p or path.startswith(p + ".")) and re.fullmatch(r"\d+", p.rsplit(".", 1)[-1])}
+    return sorted(out.values(), key=lambda e: e[0].count("."))
+
+
+def _pattern(path: str) -> str:
+    """A module path with its numbers replaced by "*": the list an item belongs to, at every level."""
+    return ".".join("*" if re.fullmatch(r"\d+", p) else p for p in path.split("."))
+
+
+def _layers(gm: fx.GraphModule, sdpas: list[fx.Node]) -> dict[fx.Node, int]:
+    """The layer of each SDPA node that sits in a numbered module (see above)."""
+    levels = {n: _numbered(n) for n in sdpas}
+    seen: dict[str, tuple[set, set]] = {}          # pattern -> (indices, classes)
+    for entries in levels.values():
+        for path, cls, idx in entries:
+            idxs, classes = seen.setdefault(_pattern(path), (set(), set()))
+            idxs.add(idx)
+            classes.add(cls)
+    repeated = {p for p, (idxs, classes) in seen.items() if len(idxs) > 1 and len(classes - {""}) <= 1}
+    block: dict[fx.Node, str] = {}
+    for n, entries in levels.items():
+        if entries:
+            rep = [path for path, _, _ in entries if _pattern(path) in repeated]
+            block[n] = rep[-1] if rep else entries[0][0]     # none repeats (one layer): the outermost
+    if not block:
+        return {}
+    # every block of each site's list, also those that hold no site, from the graph's parameter names
+    names = [k for k, _ in gm.named_parameters(remove_duplicate=False)] + \
+        [k for k, _ in gm.named_buffers(remove_duplicate=False)] + \
+        [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    patterns = {_pattern(b) for b in block.values()}
+    blocks = set(block.values())
+    for name in names:
+        parts = name.split(".")
+        for pat in patterns:
+            k = pat.count(".") + 1
+            if len(parts) > k and _pattern(".".join(parts[:k])) == pat:
+                blocks.add(".".join(parts[:k]))
+    # stacks (a block's list, e.g. "decoder.layers.*", "encoder.layers.*.blocks.*") in graph order
+    first: dict[str, int] = {}
+    for i, n in enumerate(sdpas):
+        if n in block:
+            first.setdefault(_pattern(block[n]), i)
+    key = lambda b: (first.get(_pattern(b), len(sdpas)), _pattern(b),   # noqa: E731
+                     tuple(int(p) for p in b.split(".") if re.fullmatch(r"\d+", p)))
+    number = {b: i for i, b in enumerate(sorted(blocks, key=key))}
+    return {n: number[b] for n, b in block.items()}
 
 
 def _four(v) -> bool:
@@ -103,21 +182,22 @@ def _scale(a: dict, head_dim: int | None) -> float:
     return float(s) if isinstance(s, (int, float)) else (1.0 / math.sqrt(head_dim) if head_dim else float("nan"))
 
 
-def _bare_site(sdpa: fx.Node, index: int, error: Exception) -> AttentionSite:
+def _bare_site(sdpa: fx.Node, index: int, error: Exception, layer: int | None = None) -> AttentionSite:
     """What is certain about an SDPA node whose analysis failed: shapes, scale; mask "arbitrary"
     so that no rule relies on it."""
     a = sdpa_args(sdpa)
     heads, kv_heads, head_dim = _shapes(a)
     module = module_path(sdpa)
     return AttentionSite(
-        index=index, node=sdpa.name, module=module, layer=_layer_of(module), heads=heads or 0,
+        index=index, node=sdpa.name, module=module, layer=layer, heads=heads or 0,
         kv_heads=kv_heads or 0, head_dim=head_dim or 0, scale=_scale(a, head_dim or 0), mask="arbitrary",
         extra={"notes": [f"analysis of {sdpa.name} failed ({type(error).__name__}: {error}); "
                          "only its shapes are reported"], "proj_input": None, "gqa_repeat": False})
 
 
 def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
-          mask_inputs: Collection[str] = (), order: "_Order | None" = None) -> AttentionSite:
+          mask_inputs: Collection[str] = (), order: "_Order | None" = None,
+          layer: int | None = None) -> AttentionSite:
     order = order or _Order(gm)
     notes: list[str] = []
     a = sdpa_args(sdpa)
@@ -131,7 +211,8 @@ def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
     fused = q_proj is not None and q_proj is k_proj is v_proj
     if not fused and k_proj is not None and k_proj is v_proj:
         notes.append("k and v come from one fused kv projection")
-    heads, kv_heads, gqa_repeat = _heads(a, q_proj, k_proj, fused, notes)
+    heads, kv_heads, gqa_repeat = _heads(a, q_proj, k_proj, fused, notes,
+                                         fused_kv=k_proj is not None and k_proj is v_proj and not fused)
     head_dim = _shapes(a)[2]
     if heads is None or kv_heads is None or head_dim is None:
         notes.append("q/k shapes are unknown (no meta['val']); heads/head_dim reported as 0")
@@ -175,13 +256,14 @@ def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
 
     mask = mask_kind(gm, sdpa, value(a["query"]), value(a["key"]), notes, mask_cache, mask_inputs)
     name = lambda n: n.name if n is not None else None  # noqa: E731
-    weight = lambda p: _projection(p)[1].target if p is not None else None  # noqa: E731
+    weight = lambda p, what: _weight_name(p, what, notes)  # noqa: E731
     return AttentionSite(
-        index=index, node=sdpa.name, module=module, layer=_layer_of(module), heads=heads or 0,
+        index=index, node=sdpa.name, module=module, layer=layer, heads=heads or 0,
         kv_heads=kv_heads or 0, head_dim=head_dim or 0, scale=_scale(a, head_dim), mask=mask,
         positional=positional, q_proj=name(q_proj), k_proj=name(k_proj), v_proj=name(v_proj),
-        o_proj=name(o_proj), q_weight=weight(q_proj), k_weight=weight(k_proj), v_weight=weight(v_proj),
-        o_weight=weight(o_proj), fused_qkv=fused, residual_add=name(residual_add), residual_input=name(res_in),
+        o_proj=name(o_proj), q_weight=weight(q_proj, "q"), k_weight=weight(k_proj, "k"),
+        v_weight=weight(v_proj, "v"), o_weight=weight(o_proj, "output"), fused_qkv=fused,
+        residual_add=name(residual_add), residual_input=name(res_in),
         norm=norm, norm_node=name(norm_node), branch_output=name(branch),
         extra={"notes": notes, "proj_input": name(x_in), "gqa_repeat": gqa_repeat, "residual": residual},
     )
@@ -189,20 +271,55 @@ def _site(gm: fx.GraphModule, sdpa: fx.Node, index: int, mask_cache: dict,
 
 # ---- projections and heads -----------------------------------------------------------------------
 
+_WEIGHT_SLICES = {aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unbind}
+
+
+def _weight_attr(w) -> tuple[fx.Node | None, bool]:
+    """(the get_attr a weight operand reads, whether the operand is a row slice of it): through
+    transposes and casts, and through a split of a packed weight along its rows (dim 0), as
+    nn.MultiheadAttention splits its `in_proj_weight` into q, k, v (SigLIP's pooling head)."""
+    sliced = False
+    while isinstance(w, fx.Node):
+        if is_op(w, _WEIGHT_WRAPPERS) and w.args:
+            w = w.args[0]
+        elif w.op == "call_function" and w.target is operator.getitem and is_op(w.args[0], _WEIGHT_SLICES) \
+                and arg(w.args[0], 2, "dim", 0) == 0:
+            w, sliced = w.args[0].args[0], True
+        elif is_op(w, aten.slice, aten.narrow) and arg(w, 1, "dim", 0) == 0:
+            w, sliced = w.args[0], True
+        else:
+            break
+    return (w, sliced) if isinstance(w, fx.Node) and w.op == "get_attr" else (None, sliced)
+
+
 def _projection(n) -> tuple[fx.Node, fx.Node] | None:
-    """(data input, weight get_attr) if `n` is a linear / addmm / mm / matmul with a 2-D weight attribute."""
+    """(data input, weight get_attr) if `n` is a linear / addmm / mm / matmul with a 2-D weight
+    attribute (or rows of one: see `_weight_attr`)."""
     if not is_op(n, aten.linear, aten.addmm, aten.mm, aten.matmul):
         return None
     i = 1 if is_op(n, aten.addmm) else 0          # addmm(bias, x, w)
     if len(n.args) < i + 2:
         return None
-    x, w = n.args[i], n.args[i + 1]
-    while is_op(w, _WEIGHT_WRAPPERS) and w.args:
-        w = w.args[0]
-    if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(x, fx.Node)):
+    x, (w, _) = n.args[i], _weight_attr(n.args[i + 1])
+    if w is None or not isinstance(x, fx.Node):
         return None
     wv = value(w)
     return None if isinstance(wv, torch.Tensor) and wv.dim() != 2 else (x, w)
+
+
+def _weight_name(proj: fx.Node | None, what: str, notes: list[str]) -> str | None:
+    """The qualified name of a projection's weight; None (with a note) where it uses only rows of a
+    packed weight, which a rule rewriting that weight by name would get wrong."""
+    if proj is None:
+        return None
+    w, sliced = _weight_attr(proj.args[2 if is_op(proj, aten.addmm) else 1])
+    if sliced:
+        note = (f"a projection uses rows of the packed weight {w.target} (e.g. nn.MultiheadAttention's "
+                "in_proj_weight); its weight name is not reported")
+        if note not in notes:
+            notes.append(note)
+        return None
+    return w.target
 
 
 def _projection_of(start: fx.Node, what: str, module: str, notes: list[str]) -> tuple[fx.Node | None, set]:
@@ -248,9 +365,11 @@ def _out_features(proj: fx.Node) -> int | None:
     return size_hint(v.shape[-1]) if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
 
 
-def _heads(a: dict, q_proj, k_proj, fused: bool, notes: list[str]) -> tuple[int | None, int | None, bool]:
+def _heads(a: dict, q_proj, k_proj, fused: bool, notes: list[str],
+           fused_kv: bool = False) -> tuple[int | None, int | None, bool]:
     """(heads, kv heads, whether SDPA sees K/V repeated to more heads): from the SDPA's q and k,
-    the kv heads from the k projection's width (a fused qkv projection is (H + 2·KV)·D wide)."""
+    the kv heads from the k projection's width (a fused qkv projection is (H + 2·KV)·D wide, a
+    fused kv one 2·KV·D)."""
     heads, sdpa_kv, head_dim = _shapes(a)
     kv = value(a["key"])
     if not _four(value(a["query"])):
@@ -265,8 +384,8 @@ def _heads(a: dict, q_proj, k_proj, fused: bool, notes: list[str]) -> tuple[int 
         rest = width // head_dim - heads
         if width % head_dim == 0 and rest > 0 and rest % 2 == 0:
             kv_heads = rest // 2
-    elif width and width % k_dim == 0:
-        kv_heads = width // k_dim
+    elif width and width % (k_dim * (2 if fused_kv else 1)) == 0:
+        kv_heads = width // (k_dim * (2 if fused_kv else 1))
     if kv_heads and heads and (heads % kv_heads or kv_heads > heads):
         notes.append(f"k projection width gives {kv_heads} kv heads, which does not divide {heads} heads; "
                      f"using the SDPA key's {sdpa_kv}")

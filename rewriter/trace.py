@@ -26,6 +26,7 @@ import logging
 import torch
 import torch.fx as fx
 
+from .graph import remove_dead
 from .io import ModelIO, PlainIO
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def _export_once(export_fn, module, args, kwargs, io):
 
 def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
           io: ModelIO | None = None, name: str | None = None, copy_model: bool = True) -> fx.GraphModule:
-    """Export `model` on example inputs (widened, see `export`) and return the unlifted GraphModule."""
+    """Export `model` on example inputs (widened, see `export`) and return the unlifted GraphModule,
+    its dead code removed."""
     kwargs = dict(kwargs or {})
     io = io or PlainIO(name or type(model).__name__)
     name = name or io.name
@@ -131,6 +133,10 @@ def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, 
             'attn_implementation="sdpa" or "eager".') from e
     gm = ep.module()
     del ep, subject
+    # values nobody reads (nn.MultiheadAttention's head-averaged weights behind `[0]`, as in SigLIP's
+    # pooling head) would hold a softmax to a second user and keep its attention from being raised
+    if remove_dead(gm.graph):
+        gm.recompile()
     _own_handles(gm)
     gm.meta = getattr(gm, "meta", {})
     gm.meta["rewriter_source"] = name

@@ -16,8 +16,10 @@ from rewriter.models import infer_kind, main_output
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 import zoo_factory as Z  # noqa: E402
 
-# sites a 2-layer model has: one per layer, three per layer pair in an encoder-decoder (self, self, cross)
-SITES = {name: 6 if name in ("bart", "t5", "whisper") else 2 for name in Z.FAMILIES}
+# sites a 2-layer model has: one per layer, three per layer pair in an encoder-decoder (self, self, cross),
+# and SigLIP's pooling head (an nn.MultiheadAttention whose query is a learned probe) one more
+SITES = {name: 6 if name in ("bart", "t5", "whisper") else 3 if name == "siglip_vision" else 2
+         for name in Z.FAMILIES}
 # the families whose residual / bias forms the graph half of the issue owns: their drop and canonical
 # forms are tested in test_graph_families.py; here only their kind and that inspect() runs
 GRAPH_HALF = ("gemma2", "gemma3", "olmo2", "falcon", "swin", "mpnet", "bloom", "deberta_v2")
@@ -74,20 +76,46 @@ DROPPABLE = MINE
 
 @pytest.mark.parametrize("name", DROPPABLE)
 def test_one_attention_drop_applies(name):
-    """drop_attention on layer 0, with the model's own inputs as calibration batches (text
-    models have no tokenizer here): applied, and the output changes while keeping its shape."""
+    """drop_attention on the first block (of each stack: an encoder-decoder's decoder blocks are
+    numbered after its encoder's, so its first decoder block is layer 2), with the model's own inputs
+    as calibration batches (text models have no tokenizer here): applied, and the output changes
+    while keeping its shape."""
     model = Z.family(name)
     loaded = _resolve(model, None)
     cal = [loaded.inputs_fn(2, 8, s) for s in range(3)] if loaded.inputs_fn else None
+    seq2seq = SITES[name] == 6
+    layers = [0, 2] if seq2seq else [0]
     opt = optimize(model, {"calibration": {"samples": 2, "seq_len": 8, "batch_size": 2, "heldout": 0},
-                           "gate": OPEN_GATE, "steps": [{"drop_attention": {"layers": [0]}}]},
+                           "gate": OPEN_GATE, "steps": [{"drop_attention": {"layers": layers}}]},
                    calibration=cal, progress=False, measure_latency=False)
-    layer0 = [s.index for s in opt.sites if s.layer == 0]        # encoder-decoders: one per stack
-    assert len(layer0) == (3 if SITES[name] == 6 else 1)
-    assert [r.status for r in opt.records] == ["applied"] * len(layer0), \
+    chosen = [s for s in opt.sites if s.layer in layers]
+    # encoder-decoders: the encoder's first self-attention, the decoder's first self- and cross-attention
+    assert [s.module.split(".")[0] for s in chosen] == (["encoder", "decoder", "decoder"] if seq2seq
+                                                        else [chosen[0].module.split(".")[0]])
+    assert [r.status for r in opt.records] == ["applied"] * len(chosen), \
         [(r.status, r.reason) for r in opt.records]
     x = _other_inputs(loaded)
     with torch.no_grad():
         want, got = main_output(model(**x)), main_output(opt(**x))
     assert got.shape == want.shape and torch.isfinite(got[loaded.valid_tokens(x, want)]).all()
     assert not torch.allclose(got, want, atol=1e-4), "the drop changed nothing"
+
+
+def test_siglip_pooling_head_is_raised_to_a_site():
+    """SigLIP's pooling head is an nn.MultiheadAttention (a learned probe attends to the patches),
+    written out with need_weights (its head-averaged weights, unused, are dropped at trace): raised
+    to an SDPA site with its heads and output projection; q/k/v use rows of the packed in_proj_weight,
+    so no weight name is given, and with no residual around it drop_attention says why it refuses."""
+    model = Z.family("siglip_vision")
+    sites = inspect(model)
+    head = sites[-1]
+    assert head.module == "head.attention" and head.layer is None
+    assert any(c["module"] == "head.attention" and "3d" in c["form"] for c in sites.canonicalized)
+    assert (head.heads, head.kv_heads, head.head_dim) == (4, 4, 8) and head.mask == "none"
+    assert head.o_weight == "head.attention.out_proj.weight" and head.q_proj and head.k_proj == head.v_proj
+    assert head.q_weight is None and any("in_proj_weight" in n for n in head.extra["notes"])
+    opt = optimize(model, {"calibration": {"samples": 2, "batch_size": 2, "heldout": 0}, "gate": OPEN_GATE,
+                           "steps": [{"drop_attention": {}}]}, progress=False, measure_latency=False)
+    by_site = {r.sites[0]: r for r in opt.records}
+    assert by_site[0].status == by_site[1].status == "applied"
+    assert by_site[head.index].status == "rejected" and "no residual add" in by_site[head.index].reason

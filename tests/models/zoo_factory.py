@@ -131,3 +131,69 @@ def family(name: str, seed: int = 0, attn_implementation: str = "sdpa") -> torch
 def family_kind(name: str) -> str:
     """The kind rewriter.models.infer_kind must find for ``name``."""
     return _family_specs()[name][1]
+
+
+# ---------------------------------------------------------------------------- offline tokenizers
+# The tiny families take ids below 128: a word-level tokenizer trained here on the bundled text
+# (nothing downloaded) turns real sentences into such ids, with the special tokens where the
+# family's config puts them.
+
+SPECIALS = {   # family convention: special tokens in id order, and the template a sequence gets
+    "bart": (("<pad>", "<s>", "</s>", "<unk>"), "<s> $A </s>"),      # pad 0, bos 1, eos 2 (= _IDS)
+    "t5": (("<pad>", "</s>", "<unk>"), "$A </s>"),                   # pad 0, eos 1, start = pad
+    "gpt": (("<pad>", "<s>", "</s>", "<unk>"), "$A"),                # a decoder's running text
+}
+
+
+def word_tokenizer(convention: str = "bart", vocab_size: int = 512):
+    """A ``PreTrainedTokenizerFast`` over a WordLevel model (lower-cased words and punctuation)
+    trained on the bundled sentences, ``vocab_size`` ids at most, special tokens first as
+    ``convention`` (a key of SPECIALS) orders them; the rest of the words map to ``<unk>``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rewriter.models import bundled_sentences
+    specials, template = SPECIALS[convention]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(bundled_sentences(), trainers.WordLevelTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials)))
+    ids = {t: tok.token_to_id(t) for t in specials}
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, ids[t]) for t in template.split() if t in ids])
+    named = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if "<s>" in ids:
+        named["bos_token"] = "<s>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+
+
+TEXT_VOCAB = 512     # the text tests' models and tokenizers: most bundled words get their own id
+
+
+def headless(name: str, vocab_size: int = TEXT_VOCAB, seed: int = 0) -> torch.nn.Module:
+    """A causal decoder without its LM head (``LlamaModel`` / ``GPT2Model``, tiny, random weights)."""
+    import transformers as T
+    text = dict(_TEXT, vocab_size=vocab_size)
+    build = {"llama": lambda: T.LlamaModel(T.LlamaConfig(**_H, **text, **_IDS, num_key_value_heads=2)),
+             "gpt2": lambda: T.GPT2Model(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size,
+                                                       n_positions=64, **_IDS))}[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def seq2seq(name: str, vocab_size: int = TEXT_VOCAB, seed: int = 0) -> torch.nn.Module:
+    """The tiny BART / T5 of ``family`` with a vocabulary of ``vocab_size``, whose special ids match
+    ``word_tokenizer(name)``."""
+    import transformers as T
+    build = {"bart": lambda: T.BartModel(T.BartConfig(
+                 d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=vocab_size,
+                 **_IDS, decoder_start_token_id=2, max_position_embeddings=64)),
+             "t5": lambda: T.T5Model(T.T5Config(
+                 d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
+                 vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))}[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
