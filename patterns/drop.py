@@ -115,16 +115,23 @@ def _importance(ctx, sites: list[AttentionSite], end_of) -> dict[int, float]:
     pairs = {i: (_input(ctx.gm, s).name, *(e if isinstance(e, tuple) else (e, False)))
              for s in sites for i, e in [(s.index, ends[s.index])]}
     names = sorted({n for x, y, _ in pairs.values() for n in (x, y) if n})
-    acts = ctx.capture(names)
-    scores = {}
-    for idx, (x_name, y_name, plus_x) in pairs.items():
-        num = den = 0.0
-        for b, x, y in zip(ctx.batches, acts[x_name], acts[y_name]):
+
+    def sums(b: dict, acts: dict) -> dict[int, tuple[float, float]]:   # per batch: one batch held at a time
+        out = {}
+        for idx, (x_name, y_name, plus_x) in pairs.items():
+            x, y = acts[x_name], acts[y_name]
             y = x.double() + y.double().reshape(x.shape) if plus_x else y.double()
             cos = F.cosine_similarity(x.double(), y, dim=-1)          # [B, T]
             w = ctx.valid(b, x).to(cos.dtype)
-            num += (cos * w).sum().item()
-            den += w.sum().item()
+            out[idx] = ((cos * w).sum().item(), w.sum().item())
+        return out
+    per = ctx.capture(names, reduce=sums)
+    scores = {}
+    for idx in pairs:
+        num = den = 0.0
+        for p in per:                      # in batch order, as the sums over batches always ran
+            num += p[idx][0]
+            den += p[idx][1]
         scores[idx] = 1.0 - num / den
     return scores
 

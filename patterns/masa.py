@@ -17,8 +17,9 @@ ridge in `distill`. Measured (benchmarks/bench_masa.py): the layers' weights are
 so the allocation, not the sharing, carries the accuracy at a 20 % cut (README, MASA section).
 
 A group of layers is one decision: `plan` partitions the selected sites into groups (all, fixed
-size, or `auto`: consecutive layers whose attention inputs drift little on calibration data) and
-returns one Candidate per group (its sites: the group's layers; its facts: the group and the
+size, or `auto`: consecutive layers whose attention inputs drift little on calibration data), each
+within one role (an encoder-decoder's encoder self-, decoder self- and cross-attentions never share)
+and returns one Candidate per group (its sites: the group's layers; its facts: the group and the
 parameter counts); the record names every layer of the group.
 
 Before (each layer l):   y = linear(x, W_l, b_l)                      W_l: L dense [out, in] tensors
@@ -74,7 +75,8 @@ class MasaOptions(StepOptions):
         "then per-layer least-squares coefficients in each layer's own input statistics. Measured on MiniLM "
         "(20 % cut with `reduction`): whitened atoms held-out cos 0.875 vs 0.986 for pca, so pca stays the default")
     groups: Literal["all", "auto"] | int = Field(
-        default="all", description='"all": one dictionary over the selected layers; an int: consecutive '
+        default="all", description='"all": one dictionary over the selected layers of each role (encoder '
+        'self-, decoder self- and cross-attention are three); an int: consecutive '
         'groups of that many layers; "auto": consecutive layers whose attention inputs drift less than '
         "`drift` from the group's first layer on calibration data (MASA's grouping)")
     drift: float = Field(
@@ -179,13 +181,27 @@ def _auto_groups(ctx, sites: list[AttentionSite], drift: float) -> list[list[Att
     return groups
 
 
+def _role(s: AttentionSite) -> str:
+    """The attention's role: its module path with the block numbers taken out, e.g.
+    "decoder.layers.*.encoder_attn". Only attentions of one role share a dictionary: an
+    encoder-decoder's encoder self-, decoder self- and cross-attentions are three."""
+    return ".".join("*" if p.isdigit() else p for p in s.module.split("."))
+
+
 def _groups(ctx, sites, opts) -> list[list[AttentionSite]]:
-    sites = sorted(sites, key=_layer_key)
-    if opts.groups == "all":
-        return [sites]
-    if opts.groups == "auto":
-        return _auto_groups(ctx, sites, opts.drift)
-    return [sites[i:i + opts.groups] for i in range(0, len(sites), opts.groups)]
+    """The groups of `opts.groups` ("all", "auto" or a size), formed within each role in layer order."""
+    roles: dict[str, list[AttentionSite]] = {}
+    for s in sorted(sites, key=_layer_key):
+        roles.setdefault(_role(s), []).append(s)
+    out = []
+    for members in roles.values():
+        if opts.groups == "all":
+            out.append(members)
+        elif opts.groups == "auto":
+            out += _auto_groups(ctx, members, opts.drift)
+        else:
+            out += [members[i:i + opts.groups] for i in range(0, len(members), opts.groups)]
+    return out
 
 
 def _n_atoms(opts, n_layers: int, label: str = "q") -> int:

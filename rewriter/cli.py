@@ -461,8 +461,6 @@ def _load_saved(path: str, trust_code: bool):
 
 
 def _cmd_eval(args) -> int:
-    import copy
-
     from rich.markup import escape
     from rich.table import Table
 
@@ -492,7 +490,7 @@ def _cmd_eval(args) -> int:
             source = f"{cal.source} (held out)"
     except (ValueError, OSError) as e:
         raise _Failure(f"{args.saved}: {e}", EXIT_USAGE) from e
-    base = copy.deepcopy(loaded.model).eval()
+    base = loaded.model.eval()      # the base this process loaded (its weights shared with the saved model)
     m = Gate.from_model(gate_spec, base, batches, loaded, labels).measure(opt.graph_module)
     bound = {k: v for k, v in gate_spec.model_dump(exclude_none=True).items() if k != "metric"}
     rows = sum(int(next(v for v in b.values() if hasattr(v, "shape")).shape[0]) for b in batches)
@@ -528,8 +526,6 @@ def bench(opt, lengths: list[int] | None = None, batch: int = 1, repeats: int = 
     """Latency of a rebuilt OptimizedModel and its base model at each length, interleaved
     (report.latency_ms), with the predicted speed-up (whole-model FLOPs before / after: the saved
     report's, else counted now). ValueError names a length beyond the model's position limit."""
-    import copy
-
     from . import cost as C
     from .api import _prepare
     from .report import crossover, latency_ms, stretch, sweep_lengths
@@ -555,7 +551,7 @@ def bench(opt, lengths: list[int] | None = None, batch: int = 1, repeats: int = 
         what = ", ".join(f"{k} takes at most {v}" for k, v in limits.items()) or "torch.export's bound"
         raise ValueError(f"--seq {lengths[-1]}: longer than the model's position limit of {limit} tokens "
                          f"({what})")
-    base = copy.deepcopy(loaded.model).eval()
+    base = loaded.model.eval()      # the base this process loaded (its weights shared with the saved model)
     rows = []
     for n in lengths:
         inputs = stretch(example, n, seq_dims, rows=batch, batched=C.batch_inputs(gm, symbols))

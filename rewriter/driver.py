@@ -113,36 +113,43 @@ class Context:
         return self.io.valid_tokens(batch, y)
 
     @torch.no_grad()
-    def capture(self, names: list[str], batches: list[dict] | None = None) -> dict[str, list[torch.Tensor]]:
+    def capture(self, names: list[str], batches: list[dict] | None = None,
+                reduce: Callable[[dict, dict], object] | None = None):
         """Values of the named nodes on each calibration batch (or each of `batches`):
-        {name: [per-batch tensor]}."""
+        {name: [per-batch tensor]}. Each forward stops at the last named node: what comes after it
+        (the later layers, the LM head) cannot change what was captured. `reduce(batch, {name:
+        value})`, if given, is applied to each batch's values as soon as they are captured and
+        capture returns [its result per batch]: one batch's activations are held at a time."""
         gm, want = self.gm, set(names)
         missing = want - {n.name for n in gm.graph.nodes}
         if missing:
             raise KeyError(f"capture: no nodes named {sorted(missing)} in the current graph")
-        out: dict[str, list] = {n: [] for n in names}
 
         class _Rec(fx.Interpreter):
             def run_node(self, n):
                 v = super().run_node(n)
                 if n.name in want:
-                    out[n.name].append(v.detach() if isinstance(v, torch.Tensor) else v)
+                    self.vals[n.name] = v.detach() if isinstance(v, torch.Tensor) else v
+                    if len(self.vals) == len(want):
+                        raise _Captured
                 return v
 
-        batches = batches if batches is not None else self.batches
-        if self.world.single:
-            for b in batches:
-                _Rec(gm).run(*flatten_inputs(gm, b))
-            return out
+        def one(b: dict):
+            rec = _Rec(gm)
+            rec.vals = {}
+            try:
+                rec.run(*flatten_inputs(gm, b))
+            except _Captured:
+                pass
+            return rec.vals if reduce is None else reduce(b, rec.vals)
 
-        def mine(bs: list[dict]) -> list[dict]:     # this rank's batches; one {name: value} per batch
-            for b in bs:
-                _Rec(gm).run(*flatten_inputs(gm, b))
-            per = [{k: out[k][i] for k in names} for i in range(len(bs))]
-            out.update({n: [] for n in names})
-            return per
-        per = self.world.shard(mine, batches, f"capturing {', '.join(names)}")
-        return {k: [p[k] for p in per] for k in names}
+        batches = batches if batches is not None else self.batches
+        per = self.world.shard(lambda bs: [one(b) for b in bs], batches, f"capturing {', '.join(names)}")
+        return per if reduce is not None else {k: [p[k] for p in per] for k in names}
+
+
+class _Captured(BaseException):
+    """Every node a capture wants has run (a BaseException: fx.Interpreter rewraps Exceptions)."""
 
 
 @dataclass
@@ -215,13 +222,10 @@ class Driver:
 
     def _by_damage(self, rule: Rule, cands: list[Candidate], opts) -> list[Candidate]:
         """order: damage — each checked candidate built and applied alone on the current model and
-        undone; the relative RMS change of the main output on the calibration batches ranks them."""
-        io, batches = self.ctx.io, self.ctx.batches
-        gated = self.gate.batches
-        same = len(batches) == len(gated) and all(a is b for a, b in zip(batches, gated))
-        world = self.world
-        cache = self.cache if same else ActivationCache(self.gm, world.mine(batches), io, self.anchors,
-                                                        self.cache_bytes)
+        undone; the relative RMS change of the main output on the gate's batches ranks them (the
+        validation samples where there are: what a fit has not seen, the gate's own activation
+        cache, and a quarter of the calibration's tokens by default)."""
+        io, batches, cache, world = self.ctx.io, self.gate.batches, self.cache, self.world
         ref = world.shard(lambda bs: cache.run(self.gm, bs), batches, "ranking by damage")
 
         def damage(gm) -> Measurement:
@@ -280,9 +284,9 @@ class Driver:
                                        info=dict(info or {})))
 
             alive = [s for s in self.sites if G.find(self.gm, s.node) is not None]
-            selected = [s for s in alive if opts.selects(s)]
+            selected = [s for s in alive if opts.selects(s, self.sites)]
             for s in self.sites:
-                if s not in alive and opts.selects(s):
+                if s not in alive and opts.selects(s, self.sites):
                     note([s], "site was already rewritten by an earlier step")
             if not selected:
                 note([], f"layers={opts.layers!r} selects none of the {len(alive)} remaining sites")

@@ -77,13 +77,16 @@ class StepOptions(BaseModel):
         `order: damage`, or a rule's own ranking (an `order` other than "plan" or "graph")."""
         return self.by_damage or self.order not in ("plan", "graph")
 
-    def selects(self, site: AttentionSite) -> bool:
-        """Whether `layers` selects this site (matched on site.layer, falling back to site.index)."""
+    def selects(self, site: AttentionSite, sites: list[AttentionSite] = ()) -> bool:
+        """Whether `layers` selects this site: matched on site.layer; on site.index only in a model
+        where no site (of `sites`) has a layer, so that the two numberings never mix (SigLIP's
+        pooling head, in no list of blocks, is not "layer 2" of a 2-layer encoder)."""
         v = self.layers
         if v is None or v in ("all", "auto"):
             return True
-        key = site.layer if site.layer is not None else site.index
-        return key in parse_layers(v)
+        if site.layer is None:
+            return not any(s.layer is not None for s in sites) and site.index in parse_layers(v)
+        return site.layer in parse_layers(v)
 
 
 def parse_layers(v: str | list[int]) -> set[int]:

@@ -16,7 +16,7 @@ class AttentionSite:
     index: int                      # position among the model's attention sites, in graph order
     node: str                       # name of the aten.scaled_dot_product_attention node
     module: str                     # module path from nn_module_stack, e.g. "encoder.layer.0.attention.self"
-    layer: int | None               # layer number parsed from the module path
+    layer: int | None               # its block's position among the model's blocks (rewriter.analyze); None: in none
     heads: int
     kv_heads: int                   # < heads for GQA / MQA
     head_dim: int

@@ -119,3 +119,20 @@ def test_siglip_pooling_head_is_raised_to_a_site():
     by_site = {r.sites[0]: r for r in opt.records}
     assert by_site[0].status == by_site[1].status == "applied"
     assert by_site[head.index].status == "rejected" and "no residual add" in by_site[head.index].reason
+
+
+def test_masa_shares_within_one_role_of_an_encoder_decoder():
+    """MASA's groups never mix roles: on BART (2 + 2 blocks) `groups: all` gives one dictionary for
+    the encoder's self-attention, one for the decoder's and one for its cross-attention, each over
+    the two blocks of its stack, and each is applied."""
+    model = Z.family("bart")
+    loaded = _resolve(model, None)
+    cal = [loaded.inputs_fn(2, 8, s) for s in range(3)]
+    opt = optimize(model, {"calibration": {"samples": 2, "seq_len": 8, "batch_size": 2, "heldout": 0},
+                           "gate": OPEN_GATE, "steps": [{"masa": {"groups": "all", "atoms": 1}}]},
+                   calibration=cal, progress=False, measure_latency=False)
+    by_index = {s.index: s for s in opt.sites}
+    roles = [sorted({".".join("*" if p.isdigit() else p for p in by_index[i].module.split("."))
+                     for i in r.sites}) for r in opt.records]
+    assert sorted(len(r.sites) for r in opt.records) == [2, 2, 2] and all(len(x) == 1 for x in roles), roles
+    assert [r.status for r in opt.records] == ["applied"] * 3, [(r.status, r.reason) for r in opt.records]

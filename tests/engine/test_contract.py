@@ -201,3 +201,17 @@ def test_the_readme_example_rule_works_as_a_third_party_rule(bert, llama):
     causal = optimize(llama, {"calibration": CAL, "gate": OPEN_GATE, "steps": [{"local_window": {}}]},
                       progress=False, measure_latency=False)
     assert {(r.status, r.reason) for r in causal.records} == {("rejected", "this example handles bidirectional attention only")}
+
+
+def test_layers_match_layers_and_fall_back_to_site_indices_only_where_no_site_has_one():
+    """`layers:` names blocks (site.layer); a site in no list of blocks (SigLIP's pooling head) is
+    taken by all/auto only, and site indices stand in only for a model where no site has a layer."""
+    from rewriter.rule import StepOptions
+    from rewriter.site import AttentionSite
+    site = lambda i, layer: AttentionSite(index=i, node=f"sdpa_{i}", module=f"m{i}", layer=layer,  # noqa: E731
+                                          heads=2, kv_heads=2, head_dim=4, scale=0.5, mask="none")
+    vision = [site(0, 0), site(1, 1), site(2, None)]          # two encoder blocks and a pooling head
+    pick = lambda layers, sites: [s.index for s in sites if StepOptions(layers=layers).selects(s, sites)]  # noqa: E731
+    assert pick([2], vision) == [] and pick([1], vision) == [1] and pick("all", vision) == [0, 1, 2]
+    custom = [site(0, None), site(1, None)]                    # attention in no numbered list at all
+    assert pick([1], custom) == [1] and pick("0-1", custom) == [0, 1]
