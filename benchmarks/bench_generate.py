@@ -115,6 +115,9 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="+", choices=["none", "drop6", "linear17_w64"], default=None,
+                    help="time only these of our models (default: all three)")
+    ap.add_argument("--out", default="generate_smollm2", help="results/<out>.json and .png")
     ap.add_argument("--compile", action="store_true", help="also time each of our models with its decode "
                     "steps through torch.compile (rows '<name>+compile'; the compiling step is left out)")
     args = ap.parse_args()
@@ -124,13 +127,15 @@ def main():
     def opt(steps):
         return optimize(L, {"calibration": CAL, "gate": OPEN, "steps": steps}, progress=False,
                         measure_latency=False)
-    ours = {"none": opt([{"drop_attention": {"layers": [99]}}]),
-            "drop6": opt([{"drop_attention": {"layers": DROPS}}]),
-            "linear17_w64": opt([{"linear_attention": {"layers": LINEAR, "window": 64, "feature_dim": 64,
-                                                       "steps": 0}}])}
+    recipes = {"none": [{"drop_attention": {"layers": [99]}}],
+               "drop6": [{"drop_attention": {"layers": DROPS}}],
+               "linear17_w64": [{"linear_attention": {"layers": LINEAR, "window": 64, "feature_dim": 64,
+                                                      "steps": 0}}]}
+    ours = {k: opt(v) for k, v in recipes.items() if args.only is None or k in args.only}
     refused = {}
     try:
-        lowered(opt([{"block_routing": {"layers": [0], "keep": 0.25}}]))
+        if args.only is None:
+            lowered(opt([{"block_routing": {"layers": [0], "keep": 0.25}}]))
     except GenerationError as e:
         refused["block_routing_keep0.25"] = str(e)
     floors = _floors(L.model)
@@ -177,9 +182,10 @@ def main():
             row["prefill_speedup_vs_transformers"] = round(base["prefill_ms"] / row["prefill_ms"], 3)
             row["state_vs_transformers"] = round(row["state_bytes"] / base["state_bytes"], 3)
             row["of_gemv_floor"] = round(row["gemv_floor_ms"] / row["decode_ms_per_token"], 3)
-        same = all(torch.equal(torch.stack(a["tokens"]), torch.stack(b["tokens"]))
-                   for a, b in zip(runs["none"], runs["transformers"]))
-        rows["none"]["same_tokens_as_transformers"] = same
+        for name in (k for k in runs if k.split("+")[0] == "none"):
+            rows[name]["same_tokens_as_transformers"] = all(
+                torch.equal(torch.stack(a["tokens"]), torch.stack(b["tokens"]))
+                for a, b in zip(runs[name], runs["transformers"]))
         res["by_context"][n] = rows
         print(f"context {n}: " + "; ".join(
             f"{k} prefill {v['prefill_ms']:.0f} ms, {v['decode_ms_per_token']:.1f} ms/token "
@@ -187,11 +193,11 @@ def main():
             for k, v in rows.items()), flush=True)
     res["load_average_at_end"] = os.getloadavg()     # the machine was shared: other jobs share its cores
     OUT.mkdir(exist_ok=True)
-    (OUT / "generate_smollm2.json").write_text(json.dumps(res, indent=2))
-    _plot(res)
+    (OUT / f"{args.out}.json").write_text(json.dumps(res, indent=2))
+    _plot(res, args.out)
 
 
-def _plot(res):
+def _plot(res, out: str = "generate_smollm2"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,7 +214,7 @@ def _plot(res):
         ax.set_title(f"SmolLM2, batch 1, {res['new_tokens']} new tokens: {title}", fontsize=9)
     a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "generate_smollm2.png", dpi=120)
+    fig.savefig(OUT / f"{out}.png", dpi=120)
 
 
 if __name__ == "__main__":
