@@ -58,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from .graph import CASTS, COPIES, SDPA, arg, attr_value, clean, const_value, dtype, is_op, module_path, \
-    rank, same_shape, same_size, shape, strip_casts, value
+    rank, remove_dead, same_shape, same_size, shape, strip_casts, value
 from .match import (DIV, DROPOUT, EINSUM, MASKED_OUT, MATMUL, RESHAPES, SOFTMAX, Layer, Match, NoMatch, Operand,
                     describe, ident, match, norm_dim, strip_scale, swap_last)
 from .norms import first_user
@@ -76,6 +76,7 @@ def canonicalize(gm: fx.GraphModule) -> list[dict]:
     enable_gqa=True (head h reads kv head h // n_rep in both)."""
     records = []
     out_of_place(gm)
+    remove_dead(gm.graph)   # a dead user (MultiheadAttention's unused head-averaged weights) blocks no match
     for pv in [n for n in gm.graph.nodes if is_op(n, MATMUL, EINSUM)]:
         try:
             m = match(pv)

@@ -312,3 +312,25 @@ def test_a_1d_key_mask_is_raised_exactly_and_int_scores_are_refused_with_a_reaso
     assert canonicalize(gm) == []
     (why,) = explain_unmatched(gm)
     assert "holds the scores as torch.int32" in why
+
+
+def test_a_dead_user_of_the_probabilities_blocks_no_match():
+    """nn.MultiheadAttention (need_weights=True, eval) also averages its probabilities over heads
+    for weights nobody reads; straight from torch.export that dead mean is a second user of the
+    softmax. canonicalize removes dead code first, so the attention is still raised, exactly."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    torch.manual_seed(0)
+    m, x = M().eval(), torch.randn(2, 5, 8)
+    gm = torch.export.export(m, (x,)).module()
+    recs = canonicalize(gm)
+    assert len(recs) == 1 and sum(n.target is torch.ops.aten.scaled_dot_product_attention.default
+                                  for n in gm.graph.nodes) == 1
+    with torch.no_grad():
+        assert torch.allclose(gm(x), m(x), atol=1e-6)
