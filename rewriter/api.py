@@ -18,6 +18,7 @@ from .driver import Driver, Record, replay
 from .calibrate import row_labels
 from .gate import Gate
 from .cost import graph_flops, report_cost
+from .lower import generation_summary
 from .report import MemoryMeter, Report, attention_flops, latency, unique_numel
 from .trace import WeightGuard, trace
 
@@ -267,7 +268,8 @@ def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measur
         calibration=_calibration_summary(calib),
         stop_reason=result.stop_reason, canonicalized=canon,
         notes=_user_notes(loaded, calib) + explain_unmatched(gm) + _world_notes(world, calib),
-        seconds=time.perf_counter() - t_start, world_size=world.size)
+        seconds=time.perf_counter() - t_start, world_size=world.size,
+        generation=generation_summary(gm, sites, loaded.mask_inputs()) if loaded.kind == "causal_lm" else {})
 
 
 def _world_notes(world, calib) -> list[str]:

@@ -96,6 +96,7 @@ class SiteState:
     names: tuple[str, ...] = ()
     note: str = ""
     saved_bytes: int = 0
+    bytes_per_token: int = 0          # a KV site: its k and v cache bytes per token per batch row
 
 
 @dataclass
@@ -381,8 +382,10 @@ def lower_for_generation(gm: fx.GraphModule, sites: list[AttentionSite], *,
     for a in attn:
         idx = a.site.index if a.site is not None else None
         tag = f"s{idx}" if idx is not None else a.node.name
+        per_token = sum(_token_bytes(x) for x in (a.k_src, a.v_src)) if a.form == "kv" else 0
         order[a.node] = SiteState(idx, a.site.module if a.site else a.node.name, a.form,
-                                  _op_name(a.node.target), tuple(f"{tag}_{x}" for x in a.state), a.note)
+                                  _op_name(a.node.target), tuple(f"{tag}_{x}" for x in a.state), a.note,
+                                  bytes_per_token=per_token)
     states = list(order.values()) + [
         SiteState(s.index, s.module, "dropped", "none",
                   saved_bytes=2 * s.kv_heads * s.head_dim * _dtype_bytes(gm, s)) for s in dropped]
@@ -408,6 +411,29 @@ def _dtype_bytes(gm: fx.GraphModule, s: AttentionSite) -> int:
     if dt is None:
         dt = next((p.dtype for p in gm.parameters()), torch.float32)
     return torch.empty((), dtype=dt).element_size()
+
+
+def _token_bytes(x: fx.Node) -> int:
+    """Bytes per token per row of a cached [B, H, T, D] k or v."""
+    s, dt = G.shape(x), G.dtype(x) or torch.float32
+    return G.size_hint(s[1]) * G.size_hint(s[3]) * torch.empty((), dtype=dt).element_size()
+
+
+def generation_summary(gm: fx.GraphModule, sites: list[AttentionSite], mask_inputs: Collection[str] = ()) -> dict:
+    """The report's `generation` entry for a rewritten decoder: the KV cache bytes per token per row
+    of the original (every site at kv-heads width) and of the lowered model (its KV sites at the
+    width they are cached at), what the dropped sites save, and how many sites take each form; or
+    {"error": why} when the rewritten graph cannot be lowered."""
+    try:
+        low = lower_for_generation(gm, sites, mask_inputs=mask_inputs)
+    except LoweringError as e:
+        return {"error": str(e)}
+    forms: dict[str, int] = {}
+    for s in low.sites:
+        forms[s.form] = forms.get(s.form, 0) + 1
+    return {"kv_bytes_per_token_before": sum(2 * s.kv_heads * s.head_dim * _dtype_bytes(gm, s) for s in sites),
+            "kv_bytes_per_token_after": sum(s.bytes_per_token for s in low.sites),
+            "saved_bytes_per_token": sum(s.saved_bytes for s in low.sites), "forms": forms}
 
 
 def _output_args(gm: fx.GraphModule) -> list:

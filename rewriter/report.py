@@ -13,7 +13,9 @@ seq_len, lengths, gate_on, sets {calibration, validation, heldout: [{text, token
 gate, calibration, stop_reason, canonicalized, notes, seconds, memory {peak_rss_bytes, start_rss_bytes,
 weights_bytes, graph_shared_bytes, graph_private_bytes, method} (absent from reports saved before it),
 world_size (how many processes shared the run's forward passes, rewriter/distributed.py; reports
-saved before it read as 1).
+saved before it read as 1), generation (causal LMs: {kv_bytes_per_token_before, kv_bytes_per_token_after,
+saved_bytes_per_token, forms {kv, linear, hybrid, dropped: count}} from the
+lowering, rewriter.lower, or {error}; absent from reports saved before it).
 """
 from __future__ import annotations
 
@@ -276,6 +278,19 @@ class MemoryMeter:
                           f"/proc/self/statm sampled every {self.every * 1e3:g} ms"}
 
 
+def generation_line(g: dict) -> str:
+    """One line of the report's `generation` entry: the KV cache per token before and after, and why
+    not where the rewritten model cannot be lowered."""
+    if g.get("error"):
+        return f"cannot generate: {g['error']}"
+    before, after = g["kv_bytes_per_token_before"], g["kv_bytes_per_token_after"]
+    forms = ", ".join(f"{n} {k}" for k, n in g.get("forms", {}).items() if n)
+    cut = f" ({1 - after / before:.0%} less)" if before and after < before else ""
+    fixed = " (linear and hybrid sites keep a fixed-size state instead)" \
+        if set(g.get("forms", {})) - {"kv", "dropped"} else ""
+    return f"KV cache {before:,} → {after:,} bytes per token per row{cut}; sites: {forms}{fixed}"
+
+
 def memory_line(m: dict) -> str:
     """One line for the rich report: peak RSS, what the process held before, the weights."""
     gb = lambda b: f"{b / 2**30:.2f} GB" if b >= 2**28 else f"{b / 2**20:.1f} MB"  # noqa: E731
@@ -308,6 +323,7 @@ class Report:
     predicted_speedup: dict = field(default_factory=dict)    # {length: FLOPs before / after}
     cost: dict = field(default_factory=dict)                 # unknown_ops, symbols, fixed_sizes
     world_size: int = 1                                      # processes that shared the forward passes
+    generation: dict = field(default_factory=dict)           # decode state per token (causal LMs)
 
     def __post_init__(self):
         warning = latency_warning(self.latency)
@@ -329,6 +345,7 @@ class Report:
             "canonicalized": self.canonicalized, "notes": self.notes, "seconds": round(self.seconds, 2),
             **({"memory": self.memory} if self.memory else {}),
             "world_size": self.world_size,
+            **({"generation": self.generation} if self.generation else {}),
         }
 
     def to_json(self, **kw) -> str:
@@ -345,7 +362,7 @@ class Report:
              parse_flops(v, "report.json", f"attention_flops_per_token.{k}")
              for k, v in d["attention_flops_per_token"].items()}
         optional = ("latency", "heldout", "gate", "calibration", "stop_reason", "canonicalized", "notes",
-                    "seconds", "memory", "cost", "world_size")
+                    "seconds", "memory", "cost", "world_size", "generation")
         whole = {k: v if isinstance(v, sympy.Basic) else parse_flops(v, "report.json", f"flops_per_token.{k}")
                  for k, v in d.get("flops_per_token", {}).items()}
         predicted = {int(k): v for k, v in d.get("predicted_speedup", {}).items()}
@@ -422,6 +439,8 @@ class Report:
                   "latency on rank 0)")
         if self.memory.get("peak_rss_bytes"):
             s.add_row("peak memory", memory_line(self.memory))
+        if self.generation:
+            s.add_row("generation", generation_line(self.generation))
         yield s
         if self.latency.get("by_length"):
             t = Table(title="latency across lengths (batch 1, original and rewritten interleaved)")

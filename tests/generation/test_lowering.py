@@ -179,6 +179,32 @@ def test_greedy_generate_matches_transformers_on_a_left_padded_batch(family):
         assert _rel(steps, full) <= 1e-4
 
 
+@pytest.mark.parametrize("rule", ["drop_attention", "linear_attention"])
+def test_the_report_states_the_cache_each_token_costs(rule):
+    """report.generation: the original's KV bytes per token (every site at kv-heads width), the
+    lowered model's, what the drops save; it survives to_dict → from_dict and shows in the report."""
+    from rewriter.report import Report
+    opt = _rewritten("llama", rule)
+    g = opt.report.generation
+    per_site = 2 * KV_HEADS * HEAD_DIM * 4
+    dropped = RULES[rule][1].count("dropped")
+    kv = RULES[rule][1].count("kv")
+    assert g["kv_bytes_per_token_before"] == LAYERS * per_site
+    assert g["kv_bytes_per_token_after"] == kv * per_site and g["saved_bytes_per_token"] == dropped * per_site
+    assert sum(g["forms"].values()) == LAYERS
+    assert Report.from_dict(opt.report.to_dict()).generation == g
+    assert "KV cache 256 → " in _rendered(opt.report)
+
+
+def _rendered(report) -> str:
+    import io
+
+    from rich.console import Console
+    buf = io.StringIO()
+    report.render(Console(file=buf, width=200))
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("rule", ["none", "linear_attention_window"])
 def test_compiled_decode_generates_what_the_eager_steps_generate(rule):
     """generate(compile=True) runs each decode step through torch.compile (inductor): on a
