@@ -39,6 +39,8 @@ after) at the lengths the report times, and the inputs to time at those lengths;
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -399,6 +401,20 @@ class _FakeRun(fx.Interpreter):
         return out
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Fake tensors log (at ERROR, with a traceback) every op whose meta kernel wants concrete
+    sizes before raising; `_Counter` catches those and runs the op's decomposition, so the log
+    would only alarm the user. Errors that are not handled still raise."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _has_mask(args, kwargs) -> bool:
     m = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     return m is not None
@@ -469,7 +485,7 @@ def graph_flops(gm: fx.GraphModule, *, symbols: SymbolMap | None = None, batch: 
     n_hint = min([hint] + [c for c in caps if c is not None])
     fake_mode, vals = _fresh_inputs(vals, {s: n_hint for s in seq0} | {s: 2 for s in batch0 - seq0})
     run = _FakeRun(gm, fake_mode)
-    with fake_mode, run.counter:
+    with fake_mode, run.counter, _quiet("torch._subclasses.fake_tensor"):
         run.run(*vals)
     by_node: dict[str, list] = {}
     unknown: dict[str, list[str]] = {}
