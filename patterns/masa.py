@@ -181,18 +181,14 @@ def _auto_groups(ctx, sites: list[AttentionSite], drift: float) -> list[list[Att
     return groups
 
 
-def _role(s: AttentionSite) -> str:
-    """The attention's role: its module path with the block numbers taken out, e.g.
-    "decoder.layers.*.encoder_attn". Only attentions of one role share a dictionary: an
-    encoder-decoder's encoder self-, decoder self- and cross-attentions are three."""
-    return ".".join("*" if p.isdigit() else p for p in s.module.split("."))
-
-
 def _groups(ctx, sites, opts) -> list[list[AttentionSite]]:
-    """The groups of `opts.groups` ("all", "auto" or a size), formed within each role in layer order."""
+    """The groups of `opts.groups` ("all", "auto" or a size), formed within each role in layer order:
+    a role is the module path without its block numbers (G.module_pattern, e.g.
+    "decoder.layers.*.encoder_attn"), so an encoder-decoder's encoder self-, decoder self- and
+    cross-attentions never share a dictionary."""
     roles: dict[str, list[AttentionSite]] = {}
     for s in sorted(sites, key=_layer_key):
-        roles.setdefault(_role(s), []).append(s)
+        roles.setdefault(G.module_pattern(s.module), []).append(s)
     out = []
     for members in roles.values():
         if opts.groups == "all":

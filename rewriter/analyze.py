@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .graph import SDPA, arg, data_inputs, is_data, is_op, module_path, sdpa_args, size_hint, value
+from .graph import SDPA, arg, data_inputs, is_data, is_op, module_path, module_pattern, sdpa_args, size_hint, \
+    value
 from .masks import mask_kind
 from .norms import QK_NORM, RESHAPES, VALUE_CASTS, first_user, norm_input, norm_kind, norm_output_after, \
     same_value, strip, strip_cast
@@ -121,25 +122,20 @@ def _numbered(sdpa: fx.Node) -> list[tuple[str, str, int]]:
     return sorted(out.values(), key=lambda e: e[0].count("."))
 
 
-def _pattern(path: str) -> str:
-    """A module path with its numbers replaced by "*": the list an item belongs to, at every level."""
-    return ".".join("*" if re.fullmatch(r"\d+", p) else p for p in path.split("."))
-
-
 def _layers(gm: fx.GraphModule, sdpas: list[fx.Node]) -> dict[fx.Node, int]:
     """The layer of each SDPA node that sits in a numbered module (see above)."""
     levels = {n: _numbered(n) for n in sdpas}
     seen: dict[str, tuple[set, set]] = {}          # pattern -> (indices, classes)
     for entries in levels.values():
         for path, cls, idx in entries:
-            idxs, classes = seen.setdefault(_pattern(path), (set(), set()))
+            idxs, classes = seen.setdefault(module_pattern(path), (set(), set()))
             idxs.add(idx)
             classes.add(cls)
     repeated = {p for p, (idxs, classes) in seen.items() if len(idxs) > 1 and len(classes - {""}) <= 1}
     block: dict[fx.Node, str] = {}
     for n, entries in levels.items():
         if entries:
-            rep = [path for path, _, _ in entries if _pattern(path) in repeated]
+            rep = [path for path, _, _ in entries if module_pattern(path) in repeated]
             block[n] = rep[-1] if rep else entries[0][0]     # none repeats (one layer): the outermost
     if not block:
         return {}
@@ -147,20 +143,20 @@ def _layers(gm: fx.GraphModule, sdpas: list[fx.Node]) -> dict[fx.Node, int]:
     names = [k for k, _ in gm.named_parameters(remove_duplicate=False)] + \
         [k for k, _ in gm.named_buffers(remove_duplicate=False)] + \
         [str(n.target) for n in gm.graph.nodes if n.op == "get_attr"]
-    patterns = {_pattern(b) for b in block.values()}
+    patterns = {module_pattern(b) for b in block.values()}
     blocks = set(block.values())
     for name in names:
         parts = name.split(".")
         for pat in patterns:
             k = pat.count(".") + 1
-            if len(parts) > k and _pattern(".".join(parts[:k])) == pat:
+            if len(parts) > k and module_pattern(".".join(parts[:k])) == pat:
                 blocks.add(".".join(parts[:k]))
     # stacks (a block's list, e.g. "decoder.layers.*", "encoder.layers.*.blocks.*") in graph order
     first: dict[str, int] = {}
     for i, n in enumerate(sdpas):
         if n in block:
-            first.setdefault(_pattern(block[n]), i)
-    key = lambda b: (first.get(_pattern(b), len(sdpas)), _pattern(b),   # noqa: E731
+            first.setdefault(module_pattern(block[n]), i)
+    key = lambda b: (first.get(module_pattern(b), len(sdpas)), module_pattern(b),   # noqa: E731
                      tuple(int(p) for p in b.split(".") if re.fullmatch(r"\d+", p)))
     number = {b: i for i, b in enumerate(sorted(blocks, key=key))}
     return {n: number[b] for n, b in block.items()}

@@ -73,7 +73,8 @@ class Saved:
 
 def digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (any dtype, any shape)."""
-    return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def manifest(tensors: dict) -> dict:

@@ -92,23 +92,16 @@ class World:
         """`obj` of every rank, by rank; tensors travel pickled, bit for bit. Each rank broadcasts in
         turn rather than all_gather_object: a rank keeps its own object (no unpickled copy of it) and
         holds one rank's serialized bytes at a time, not a buffer of N times the largest."""
-        import torch.distributed as dist
-        if self.single:
-            return [obj]
-        out = []
-        for src in range(self.size):
-            box = [obj if src == self.rank else None]
-            dist.broadcast_object_list(box, src=src, group=self.group)
-            out.append(obj if src == self.rank else box[0])
-            del box
-        return out
+        return [self.broadcast(obj, src) for src in range(self.size)]
 
     def broadcast(self, obj, src: int = 0):
         """Rank `src`'s `obj` on every rank."""
         import torch.distributed as dist
-        if self.single:
+        if self.single or self.rank == src:
+            if not self.single:
+                dist.broadcast_object_list([obj], src=src, group=self.group)
             return obj
-        box = [obj if self.rank == src else None]
+        box = [None]
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 

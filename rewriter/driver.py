@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
+from .artifact import manifest
 from .cache import DEFAULT_CAP_BYTES, ActivationCache, flatten_inputs
 from .distributed import SINGLE, World
 from .gate import Gate, Measurement, compare
@@ -264,7 +265,7 @@ class Driver:
     def _record(self, rec: Record) -> Record:
         if not self.world.single:       # every rank must have taken this very decision, built these tensors
             self.world.agree((rec.rule, rec.sites, rec.status, rec.reason, rec.metric_before,
-                              rec.metric_after, rec.worst_after, _digest(rec.built)),
+                              rec.metric_after, rec.worst_after, manifest(rec.built)),
                              f"the decision on {rec.rule} site(s) {list(rec.sites)} (step {rec.step})")
         self.records.append(rec)
         if self.on_record:
@@ -328,16 +329,6 @@ class Driver:
                              seconds=time.perf_counter() - t, **fields)
         return self.trial(rule, cand, opts, self._measure, **fields)
 
-
-def _digest(tensors: dict) -> str:
-    """SHA-256 of a record's built tensors (names, dtypes, shapes, bytes): compared across ranks."""
-    import hashlib
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def replay(gm: fx.GraphModule, sites: list[AttentionSite], records: list[Record]) -> None:

@@ -161,13 +161,13 @@ class Gate:
         outputs (default `run`, the full forward; the driver passes rewriter.cache.ActivationCache.run,
         equal bit for bit and resumed from cached activations). With several processes `runner` gets
         this rank's batches (`World.mine`) and the outputs of all are gathered."""
-        runner, red = runner or run, functools.partial(token_nll, self.io) if self.reduce else None
-        if self.reduce:     # per-token NLLs as each batch's logits come: one batch's logits at a time
-            nll = self.world.shard(lambda bs: runner(model, bs, self.io, reduce=red), self.batches,
-                                   "measuring a candidate")
-            return self.judge(nll, reduced=True)
-        return self.judge(self.world.shard(lambda bs: runner(model, bs, self.io), self.batches,
-                                           "measuring a candidate"))
+        runner = runner or run
+        # a perplexity gate reduces each batch's logits to per-token NLLs as they come (one batch's
+        # logits at a time)
+        kw = {"reduce": functools.partial(token_nll, self.io)} if self.reduce else {}
+        outs = self.world.shard(lambda bs: runner(model, bs, self.io, **kw), self.batches,
+                                "measuring a candidate")
+        return self.judge(outs, reduced=self.reduce)
 
     def judge(self, outs: list[torch.Tensor], reduced: bool = False) -> Measurement:
         """The measurement of candidate outputs (`reduced`: already per-token NLLs, token_nll)."""

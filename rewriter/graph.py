@@ -146,6 +146,12 @@ def module_path(n: fx.Node) -> str:
     return str(last[0] if isinstance(last, (tuple, list)) else last)
 
 
+def module_pattern(path: str) -> str:
+    """A module path with its list indices replaced by "*" ("decoder.layers.3.encoder_attn" →
+    "decoder.layers.*.encoder_attn"): the list an item belongs to, at every level."""
+    return ".".join("*" if p.isdigit() else p for p in path.split("."))
+
+
 def attr_value(n: fx.Node):
     """The tensor (or module) a get_attr node reads, or None if its module has no such attribute."""
     try:

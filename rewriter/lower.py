@@ -39,8 +39,9 @@ Lowered by op, whatever rule left the op there:
 All four are exact: prefill + steps reproduce the full-sequence outputs (tests/generation). Anything
 else that mixes tokens (block / k-means routing and agent attention, whose folders say why in their
 NO_DECODE; an SDPA whose mask is not causal; an unknown op in front of an output projection) raises
-`LoweringError`, one line naming the site and why; no fallback recomputes full attention. MASA is lowered after `OptimizedModel.materialize()`
-(generate calls it), so a step reads dense weights instead of rebuilding them.
+`LoweringError`, one line naming the site and why; no fallback recomputes full attention. MASA is
+lowered after `OptimizedModel.materialize()` (generate calls it), so a step reads dense weights
+instead of rebuilding them.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _mask_slot(target) -> tuple[int, str] | None:
     attn_mask, or the key mask of an op with a decode form (rewriter.kernels.decode)."""
     if target in _MASK_SLOT:
         return _MASK_SLOT[target]
-    form = D.form_of(target) if isinstance(target, torch._ops.OpOverload) else None
+    form = D.form_of(target)
     return D.slot(target, form.key_mask) if form is not None else None
 
 
@@ -260,7 +261,7 @@ def _attention_nodes(gm: fx.GraphModule, sites: list[AttentionSite],
             if G.shape(k_src)[1:2] != G.shape(v_src)[1:2] or (nk == "") != (nv == ""):
                 k_src, v_src, nk = k, v, "k and v repeat differently; cached at the attention's width"
             found.append(_Attn(n, "kv", site, k_src, v_src, nk or nv))
-        elif (form := D.form_of(t) if isinstance(t, torch._ops.OpOverload) else None) is not None:
+        elif (form := D.form_of(t)) is not None:
             why = form.refuse(D.arguments(t, n.args, n.kwargs)) if form.refuse else None
             if why:
                 raise LoweringError(f"{_where(n, site)}: {why}")
@@ -388,7 +389,7 @@ def lower_for_generation(gm: fx.GraphModule, sites: list[AttentionSite], *,
                                   bytes_per_token=per_token)
     states = list(order.values()) + [
         SiteState(s.index, s.module, "dropped", "none",
-                  saved_bytes=2 * s.kv_heads * s.head_dim * _dtype_bytes(gm, s)) for s in dropped]
+                  saved_bytes=_kv_bytes(gm, s)) for s in dropped]
     states.sort(key=lambda s: (s.site is None, s.site or 0))
     attn = sorted(attn, key=lambda a: states.index(order[a.node]))      # the state's order: the sites'
     mask = masks[0].name if masks else None
@@ -400,7 +401,9 @@ def lower_for_generation(gm: fx.GraphModule, sites: list[AttentionSite], *,
                    out_spec, len(_output_args(gm)), states)
 
 
-def _dtype_bytes(gm: fx.GraphModule, s: AttentionSite) -> int:
+def _kv_bytes(gm: fx.GraphModule, s: AttentionSite) -> int:
+    """Bytes per token per batch row of site `s`'s KV cache at kv-heads width, in the model's dtype
+    (what a dropped site saves; the original's cache in the report)."""
     w = G.find(gm, s.k_proj)
     dt = G.dtype(w) if w is not None else None
     if dt is None and s.k_weight:
@@ -410,16 +413,17 @@ def _dtype_bytes(gm: fx.GraphModule, s: AttentionSite) -> int:
             dt = None
     if dt is None:
         dt = next((p.dtype for p in gm.parameters()), torch.float32)
-    return torch.empty((), dtype=dt).element_size()
+    return 2 * s.kv_heads * s.head_dim * dt.itemsize
 
 
 def _token_bytes(x: fx.Node) -> int:
     """Bytes per token per row of a cached [B, H, T, D] k or v."""
     s, dt = G.shape(x), G.dtype(x) or torch.float32
-    return G.size_hint(s[1]) * G.size_hint(s[3]) * torch.empty((), dtype=dt).element_size()
+    return G.size_hint(s[1]) * G.size_hint(s[3]) * dt.itemsize
 
 
-def generation_summary(gm: fx.GraphModule, sites: list[AttentionSite], mask_inputs: Collection[str] = ()) -> dict:
+def generation_summary(gm: fx.GraphModule, sites: list[AttentionSite],
+                       mask_inputs: Collection[str] = ()) -> dict:
     """The report's `generation` entry for a rewritten decoder: the KV cache bytes per token per row
     of the original (every site at kv-heads width) and of the lowered model (its KV sites at the
     width they are cached at), what the dropped sites save, and how many sites take each form; or
@@ -431,7 +435,7 @@ def generation_summary(gm: fx.GraphModule, sites: list[AttentionSite], mask_inpu
     forms: dict[str, int] = {}
     for s in low.sites:
         forms[s.form] = forms.get(s.form, 0) + 1
-    return {"kv_bytes_per_token_before": sum(2 * s.kv_heads * s.head_dim * _dtype_bytes(gm, s) for s in sites),
+    return {"kv_bytes_per_token_before": sum(_kv_bytes(gm, s) for s in sites),
             "kv_bytes_per_token_after": sum(s.bytes_per_token for s in low.sites),
             "saved_bytes_per_token": sum(s.saved_bytes for s in low.sites), "forms": forms}
 
@@ -545,7 +549,8 @@ def _prefill_attention(g: fx.Graph, call, n: fx.Node, a: _Attn, look) -> fx.Node
 
 def _op_args(n: fx.Node, env) -> dict:
     """The arguments of a decode-form op node by name, mapped to the step graph's values."""
-    return {k: env[x] if isinstance(x, fx.Node) else x for k, x in D.arguments(n.target, n.args, n.kwargs).items()}
+    args = D.arguments(n.target, n.args, n.kwargs)
+    return {k: env[x] if isinstance(x, fx.Node) else x for k, x in args.items()}
 
 
 def _prefill_state(call, n: fx.Node, a: _Attn, env) -> list[fx.Node]:
@@ -582,10 +587,3 @@ def _check_mask_uses(g: fx.Graph, mask: str) -> None:
             raise LoweringError(f"input {mask} feeds {u.name} ({_op_name(u.target)}) besides the attention "
                                 f"masks; a decode step, which sees the new tokens' mask only, cannot "
                                 f"reproduce it")
-
-
-def cache_bytes_per_token(sites: list[AttentionSite], dtype=torch.float32) -> int:
-    """Bytes per token per batch row of a full KV cache of every site at kv-heads width."""
-    return sum(2 * s.kv_heads * s.head_dim for s in sites) * torch.empty((), dtype=dtype).element_size() \
-        if sites else 0
-

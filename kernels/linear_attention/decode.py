@@ -31,7 +31,8 @@ def _linear_step(call, a, state, cache_position, token_valid):
 
 def _linear_refuse(a):
     if not a["causal"]:
-        return "non-causal linear attention sums over every key, future ones included; a decoder needs causal=True"
+        return ("non-causal linear attention sums over every key, future ones included; a decoder needs "
+                "causal=True")
     return None
 
 

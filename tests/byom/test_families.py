@@ -125,6 +125,7 @@ def test_masa_shares_within_one_role_of_an_encoder_decoder():
     """MASA's groups never mix roles: on BART (2 + 2 blocks) `groups: all` gives one dictionary for
     the encoder's self-attention, one for the decoder's and one for its cross-attention, each over
     the two blocks of its stack, and each is applied."""
+    from rewriter.graph import module_pattern
     model = Z.family("bart")
     loaded = _resolve(model, None)
     cal = [loaded.inputs_fn(2, 8, s) for s in range(3)]
@@ -132,7 +133,6 @@ def test_masa_shares_within_one_role_of_an_encoder_decoder():
                            "gate": OPEN_GATE, "steps": [{"masa": {"groups": "all", "atoms": 1}}]},
                    calibration=cal, progress=False, measure_latency=False)
     by_index = {s.index: s for s in opt.sites}
-    roles = [sorted({".".join("*" if p.isdigit() else p for p in by_index[i].module.split("."))
-                     for i in r.sites}) for r in opt.records]
+    roles = [sorted({module_pattern(by_index[i].module) for i in r.sites}) for r in opt.records]
     assert sorted(len(r.sites) for r in opt.records) == [2, 2, 2] and all(len(x) == 1 for x in roles), roles
     assert [r.status for r in opt.records] == ["applied"] * 3, [(r.status, r.reason) for r in opt.records]
