@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py                   # measure this checkout, print one JSON row
     python benchmarks/bench_memory.py --label after --save   # ... and store it in results/memory.json
+    python benchmarks/bench_memory.py --max-memory 200MB --label offload_200MB --save   # weights on disk
 
 The run: SmolLM2, `drop_attention` on one site, 4 × 256 calibration tokens of the bundled text in
 one batch (4 held out), perplexity gate, latency timed: the full `optimize` path. Each number comes
@@ -19,7 +20,10 @@ and `target = rss_after_load + 2 × weights + activations_one_batch` (the issue'
 merges the row into benchmarks/results/memory.json under its label: "before" was measured on the
 code before issue 16 (two deep copies; that run measured rss_after_load after a warm-up forward,
 so its target reads higher), "after" on this one; `--row-nll` measures the perplexity gate with
-the row-at-a-time NLL proposed for rewriter/gate.py.
+the row-at-a-time NLL proposed for rewriter/gate.py. `--max-memory SIZE` loads the model with at
+most SIZE of its weights in memory and the rest offloaded to disk (rewriter/offload.py): `weights`
+is then what stays in memory, and the row also gives the offloaded bytes, the most of them in memory
+at once, and the gate's values, to compare with the in-memory row's.
 """
 from __future__ import annotations
 
@@ -84,14 +88,14 @@ def _row_nll(batches, outs, io) -> float:
     return tot / max(n, 1)
 
 
-def child(what: str, row_nll: bool = False) -> dict:
+def child(what: str, row_nll: bool = False, max_memory: str | None = None) -> dict:
     import torch
 
     from rewriter import optimize
     from rewriter.models import calibration_from, load_model
     from rewriter.recipe import load_recipe
     torch.manual_seed(0)
-    loaded = load_model("smollm2")
+    loaded = load_model("smollm2", **({"max_memory": max_memory} if max_memory else {}))
     model = loaded.model.eval()
     after_load = rss()
     if what == "activations":          # the peak RSS rise of one forward on one calibration batch
@@ -107,7 +111,7 @@ def child(what: str, row_nll: bool = False) -> dict:
         import rewriter.gate
         rewriter.gate._nll = _row_nll
     weights = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                   for t in [*model.parameters(), *model.buffers()]}.values())
+                   for t in [*model.parameters(), *model.buffers()] if not t.is_meta}.values())
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
     with Peak() as p:
@@ -118,6 +122,7 @@ def child(what: str, row_nll: bool = False) -> dict:
     return {"after_load": after_load, "weights": weights, "peak": maxrss1 if exact else p.peak,
             "method": "getrusage ru_maxrss" if exact else "sampled /proc/self/statm (1 ms)",
             "seconds": seconds, "applied": [r.site for r in opt.report.records if r.status == "applied"],
+            "gate_values": [r.measurement.value for r in opt.report.records if r.measurement is not None],
             "report_memory": opt.report.to_dict().get("memory")}
 
 
@@ -132,23 +137,26 @@ def _run_child(*args) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--child", dest="child_what", choices=["activations", "optimize"], help=argparse.SUPPRESS)
+    p.add_argument("--max-memory", metavar="SIZE", help="offload all but SIZE of the weights to disk")
     p.add_argument("--label", default="after", help="key of the row in results/memory.json")
     p.add_argument("--save", action="store_true", help="merge the row into results/memory.json")
     p.add_argument("--row-nll", action="store_true", help="measure with the perplexity gate's NLL taken "
                    "one row at a time (the change proposed for rewriter/gate.py)")
     a = p.parse_args()
     if a.child_what:
-        print(json.dumps(child(a.child_what, a.row_nll)))
+        print(json.dumps(child(a.child_what, a.row_nll, a.max_memory)))
         return
-    acts = _run_child("activations")["activations"]
-    r = _run_child("optimize", *(["--row-nll"] if a.row_nll else []))
+    cap = ["--max-memory", a.max_memory] if a.max_memory else []
+    acts = _run_child("activations", *cap)["activations"]
+    r = _run_child("optimize", *(["--row-nll"] if a.row_nll else []), *cap)
     gib = 2 ** 30
     row = {"model": "smollm2", "recipe": RECIPE, "applied_sites": r["applied"],
            "rss_after_load_gb": round(r["after_load"] / gib, 3), "weights_gb": round(r["weights"] / gib, 3),
            "activations_one_batch_gb": round(acts / gib, 3), "peak_rss_gb": round(r["peak"] / gib, 3),
            "peak_method": r["method"],
            "target_gb": round((r["after_load"] + 2 * r["weights"] + acts) / gib, 3),
-           "seconds": round(r["seconds"], 1), "row_nll": a.row_nll, "report_memory": r["report_memory"]}
+           "seconds": round(r["seconds"], 1), "row_nll": a.row_nll, "report_memory": r["report_memory"],
+           "max_memory": a.max_memory, "gate_values": r["gate_values"]}
     row["within_target"] = row["peak_rss_gb"] <= row["target_gb"]
     print(json.dumps(row, indent=2))
     if a.save:

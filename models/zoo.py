@@ -249,6 +249,11 @@ class Loaded:
             if getattr(cfg, "use_cache", False):
                 cfg.use_cache = False
 
+    def offloaded_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The weights accelerate left on disk, read through its weights map (models/offload.py)."""
+        from .offload import offloaded_weights
+        return offloaded_weights(module)
+
 
 def main_output(out) -> torch.Tensor:
     """The output a user of a Hugging Face model cares about: ``logits``, else ``last_hidden_state``,
@@ -346,11 +351,19 @@ def _check_attn(attn_implementation: str, name: str) -> str:
 
 
 def _ready(model: torch.nn.Module, kind: str, use_cache: bool = False) -> torch.nn.Module:
-    """Eval mode, fp32, and (causal LMs) no KV cache returned from full-sequence forwards."""
-    model = model.float().eval()
+    """Eval mode, fp32, and (causal LMs) no KV cache returned from full-sequence forwards. A model
+    dispatched by accelerate (offloaded) is loaded in fp32 and is not moved."""
+    from .offload import is_dispatched
+    model = (model if is_dispatched(model) else model.float()).eval()
     if kind == "causal_lm" and hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = use_cache
     return model
+
+
+def _offload(max_memory) -> dict:
+    """from_pretrained's arguments: accelerate's offloading under a CPU cap (models/offload.py), or none."""
+    from .offload import offload_kwargs
+    return {} if max_memory is None else offload_kwargs(max_memory)
 
 
 def _max_length(config, tokenizer=None) -> int:
@@ -436,12 +449,13 @@ def minilm_tokenizer():
 # registered models
 
 
-def _load_minilm(attn_implementation: str = "sdpa") -> Loaded:
+def _load_minilm(attn_implementation: str = "sdpa", max_memory=None) -> Loaded:
     _offline()
     from transformers import AutoModel
     path = minilm_path()
     model = AutoModel.from_pretrained(path, attn_implementation=_check_attn(attn_implementation,
-                                      "minilm"), dtype=torch.float32, local_files_only=True)
+                                      "minilm"), dtype=torch.float32, local_files_only=True,
+                                      **_offload(max_memory))
     return Loaded("minilm", _ready(model, "encoder"), "encoder", minilm_tokenizer(),
                   _max_length(model.config), config=model.config,
                   description=_REGISTRY["minilm"][0])
@@ -530,7 +544,7 @@ def _build_smollm2_cache(cache: Path, gguf: Path) -> None:
 
 
 def _load_smollm2(attn_implementation: str = "sdpa", cache_dir: str | Path | None = None,
-                  use_cache: bool = False) -> Loaded:
+                  use_cache: bool = False, max_memory=None) -> Loaded:
     _offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     attn = _check_attn(attn_implementation, "smollm2")
@@ -538,8 +552,8 @@ def _load_smollm2(attn_implementation: str = "sdpa", cache_dir: str | Path | Non
     cache = Path(cache_dir).expanduser() if cache_dir is not None else smollm2_cache_dir()
     if not _cache_valid(cache, gguf):
         _build_smollm2_cache(cache, gguf)
-    model = AutoModelForCausalLM.from_pretrained(cache, attn_implementation=attn,
-                                                 dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(cache, attn_implementation=attn, dtype=torch.float32,
+                                                 local_files_only=True, **_offload(max_memory))
     c = model.config
     got = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads)
     if got != (30, 9, 3):
@@ -574,6 +588,9 @@ def _load_tiny(name: str, attn_implementation: str = "sdpa", seed: int = 0,
     _offline()
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     attn = _check_attn(attn_implementation, name)
+    if "max_memory" in overrides:
+        raise ValueError(f"{name}: max_memory (weights offloaded to disk) needs a checkpoint on disk, and "
+                         f"this tiny model is built in memory; save_pretrained it and pass the folder")
     spec = dict(_TINY[name])
     kind = spec.pop("kind")
     model_type = spec.pop("model_type")
@@ -643,13 +660,13 @@ def _saved_class(config):
 
 
 def _load_folder(folder: Path, attn_implementation: str = "sdpa", use_cache: bool = False,
-                 **kw) -> Loaded:
+                 max_memory=None, **kw) -> Loaded:
     _offline()
     from transformers import AutoConfig, AutoTokenizer
     attn = _check_attn(attn_implementation, str(folder))
     config = AutoConfig.from_pretrained(folder, local_files_only=True, **kw)
     model = _saved_class(config).from_pretrained(folder, attn_implementation=attn, dtype=torch.float32,
-                                                 local_files_only=True, **kw)
+                                                 local_files_only=True, **_offload(max_memory), **kw)
     kind = infer_kind(model)
     tok = None
     if main_input(model) == "input_ids":
@@ -699,8 +716,10 @@ def load_model(spec: str, **kw) -> Loaded:
     """Load a model by registered name, HF folder path, or ``"package.module:function"``.
 
     Keyword arguments go to the loader: ``attn_implementation`` ("sdpa" | "eager") for every
-    HF model; ``seed`` and config-field overrides (e.g. ``num_hidden_layers=2``) for the tiny
-    models; ``cache_dir`` for smollm2; anything a ``module:function`` accepts."""
+    HF model; ``max_memory`` (e.g. ``"300MB"``) for an HF folder and smollm2: at most that much of
+    the weights in memory, the rest read from disk as it is used (models/offload.py); ``seed`` and
+    config-field overrides (e.g. ``num_hidden_layers=2``) for the tiny models; ``cache_dir`` for
+    smollm2; anything a ``module:function`` accepts."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     if spec in _REGISTRY:

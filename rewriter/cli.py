@@ -1,6 +1,7 @@
 """The `rewriter` command line.
 
-    rewriter run RECIPE [--model SPEC] [--output DIR] [--json] [--nproc N]   optimize a model as a recipe says
+    rewriter run RECIPE [--model SPEC] [--output DIR] [--json] [--nproc N] [--max-memory SIZE]
+                                                                 optimize a model as a recipe says
     rewriter inspect MODEL [--json] [--seq-len N] [--eager]      attention sites found; nothing changed
     rewriter rules [--json]                                      every rewrite rule with its paper
     rewriter schema                                              JSON Schema of recipes (for editors)
@@ -117,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run as N local processes that share the calibration, validation, gate and held-out "
                         "batches (data parallel, gloo; the same result as one process); under torchrun the "
                         "ranks come from the environment instead")
+    r.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="keep at most SIZE (e.g. 300MB, 2GiB) of the model's weights in memory and read the "
+                        "rest from disk as each layer runs (accelerate's offloading; rewriter/offload.py): for "
+                        "a model larger than memory. The same decisions, slower")
     r.set_defaults(func=_cmd_run)
 
     i = sub.add_parser("inspect", parents=[common], help="list the attention sites of a model; changes nothing",
@@ -270,6 +275,12 @@ def _load(spec: str, **kw):
         return load_model(spec, **kw)
     except (ValueError, LookupError, ImportError, AttributeError, OSError) as e:
         raise _Failure(f"cannot load model {spec!r}: {e}", EXIT_USAGE) from e
+    except TypeError as e:          # an option this loader does not take (--max-memory for a tiny model)
+        if "unexpected keyword" not in str(e):
+            raise
+        opts = ", ".join(f"--{k.replace('_', '-')}" for k in kw)
+        raise _Failure(f"cannot load model {spec!r} with {opts}: its loader does not take it ({e})",
+                       EXIT_USAGE) from e
 
 
 # ---- commands ------------------------------------------------------------------------------------
@@ -306,7 +317,8 @@ def _launch(args) -> int:
     from . import distributed
     argv = ["run", args.recipe, *(["--model", args.model] if args.model else []),
             *(["--output", args.output] if args.output else []), *(["--json"] if args.json else []),
-            *(["--debug"] if args.debug else [])]
+            *(["--debug"] if args.debug else []),
+            *(["--max-memory", args.max_memory] if args.max_memory else [])]
     code, codes = distributed.launch(args.nproc, argv)
     if code:
         failed = [f"rank {r} exited with status {c}" for r, c in enumerate(codes) if c not in (0, None)]
@@ -323,7 +335,7 @@ def _run_rank(args, recipe, spec: str, world) -> int:
     if not args.json and talk:
         n = "" if world.single else f" ({world.size} processes)"
         err.print(f"loading {spec} …{n}", markup=False)
-    loaded = _load(spec)
+    loaded = _load(spec, **({"max_memory": args.max_memory} if args.max_memory else {}))
     from .api import optimize
     if args.model:                   # the saved recipe must name the model actually used
         recipe = dataclasses.replace(recipe, model=args.model)

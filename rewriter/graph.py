@@ -28,6 +28,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import offload
+
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
@@ -227,7 +229,8 @@ def buffer_name(rule: str, site: int | None, key: str) -> str:
 
 
 def _storages(gm: nn.Module) -> set:
-    return {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()] if not t.is_meta}
+    return {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()]
+            if not t.is_meta and not offload.is_offloaded(t)}
 
 
 def register_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
@@ -236,7 +239,9 @@ def register_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before:
     storage (a slice of a capture would keep all of it alive) or shares storage with a tensor the
     graph already holds (a weight shared with the user's model): then a compact private copy."""
     t = tensor.detach()
-    if not t.is_meta:
+    if offload.is_offloaded(t):              # a weight read from disk: registered in memory
+        t = t.load()
+    elif not t.is_meta:
         view = t.untyped_storage().nbytes() > t.numel() * t.element_size()
         if view or t.untyped_storage().data_ptr() in _storages(gm):
             t = t.clone(memory_format=torch.contiguous_format)

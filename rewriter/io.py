@@ -39,6 +39,10 @@ class ModelIO(Protocol):
     def prepare_trace(self, module: torch.nn.Module) -> None:
         """Adjust the copy the engine traces (it is never the user's module), e.g. switch off a cache."""
 
+    def offloaded_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """{qualified name: tensor reading it from disk} for the weights of `module` that are meta
+        tensors because they were offloaded (rewriter/offload.py); {} when none is."""
+
 
 class PlainIO:
     """A module nobody described: its first output tensor, no padding, no labels, no mask inputs,
@@ -64,6 +68,9 @@ class PlainIO:
 
     def prepare_trace(self, module: torch.nn.Module) -> None:
         return None
+
+    def offloaded_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def first_tensor(out: Any) -> torch.Tensor:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
+from . import offload
+
 N = sympy.Symbol("N", positive=True, integer=True)
 
 
@@ -185,7 +187,7 @@ def unique_numel(module: torch.nn.Module) -> int:
     """Floating-point parameters and buffers, each storage counted once."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.data_ptr(), t.numel())
+        key = ("disk", id(t)) if offload.is_offloaded(t) else (t.data_ptr(), t.numel())
         if key not in seen and t.is_floating_point():
             seen.add(key)
             total += t.numel()
@@ -214,11 +216,16 @@ def _maxrss() -> int | None:
         return None
 
 
+def _held(t) -> bool:
+    """A tensor whose bytes are in memory (not meta, not offloaded to disk: rewriter/offload.py)."""
+    return isinstance(t, torch.Tensor) and not t.is_meta and not offload.is_offloaded(t)
+
+
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (tied and viewed tensors counted once)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        if isinstance(t, torch.Tensor) and not t.is_meta:
+        if _held(t):
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
@@ -260,18 +267,21 @@ class MemoryMeter:
     def result(self, model: torch.nn.Module, gm: torch.nn.Module | None = None) -> dict:
         """The report's `memory` entry: the peak during the block, the resident bytes at its start,
         the bytes of `model`'s weights (parameters and buffers, each storage once) and of the traced
-        graph's: shared with `model` and its own (what the rewrites added)."""
+        graph's: shared with `model` and its own (what the rewrites added). With weights offloaded
+        to disk, also their bytes and the most of them that were in memory at once."""
         maxrss = _maxrss()
         exact = maxrss is not None and self._maxrss0 is not None and maxrss > self._maxrss0
         peak = maxrss if exact else self.peak
         if peak is None:
             return {}
         user = [*model.parameters(), *model.buffers()]
-        theirs = {t.untyped_storage().data_ptr() for t in user if not t.is_meta}
+        theirs = {t.untyped_storage().data_ptr() for t in user if _held(t)}
         graph = [*gm.parameters(), *gm.buffers()] if gm is not None else []
-        shared = [t for t in graph if not t.is_meta and t.untyped_storage().data_ptr() in theirs]
-        own = [t for t in graph if not t.is_meta and t.untyped_storage().data_ptr() not in theirs]
-        return {"peak_rss_bytes": int(peak), "start_rss_bytes": self.start,
+        shared = [t for t in graph if _held(t) and t.untyped_storage().data_ptr() in theirs]
+        own = [t for t in graph if _held(t) and t.untyped_storage().data_ptr() not in theirs]
+        disk = offload.offloaded_bytes(gm) if gm is not None else 0
+        return {**({"offloaded_bytes": disk, "offloaded_resident_peak_bytes": offload.resident_peak()}
+                   if disk else {}),"peak_rss_bytes": int(peak), "start_rss_bytes": self.start,
                 "weights_bytes": storage_bytes(user), "graph_shared_bytes": storage_bytes(shared),
                 "graph_private_bytes": storage_bytes(own),
                 "method": "getrusage ru_maxrss (the process peak, reached during optimize)" if exact else
@@ -295,9 +305,12 @@ def memory_line(m: dict) -> str:
     """One line for the rich report: peak RSS, what the process held before, the weights."""
     gb = lambda b: f"{b / 2**30:.2f} GB" if b >= 2**28 else f"{b / 2**20:.1f} MB"  # noqa: E731
     start = f" ({gb(m['start_rss_bytes'])} before)" if m.get("start_rss_bytes") else ""
+    disk = (f"; {gb(m['offloaded_bytes'])} offloaded to disk, at most "
+            f"{gb(m.get('offloaded_resident_peak_bytes', 0))} of it in memory at once"
+            if m.get("offloaded_bytes") else "")
     return (f"{gb(m['peak_rss_bytes'])} peak RSS{start}; weights {gb(m.get('weights_bytes', 0))} "
             f"({gb(m.get('graph_shared_bytes', 0))} shared with the result, which adds "
-            f"{gb(m.get('graph_private_bytes', 0))})")
+            f"{gb(m.get('graph_private_bytes', 0))}){disk}")
 
 
 @dataclass

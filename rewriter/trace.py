@@ -26,6 +26,7 @@ import logging
 import torch
 import torch.fx as fx
 
+from . import offload
 from .graph import remove_dead
 from .io import ModelIO, PlainIO
 
@@ -115,11 +116,16 @@ def _export_once(export_fn, module, args, kwargs, io):
 def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *,
           io: ModelIO | None = None, name: str | None = None, copy_model: bool = True) -> fx.GraphModule:
     """Export `model` on example inputs (widened, see `export`) and return the unlifted GraphModule,
-    its dead code removed."""
+    its dead code removed. A model with weights offloaded to disk (meta tensors; rewriter/offload.py)
+    is traced on a meta copy and the graph gets the user's tensors where they hold data and the
+    I/O's disk-backed tensors for the rest."""
     kwargs = dict(kwargs or {})
     io = io or PlainIO(name or type(model).__name__)
     name = name or io.name
-    subject = share_copy(model) if copy_model else model
+    on_disk = offload.meta_names(model)
+    lazy = io.offloaded_weights(model) if on_disk else {}
+    offload.check_sources(on_disk, lazy)
+    subject = offload.meta_twin(model) if on_disk else share_copy(model) if copy_model else model
     subject.eval()                 # the copy's modes and config: the user's module keeps its own
     io.prepare_trace(subject)      # e.g. no KV cache in the outputs: this is the copy, not the user's
     try:
@@ -133,6 +139,8 @@ def trace(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, 
             'attn_implementation="sdpa" or "eager".') from e
     gm = ep.module()
     del ep, subject
+    if on_disk:
+        offload.attach(gm, model, lazy, offload.execution_device(model))
     # values nobody reads (nn.MultiheadAttention's head-averaged weights behind `[0]`, as in SigLIP's
     # pooling head) would hold a softmax to a second user and keep its attention from being raised
     if remove_dead(gm.graph):
@@ -176,9 +184,10 @@ def _checksum(t: torch.Tensor) -> int | None:
     """A checksum of `t`'s bytes: their 8-byte words summed as int64 (wrapping, so exact and
     order-free), the tail bytes added one by one. One pass over memory at memory speed (~25 ms for
     SmolLM2's 540 MB here; summing narrower integer views is 60-100× slower), equal for equal
-    contents; None for a meta or quantized tensor (then the version counter alone is compared)."""
+    contents; None for a meta, quantized or offloaded tensor (then the version counter alone is
+    compared; an offloaded one cannot be written: rewriter/offload.py)."""
     try:
-        if t.is_meta or t.is_quantized:
+        if t.is_meta or t.is_quantized or offload.is_offloaded(t):
             return None
         x = t.detach().contiguous().reshape(-1).view(torch.uint8)
         whole = x.numel() // 8 * 8
