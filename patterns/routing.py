@@ -47,7 +47,12 @@ Both approximate: the gate is mandatory. Routing decisions depend on the input, 
 computed in the graph at run time; `build` returns only calibrated constants. key_mask(mask) is
 rewriter.kernels.keymask.key_valid; the run-time routing aligns each sample's first real token to
 position 0 and resolves fractions on its real length, so a sample's output does not depend on the
-padding of its batch (tests/reliability/test_padding.py).
+padding of its batch (tests/reliability/test_padding.py). GQA sites hand the op k/v before
+repeat_kv (query head h reads kv head h // G), so its gathers move one copy per kv head.
+
+Generation: block_routed_attention decodes over a KV cache at kv-heads width plus per-block key
+min/max (Quest, arXiv:2406.10774), each step choosing its own blocks within the same budgets
+(rewriter.kernels.routed_attention.block_decode); k-means routing has no decode form.
 """
 from __future__ import annotations
 
@@ -66,6 +71,8 @@ from rewriter.report import N, projection_flops_per_token
 from rewriter.rule import Rule, StepOptions, register
 
 from . import _routing as R
+
+aten = torch.ops.aten
 
 BIFORMER = 'Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023, arXiv:2303.08125'
 ROUTING_TF = ('Roy et al., "Efficient Content-Based Sparse Attention with Routing Transformers", TACL 2021, '
@@ -282,9 +289,38 @@ def _budget(built, opts) -> tuple[int | None, int | None]:
     return None, round(1000 * (opts.keep if opts.keep is not None else 0.25))
 
 
+def _before_repeat(x, kv_heads: int):
+    """The [B, Hkv, T, D] node that HF's repeat_kv (unsqueeze(2) → expand → reshape, or
+    repeat_interleave on dim 1, through full slices) repeats into the SDPA's `x`, or None. The
+    routed op takes GQA's k/v as they are (query head h reads kv head h // G): its gathers then move
+    one copy per kv head, and its decode form caches them at kv-heads width."""
+    def strip(n):
+        while G.is_op(n, aten.slice) and G.arg(n, 2, "start", 0) in (0, None) \
+                and G.arg(n, 3, "end", None) in (None, 2 ** 63 - 1):
+            n = n.args[0]
+        return n
+    n = strip(x)
+    if G.is_op(n, aten.repeat_interleave) and G.arg(n, 2, "dim", None) in (1, -3):
+        src = n.args[0]
+    elif G.is_op(n, aten.reshape, aten.view, aten._unsafe_view):
+        e = strip(n.args[0])
+        u = strip(e.args[0]) if G.is_op(e, aten.expand) and G.rank(e) == 5 else None
+        if not (G.is_op(u, aten.unsqueeze) and G.arg(u, 1, "dim") in (2, -3)):
+            return None
+        src = strip(u.args[0])
+    else:
+        return None
+    s = G.shape(src)
+    return src if isinstance(src, torch.fx.Node) and len(s) == 4 and G.size_hint(s[1]) == kv_heads else None
+
+
 def apply_block(gm, c, built, opts) -> None:
     site, built = c.site, built.tensors
     sd, q, k, v, key_mask, causal = R.site_tensors(gm, site)
+    if site.kv_heads and G.size_hint(G.shape(k)[1]) != site.kv_heads:     # repeated for the SDPA
+        kk, vv = _before_repeat(k, site.kv_heads), _before_repeat(v, site.kv_heads)
+        if kk is not None and vv is not None:
+            k, v = kk, vv
     topk, keep = _budget(built, opts)
     sinks, affinity = _resolved(opts, causal)
     args, extra = (q, k, v, key_mask), {}

@@ -28,16 +28,20 @@ Lowered by op, whatever rule left the op there:
         kv-heads width (the k/v before repeat_kv), written with index_copy at cache_position and read
         by rewriter::decode_attention (Lean Attention on CUDA, SDPA on CPU). In the prefill a masked
         causal SDPA runs as rewriter::causal_attention (the fused causal kernel without padding).
-    any other rewriter:: op → the DecodeForm its kernels/ folder declares (rewriter.kernels.decode):
-        its state, built from the prompt, and its step op. linear_attention (causal): (S [B, H', F, D],
-        z [B, H', F]) and rewriter::linear_attention_step; hybrid_window_attention: (S, z) + a ring
-        buffer of the last W keys, values and φ(k), and rewriter::hybrid_window_step (LoLCATs,
-        arXiv:2410.10254). The engine names no op of ours but the canonical attention's.
+    any other rewriter:: op or kernels function → the DecodeForm its kernels/ folder declares
+        (rewriter.kernels.decode): its state, built from the prompt, and its step op. linear_attention
+        (causal): (S [B, H', F, D], z [B, H', F]) and rewriter::linear_attention_step;
+        hybrid_window_attention: (S, z) + a ring buffer of the last W keys, values and φ(k), and
+        rewriter::hybrid_window_step (LoLCATs, arXiv:2410.10254); block_routed_attention: a KV cache
+        (the form's per-token `caches`: padded by `start`, written in place by `decode_inplace`,
+        masked by key_valid) + per-block key summaries, routed per step (Quest, arXiv:2406.10774).
+        The engine names no op of ours but the canonical attention's.
     a dropped attention (drop_attention / drop_block, LLM-Drop arXiv:2406.15786): no node, no state;
         `SiteState.saved_bytes` says what its KV cache would have held per token.
 
-All four are exact: prefill + steps reproduce the full-sequence outputs (tests/generation). Anything
-else that mixes tokens (block / k-means routing and agent attention, whose folders say why in their
+All are exact but block routing's step (its own selection for the one new token; exact with budgets
+that keep every block): prefill + steps reproduce the full-sequence outputs (tests/generation).
+Anything else that mixes tokens (k-means routing and agent attention, whose folders say why in their
 NO_DECODE; an SDPA whose mask is not causal; an unknown op in front of an output projection) raises
 `LoweringError`, one line naming the site and why; no fallback recomputes full attention. MASA is
 lowered after `OptimizedModel.materialize()` (generate calls it), so a step reads dense weights
@@ -97,7 +101,8 @@ class SiteState:
     names: tuple[str, ...] = ()
     note: str = ""
     saved_bytes: int = 0
-    bytes_per_token: int = 0          # a KV site: its k and v cache bytes per token per batch row
+    bytes_per_token: int = 0          # its k and v cache bytes per token per batch row (KV and `caches`)
+    caches: tuple[str, ...] = ()      # a decode form's per-token state tensors (its `caches`), in `names`
 
 
 @dataclass
@@ -133,16 +138,17 @@ class Lowered:
     def start(self, prefill_state: list[torch.Tensor], length: int) -> list[torch.Tensor]:
         """The decode state after a prefill of T tokens, for a cache of `length` ≥ T slots: each
         KV site's k, v written into zeros [B, Hkv, length, D] (the CPU decode path needs finite
-        hidden slots); linear and hybrid states as the prefill built them."""
+        hidden slots), as are a decode form's per-token `caches` along their axis 2; linear and
+        hybrid states as the prefill built them."""
         out, it = [], iter(prefill_state)
         for s in self.sites:
-            for _ in s.names:
+            for name in s.names:
                 x = next(it)
-                if s.form == "kv":
+                if s.form == "kv" or name in s.caches:
                     if x.shape[2] > length:
                         raise ValueError(f"a cache of {length} slots cannot hold the {x.shape[2]}-token "
                                          f"prefill")
-                    cache = x.new_zeros(*x.shape[:2], length, x.shape[3])
+                    cache = x.new_zeros(*x.shape[:2], length, *x.shape[3:])
                     cache[:, :, :x.shape[2]] = x
                     x = cache
                 out.append(x)
@@ -384,9 +390,13 @@ def lower_for_generation(gm: fx.GraphModule, sites: list[AttentionSite], *,
         idx = a.site.index if a.site is not None else None
         tag = f"s{idx}" if idx is not None else a.node.name
         per_token = sum(_token_bytes(x) for x in (a.k_src, a.v_src)) if a.form == "kv" else 0
+        if a.decode is not None and a.decode.caches:        # per-token caches: their argument's bytes
+            args = D.arguments(a.node.target, a.node.args, a.node.kwargs)
+            per_token = sum(_token_bytes(args[x]) for x in a.decode.caches.values())
         order[a.node] = SiteState(idx, a.site.module if a.site else a.node.name, a.form,
                                   _op_name(a.node.target), tuple(f"{tag}_{x}" for x in a.state), a.note,
-                                  bytes_per_token=per_token)
+                                  bytes_per_token=per_token,
+                                  caches=tuple(f"{tag}_{x}" for x in (a.decode.caches if a.decode else ())))
     states = list(order.values()) + [
         SiteState(s.index, s.module, "dropped", "none",
                   saved_bytes=_kv_bytes(gm, s)) for s in dropped]
@@ -565,7 +575,8 @@ def _decode_step(call, n: fx.Node, a: _Attn, env, state, cache_position, key_val
     values `env`: a KV cache written at cache_position and read by decode_attention, or the op's
     own DecodeForm step."""
     if a.decode is not None:
-        return a.decode.step(call, _op_args(n, env), state, cache_position, token_valid)
+        extra = {"inplace": inplace, "key_valid": key_valid} if a.decode.caches else {}
+        return a.decode.step(call, _op_args(n, env), state, cache_position, token_valid, **extra)
     m = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
     args = G.sdpa_args(n)
     scale = args["scale"] if n.target is G.SDPA else G.arg(n, 4, "scale")

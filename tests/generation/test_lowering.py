@@ -262,8 +262,8 @@ def _one_line_error(fn, pattern: str) -> str:
 
 def test_what_cannot_be_lowered_says_which_site_and_why():
     site0 = r"site 0 \(model\.layers\.0\.self_attn\): "
-    routed = _optimized("llama", [{"block_routing": {"block_size": 4}}])
-    _one_line_error(lambda: lowered(routed), site0 + "block_routed_attention has no decode form: block")
+    routed = _optimized("llama", [{"kmeans_routing": {}}])
+    _one_line_error(lambda: lowered(routed), site0 + "kmeans_routed_attention has no decode form: k-means")
     window = _optimized("mistral", RULES["none"][0])                  # Mistral's sliding-window mask
     _one_line_error(lambda: lowered(window), site0 + "its attention mask is 'arbitrary', not causal")
     bert = optimize(Z.family("bert"), {"calibration": CAL, "gate": OPEN_GATE, "steps": RULES["none"][0]},
