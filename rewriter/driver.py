@@ -35,6 +35,7 @@ from .artifact import manifest
 from .cache import DEFAULT_CAP_BYTES, ActivationCache, flatten_inputs
 from .distributed import SINGLE, World
 from .gate import Gate, Measurement, compare
+from .generate import decoded_runner
 from .io import ModelIO, PlainIO
 from .rule import Built, Candidate, Refused, Rule, get_rule
 from .site import AttentionSite
@@ -183,7 +184,10 @@ class Driver:
         self.cache = ActivationCache(gm, world.mine(gate.batches), self.ctx.io, self.anchors, cache_bytes)
 
     def _measure(self, gm: fx.GraphModule) -> Measurement:
-        """The gate's measurement of `gm`, its outputs from the activation cache."""
+        """The gate's measurement of `gm`, its outputs from the activation cache, or (gate.decode)
+        from a teacher-forced decode of the lowered graph (rewriter.generate.decoded_runner)."""
+        if getattr(self.gate, "decode", None) is not None:
+            return self.gate.measure(gm, decoded_runner(self.sites, self.gate.decode))
         return self.gate.measure(gm, self.cache.run)
 
     # ---- trial ---------------------------------------------------------------------------------

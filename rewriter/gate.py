@@ -108,6 +108,22 @@ def token_nll(io: ModelIO, batch: dict, logits: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~v, math.nan)
 
 
+def prefill_length(tokens: int, share: float) -> int:
+    """How many of a batch's `tokens` a teacher-forced run prefills (gate.decode): round(share ×
+    tokens), at least one and at most tokens − 1, so at least one token is decoded."""
+    return min(max(1, round(share * tokens)), max(tokens - 1, 1))
+
+
+def decoded_only(nll: torch.Tensor, share: float) -> torch.Tensor:
+    """Per-token NLLs [B, T − 1] (token_nll) kept only where the prediction came from a decode step
+    of a teacher-forced run prefilling `share` of the T tokens: the prediction of token j + 1 is
+    made at position j, a decode step's for j ≥ the prefill length; NaN (not judged) before."""
+    p = prefill_length(nll.shape[1] + 1, share)
+    out = nll.clone()
+    out[:, :p] = math.nan
+    return out
+
+
 def _mean_nll(nlls: list[torch.Tensor]) -> float:
     tot = n = 0.0
     for t in nlls:
@@ -146,6 +162,11 @@ class Gate:
         self.reduce = spec.metric == "perplexity_ratio"
         if self.reduce and not reduced:
             self.ref = [token_nll(self.io, b, y) for b, y in zip(batches, reference_outputs)]
+        # gate.decode: only the tokens a teacher-forced run decodes are judged (the original's from
+        # its full forward: it is what generation reproduces); the driver runs candidates decoded
+        self.decode = getattr(spec, "decode_share", None)
+        if self.decode is not None:
+            self.ref = [decoded_only(r, self.decode) for r in self.ref]
 
     @classmethod
     def from_model(cls, spec, model, batches, io: ModelIO | None = None, labels=None,
@@ -164,17 +185,21 @@ class Gate:
         runner = runner or run
         # a perplexity gate reduces each batch's logits to per-token NLLs as they come (one batch's
         # logits at a time)
-        kw = {"reduce": functools.partial(token_nll, self.io)} if self.reduce else {}
+        kw = {"reduce": self._reduce} if self.reduce else {}
         outs = self.world.shard(lambda bs: runner(model, bs, self.io, **kw), self.batches,
                                 "measuring a candidate")
         return self.judge(outs, reduced=self.reduce)
+
+    def _reduce(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        nll = token_nll(self.io, batch, logits)
+        return nll if self.decode is None else decoded_only(nll, self.decode)
 
     def judge(self, outs: list[torch.Tensor], reduced: bool = False) -> Measurement:
         """The measurement of candidate outputs (`reduced`: already per-token NLLs, token_nll)."""
         metric = how = self.spec.metric
         if self.reduce:
             if not reduced:
-                outs = [token_nll(self.io, b, y) for b, y in zip(self.batches, outs)]
+                outs = [self._reduce(b, y) for b, y in zip(self.batches, outs)]
             how = "token_nll"
         if len(self.labels) <= 1:
             value, worst = compare(how, self.batches, self.ref, outs, self.io)

@@ -31,6 +31,7 @@ from collections.abc import Collection
 import torch
 import torch.utils._pytree as pytree
 
+from .gate import prefill_length
 from .lower import Lowered, LoweringError, lower_for_generation, state_bytes
 
 
@@ -212,3 +213,53 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
             stats["decode_s"] += dt
             stats["decode_steps"] += 1
         stats["state_bytes"] = state_bytes(state)
+
+
+@torch.no_grad()
+def teacher_forced(low: Lowered, io, batch: dict, prefix: int) -> torch.Tensor:
+    """The main output [B, T, V] of the lowered model on `batch` as generation computes it: the
+    first `prefix` tokens prefilled, then one decode step per later token fed the batch's own token
+    (teacher forcing), a padded step (its mask 0) adding nothing. Equal to the full-sequence output
+    to float rounding for exact decode forms; block routing's step selects its own key blocks."""
+    ids = batch[low.tokens]
+    B, T = ids.shape
+    mask = batch[low.mask] if low.mask is not None else torch.ones_like(ids)
+    real = mask.bool()
+    pos = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+
+    def feed(sl: slice) -> list:
+        named = {low.tokens: ids[:, sl]}
+        if low.mask is not None:
+            named[low.mask] = mask[:, sl]
+        return [named[n] for n in low.inputs] + [pos[:, sl]]
+
+    out = low.prefill(*feed(slice(0, prefix)))
+    logits = [_logits(low, io, out)]
+    state = low.start(list(out[low.n_outputs:]), T)
+    key_valid = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
+    key_valid[:, :prefix] = real[:, :prefix]
+    for s in range(prefix, T):
+        key_valid[:, s] = real[:, s]
+        out = low.decode_inplace(*feed(slice(s, s + 1)), torch.tensor([s], device=ids.device), key_valid,
+                                 *state)
+        logits.append(_logits(low, io, out))
+        state = list(out[low.n_outputs:])
+    return torch.cat(logits, 1)
+
+
+def decoded_runner(sites, share: float):
+    """A gate runner (rewriter.gate.run's signature) computing each batch's output by
+    `teacher_forced`, with `share` of its tokens prefilled; the graph is lowered once per call."""
+    def run(gm, batches: list[dict], io, reduce=None) -> list[torch.Tensor]:
+        try:
+            low = lower_for_generation(gm, list(sites), mask_inputs=io.mask_inputs())
+        except LoweringError as e:
+            raise GenerationError(f"the gate judges decoding (gate.decode), and this graph cannot be "
+                                  f"lowered: {e}") from None
+        out = []
+        for b in batches:
+            T = b[low.tokens].shape[1]
+            y = teacher_forced(low, io, b, prefill_length(T, share))
+            out.append(y if reduce is None else reduce(b, y))
+        return out
+    return run

@@ -145,6 +145,10 @@ class GateSpec(_Spec):
     max: float | None = Field(None, description="upper bound (relative_rms, kl, perplexity_ratio)")
     min_worst: float | None = Field(None, description="embedding_cosine only: lower bound for the "
                                     "worst single sample")
+    decode: bool | float | None = Field(
+        None, description="perplexity_ratio only: judge the model as generation runs it, teacher-forced: "
+        "each gate batch's first share of tokens prefilled (true: 0.5, or a number in (0, 1)), each later "
+        "token fed by one decode step of the lowered model, and only the decoded tokens judged")
 
     @model_validator(mode="after")
     def _bounds(self) -> "GateSpec":
@@ -164,7 +168,22 @@ class GateSpec(_Spec):
             v = getattr(self, k)
             if v is not None and not (math.isfinite(v) and lo <= v <= hi):
                 fail("{metric} {key} bound {value} is out of range", k, in_range, key=k, value=v)
+        if self.decode is not None and self.decode is not False:
+            if self.metric != "perplexity_ratio":
+                fail("decode judges generation by perplexity; metric {metric} cannot", "decode",
+                     "decode with metric: perplexity_ratio")
+            share = 0.5 if self.decode is True else float(self.decode)
+            if not 0 < share < 1:
+                fail("decode {value}: the share of tokens prefilled must be in (0, 1)", "decode",
+                     "true, or a number in (0, 1)", value=self.decode)
         return self
+
+    @property
+    def decode_share(self) -> float | None:
+        """The share of each gate batch's tokens prefilled when the gate judges decoding, else None."""
+        if self.decode is None or self.decode is False:
+            return None
+        return 0.5 if self.decode is True else float(self.decode)
 
     @property
     def bound(self) -> tuple[str, float]:

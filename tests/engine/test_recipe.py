@@ -215,7 +215,7 @@ def test_gate_bound_key_must_match_metric():
     e = error_of({"gate": {"metric": "cosine", "min": 0.9}, **STEP})
     assert "gate.metric: 'cosine' (string) is not allowed" in str(e) and "'embedding_cosine'" in str(e)
     e = error_of({"gate": {"metric": "kl", "max": 0.1, "maximum": 1}, **STEP})
-    assert str(e) == "<recipe>: gate.maximum: unknown key (did you mean 'max'?); allowed: metric, min, max, min_worst"
+    assert str(e) == "<recipe>: gate.maximum: unknown key (did you mean 'max'?); allowed: metric, min, max, min_worst, decode"
 
 
 def test_gatespec_validates_on_its_own():
