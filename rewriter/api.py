@@ -250,6 +250,7 @@ def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measur
                             world).measure(gm)
         heldout = m.to_dict()
     fb, fa = attention_flops(sites, result.records)
+    kept = any(r.status == "applied" for r in result.records)     # else the result is the traced original
     # whole-model FLOPs (rewriter.cost), from the graph's cost before the rewrites (else a fresh trace)
     before = gm.meta.pop("rewriter_cost_before", None) or (lambda: _prepare(loaded, calib.batches[0])[0])
     whole = report_cost(before, gm, seq_len=calib.seq_len,
@@ -262,7 +263,8 @@ def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measur
         flops_per_token=whole.per_token if whole else {}, predicted_speedup=whole.predicted if whole else {},
         cost=whole.info if whole else {},
         # timed on rank 0 alone (the other ranks wait: timing beside them would measure the sharing)
-        latency=world.on_rank0(lambda: latency(original, gm, calib.batches[0], **whole.sweep()),
+        latency=world.on_rank0(lambda: latency(original, gm, calib.batches[0], **whole.sweep(),
+                                               cost=_call_flops(whole), kept=kept),
                                "timing latency") if measure_latency else {},
         heldout=heldout, gate=gate_spec.model_dump(exclude_none=True),
         calibration=_calibration_summary(calib),
@@ -270,6 +272,12 @@ def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measur
         notes=_user_notes(loaded, calib) + explain_unmatched(gm) + _world_notes(world, calib),
         seconds=time.perf_counter() - t_start, world_size=world.size,
         generation=generation_summary(gm, sites, loaded.mask_inputs()) if loaded.kind == "causal_lm" else {})
+
+
+def _call_flops(whole):
+    """The original's FLOPs per call at batch 1 and length n from the report's cost model (what the
+    latency entry's budget scales by, `rewriter.report.latency`); None where there is no count."""
+    return whole.before.at if whole is not None and getattr(whole, "before", None) is not None else None
 
 
 def _world_notes(world, calib) -> list[str]:

@@ -3,8 +3,10 @@
 Stable keys of to_dict(): model, kind, sites [{index, module, heads, kv_heads, head_dim, mask, norm,
 ...}], records [{rule, site, status, reason, metric_before, metric_after, seconds, ...}],
 params_before, params_after, attention_flops_per_token {before, after} (sympy expressions in N),
-latency {seq_len, batch, before_ms, after_ms, speedup, predicted_speedup, slower, by_length
-[{seq_len, batch, before_ms, after_ms, speedup, predicted_speedup}], crossover {seq_len, why}},
+latency {seq_len, batch, before_ms, after_ms, speedup, pairs, spread, predicted_speedup, slower, by_length
+[{seq_len, batch, before_ms, after_ms, speedup, pairs, spread, predicted_speedup}], crossover {seq_len, why},
+sweep {budget_s, seconds, pairs, skipped [{seq_len, why}], main_batch {rows, of, why}, note}} (pairs,
+spread and sweep absent from reports saved before them; `latency` says how they are timed),
 flops_per_token {before, after} (whole model, rewriter.cost), predicted_speedup {length: FLOPs
 before / after}, cost {unknown_ops, symbols, ...} (these three absent from reports saved before them),
 heldout {metric, value, worst, ok, why, groups
@@ -64,7 +66,13 @@ def attention_flops(sites, records) -> tuple:
 
 SWEEP_FACTORS = (1, 4, 16)   # the report times the recipe's length × these, up to the position limit
 SWEEP_MAX_FLOPS = 4e11        # ... and only lengths where one call of the original costs at most this
+SWEEP_BUDGET_S = 30.0         # seconds the latency entry may take (`latency`; the recipe's length always)
+MAIN_MAX_FLOPS = 1e11         # the main entry times the calibration batch's rows that fit in this per call
+STABLE_SPREAD = 0.02          # a row stops once its pairs' speed-ups agree within this (timing noise: ~2 %)
+MIN_PAIRS = 2                 # ... over at least this many timed pairs
 SLOWER_BELOW = 0.98           # the report warns below this speed-up at the recipe's length (timing noise: ~2 %)
+NOT_KEPT = ("no rewrite was kept: the result is the original run through its traced graph, so only the "
+            "recipe's length is timed (traced against eager)")
 
 
 @torch.no_grad()
@@ -82,34 +90,210 @@ def latency_ms(models: list, batch: dict, repeats: int = 5) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def latency(original, rewritten, batch: dict, *, lengths=(), stretch=None, predict=None,
-            repeats: int = 5, long_repeats: int = 3) -> dict:
-    """The report's latency entry: both models timed side by side (interleaved, `latency_ms`) on one
-    calibration batch, and, when `lengths` are given, at batch 1 at each of those lengths
-    (`stretch(batch, n)` builds the inputs; `by_length`), with the cost model's prediction beside
-    each measurement (`predict(n)`: FLOPs before / after at length n), the crossover (`crossover`)
-    and `slower`: True when the rewritten model is slower at the recipe's own length."""
-    before_ms, after_ms = latency_ms([original, rewritten], batch, repeats)
+def main_rows(rows: int | None, row_flops: float | None, max_flops: float = MAIN_MAX_FLOPS) -> int | None:
+    """How many of a calibration batch's `rows` the main latency entry times: all of them when one call
+    of the original on them costs at most `max_flops` (`row_flops`: its FLOPs per row; None: unknown,
+    all), else the most that do, at least 1."""
+    if rows is None or not row_flops or row_flops * rows <= max_flops:
+        return rows
+    return max(1, min(rows, int(max_flops // row_flops)))
+
+
+def head_rows(batch: dict, rows: int) -> dict:
+    """The first `rows` rows of a batch: every tensor whose dim 0 is the batch's (the first tensor's)."""
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim()), None)
+    if first is None or first.shape[0] <= rows:
+        return batch
+    n = first.shape[0]
+    return {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+            for k, v in batch.items()}
+
+
+def _same_inputs(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                    and x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x is not y and x != y:
+            return False
+    return True
+
+
+class _Row:
+    """One timed row of the latency entry: its inputs, and the wall times (ms) of the original and the
+    rewritten model in each timed pair after the warm-up pair; at most `most` pairs."""
+
+    def __init__(self, models, batch: dict, seq_len, rows, most: int, clock):
+        self.models, self.batch, self.seq_len, self.rows, self.most = models, batch, seq_len, rows, most
+        self.clock, self.before, self.after, self.warm_s = clock, [], [], None
+
+    def _pair(self) -> tuple[float, float]:
+        out = []
+        for m in self.models:
+            t = self.clock()
+            m(**self.batch)
+            out.append((self.clock() - t) * 1e3)
+        return out[0], out[1]
+
+    def warm_up(self) -> None:
+        t = self.clock()
+        self._pair()
+        self.warm_s = self.clock() - t
+
+    def time_pair(self) -> None:
+        b, a = self._pair()
+        self.before.append(b)
+        self.after.append(a)
+
+    def spread(self) -> float | None:
+        """(max − min) / median of the pairs' speed-ups (before / after per pair); None below 2 pairs."""
+        r = [b / a for b, a in zip(self.before, self.after)]
+        return (max(r) - min(r)) / statistics.median(r) if len(r) > 1 else None
+
+    def done(self) -> bool:
+        s = self.spread()
+        return len(self.before) >= self.most or (len(self.before) >= MIN_PAIRS and s <= STABLE_SPREAD)
+
+    def pair_s(self) -> float:
+        """Seconds of one timed pair: the mean so far (the warm-up pair's before any)."""
+        return sum(self.before + self.after) / len(self.before) / 1e3 if self.before else self.warm_s
+
+    def entry(self) -> dict:
+        b, a = statistics.median(self.before), statistics.median(self.after)
+        return {"seq_len": self.seq_len, "batch": self.rows, "before_ms": b, "after_ms": a,
+                "speedup": b / a, "pairs": len(self.before), "spread": self.spread()}
+
+
+def _safe(cost):
+    """`cost` as a function that gives a positive finite float or None (no count, or one that fails)."""
+    def at(n):
+        try:
+            v = float(cost(n)) if cost is not None else None
+        except Exception:  # noqa: BLE001 (an expression that does not evaluate: no count)
+            return None
+        return v if v is not None and 0 < v < float("inf") else None
+    return at
+
+
+def _error(n, e: Exception) -> str:
+    return f"at {n} tokens: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+@torch.no_grad()
+def latency(original, rewritten, batch: dict, *, lengths=(), stretch=None, predict=None, cost=None,
+            kept: bool = True, repeats: int = 5, long_repeats: int = 3, budget_s: float = SWEEP_BUDGET_S,
+            clock=time.perf_counter) -> dict:
+    """The report's latency entry: both models timed side by side, interleaved (each timed pair calls
+    the original, then the rewritten model, so a load drift hits both), on one calibration batch (the
+    main entry) and, when `lengths` are given, at batch 1 at each of those lengths (`stretch(batch, n)`
+    builds the inputs; `by_length`), with the cost model's prediction beside each measurement
+    (`predict(n)`: FLOPs before / after at length n), the crossover (`crossover`) and `slower`: True
+    when the rewritten model is slower at the recipe's own length.
+
+    The rule that bounds its cost (`sweep` in the entry says what it did):
+    - the main entry's batch is cut to the rows one call of the original on which costs at most
+      MAIN_MAX_FLOPS (`main_rows`; `cost(n)`: the original's FLOPs per call at batch 1 and length n);
+      a by_length row with the very inputs of a one-row main entry is that measurement, timed once;
+    - every row gets one untimed warm-up pair and one timed pair (the main entry MIN_PAIRS, so that
+      its spread is known), shortest first; a row of another length than the recipe's (the main
+      entry's, and `lengths[0]`) is not started when those two pairs (predicted from the last row
+      timed, scaled by `cost`, else by length) would end past `budget_s` seconds from the start, nor
+      are the longer ones (`sweep.skipped` says why); the recipe's length is always timed;
+    - then, while the budget lasts, the row with the fewest timed pairs among those not yet done
+      whose next pair (its mean so far) fits gets one more pair; a row is done at `repeats` pairs
+      (the main entry) or `long_repeats` (by_length's rows), or once stable: MIN_PAIRS or more pairs
+      whose speed-ups spread by at most STABLE_SPREAD ((max − min) / median);
+    - `kept=False` (no rewrite kept): only the recipe's length is timed; the other lengths are listed
+      as skipped (NOT_KEPT) and the crossover says there is none.
+    Each row reports the medians of its timed pairs, their count (`pairs`) and `spread`."""
+    t0 = clock()
+    deadline = t0 + budget_s
+    models = (original, rewritten)
+    flops = _safe(cost)
     first = next((list(v.shape) for v in batch.values() if isinstance(v, torch.Tensor)), None)
     seq_len = first[-1] if first else None
-    out = {"seq_len": seq_len, "batch": first[0] if first else None,
-           "input_shape": first, "before_ms": before_ms, "after_ms": after_ms,
-           "speedup": before_ms / after_ms}
+    per_row = flops(seq_len) if seq_len is not None else None
+    n_rows = main_rows(first[0] if first else None, per_row)
+    sweep: dict = {"budget_s": budget_s, "skipped": []}
+    main_batch = batch
+    if first and n_rows != first[0]:
+        main_batch = head_rows(batch, n_rows)
+        sweep["main_batch"] = {"rows": n_rows, "of": first[0], "why": (
+            f"a call on all {first[0]} would cost {per_row * first[0]:.3g} FLOPs, over MAIN_MAX_FLOPS = "
+            f"{MAIN_MAX_FLOPS:.3g}")}
+    main = _Row(models, main_batch, seq_len, n_rows, repeats, clock)
+    main.warm_up()
+    for _ in range(min(MIN_PAIRS, repeats)):      # the recipe's length: its spread is always known
+        main.time_pair()
+    timed, by, error = [main], [], None
+
+    def predicted_s(n: int) -> float:       # a warm-up pair and a timed pair at batch 1, length n
+        last = timed[-1]
+        now, then = flops(n), flops(last.seq_len) if last.seq_len is not None else None
+        if now is not None and then is not None:
+            scale = now / (then * (last.rows or 1))
+        else:
+            scale = n / ((last.seq_len or n) * (last.rows or 1))
+        return 2 * last.pair_s() * scale
+
+    own = lengths[0] if lengths else seq_len      # the recipe's length (`sweep_lengths` puts it first)
+    for i, n in enumerate(lengths):
+        if not kept and n != own:
+            sweep["skipped"].append({"seq_len": n, "why": NOT_KEPT})
+            continue
+        try:
+            inputs = stretch(batch, n)
+        except Exception as e:  # noqa: BLE001 (inputs the length sweep could not build: say so, go on)
+            error = _error(n, e)
+            break
+        if n == seq_len and n_rows == 1 and _same_inputs(inputs, main_batch):
+            by.append(main)
+            continue
+        need = predicted_s(n)
+        if n != own and clock() + need > deadline:
+            left = max(0.0, deadline - clock())
+            sweep["skipped"] += [{"seq_len": m, "why": f"the latency budget ({budget_s:g} s) would run out: "
+                                  f"a warm-up and a timed pair at {n} tokens would take about {need:.0f} s, "
+                                  f"{left:.0f} s were left"} for m in lengths[i:]]
+            break
+        row = _Row(models, inputs, n, 1, long_repeats, clock)
+        try:
+            row.warm_up()
+            row.time_pair()
+        except Exception as e:  # noqa: BLE001 (a length the model cannot take: say so, go on)
+            error = _error(n, e)
+            break
+        timed.append(row)
+        by.append(row)
+    while True:                             # more pairs, while the budget lasts
+        now = clock()
+        fits = [r for r in timed if not r.done() and now + r.pair_s() <= deadline]
+        if not fits:
+            break
+        min(fits, key=lambda r: (len(r.before), r.pair_s())).time_pair()
+    m = main.entry()
+    shape = next((list(v.shape) for v in main_batch.values() if isinstance(v, torch.Tensor)), None)
+    out = {"seq_len": seq_len, "batch": n_rows, "input_shape": shape,
+           **{k: m[k] for k in ("before_ms", "after_ms", "speedup", "pairs", "spread")}}
     if predict is not None and seq_len is not None:
         out["predicted_speedup"] = predict(seq_len)
-    rows = []
-    for n in lengths:
-        try:
-            b, a = latency_ms([original, rewritten], stretch(batch, n), long_repeats)
-        except Exception as e:  # noqa: BLE001 (inputs the length sweep could not build: say so, go on)
-            out["by_length_error"] = f"at {n} tokens: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            break
-        rows.append({"seq_len": n, "batch": 1, "before_ms": b, "after_ms": a, "speedup": b / a,
-                     "predicted_speedup": predict(n) if predict is not None else None})
+    if error:
+        out["by_length_error"] = error
+    rows = [{**r.entry(), "predicted_speedup": predict(r.seq_len) if predict is not None else None}
+            for r in by]
     if rows:
         out["by_length"] = rows
-        out["crossover"] = crossover(rows)
+        out["crossover"] = crossover(rows) if kept else {"seq_len": None, "why": NOT_KEPT}
     out["slower"] = out["speedup"] < SLOWER_BELOW
+    sweep["seconds"] = clock() - t0
+    sweep["pairs"] = sum(len(r.before) for r in timed)
+    if not kept:
+        sweep["note"] = NOT_KEPT
+    out["sweep"] = sweep
     return out
 
 
@@ -178,9 +362,29 @@ def latency_warning(latency: dict) -> str | None:
     cross = latency.get("crossover") or {}
     pays = (f"; it pays from {cross['seq_len']} tokens" if cross.get("seq_len") and
             cross["seq_len"] > (latency.get("seq_len") or 0) else "")
-    return (f"the rewritten model is SLOWER than the original at the recipe's length "
+    who = ("the result (no rewrite was kept: the original through its traced graph)"
+           if (latency.get("sweep") or {}).get("note") else "the rewritten model")
+    return (f"{who} is SLOWER than the original at the recipe's length "
             f"({latency.get('seq_len')} tokens, batch {latency.get('batch')}): {latency['speedup']:.2f}× "
             f"the speed ({latency['before_ms']:.1f} ms → {latency['after_ms']:.1f} ms){pays}")
+
+
+def pairs_text(row: dict) -> str:
+    """How a latency row was measured: its timed pairs and their spread, flagged when over the noise."""
+    s = row.get("spread")
+    spread = "" if s is None else (f", spread {s:.1%}" if s <= STABLE_SPREAD else
+                                   f", [yellow]unsettled: spread {s:.1%}[/] (a loaded machine?)")
+    return f"median of {row['pairs']} interleaved pair{'s' if row['pairs'] != 1 else ''}{spread}"
+
+
+def sweep_line(sweep: dict) -> str:
+    """One line of the report on how the latency entry was timed: its seconds against the budget, the
+    timed pairs, the main entry's batch cut and the no-rewrite note."""
+    cut = sweep.get("main_batch")
+    rows = f"; main entry on {cut['rows']} of the batch's {cut['of']} rows ({cut['why']})" if cut else ""
+    note = "; no rewrite was kept, so only the recipe's length" if sweep.get("note") else ""
+    return (f"{sweep.get('seconds', 0):.1f} s (budget {sweep.get('budget_s', 0):g} s): "
+            f"{sweep.get('pairs', 0)} timed pairs, each row after a warm-up pair{rows}{note}")
 
 
 def unique_numel(module: torch.nn.Module) -> int:
@@ -423,10 +627,13 @@ class Report:
             where = (f"batch {L.get('batch')}, {L.get('seq_len')} tokens" if text
                      else f"input {'×'.join(map(str, L['input_shape']))}")
             pred = (f"; predicted {L['predicted_speedup']:.2f}×" if L.get("predicted_speedup") else "")
+            pairs = f"; {pairs_text(L)}" if L.get("pairs") else ""
             s.add_row(f"latency ({where})",
                       f"{L['before_ms']:.1f} ms → {L['after_ms']:.1f} ms ({L['speedup']:.2f}× the speed: "
-                      f"{'faster' if L['speedup'] >= 1 else '[bold red]SLOWER[/]'}{pred})")
-            if L.get("crossover"):
+                      f"{'faster' if L['speedup'] >= 1 else '[bold red]SLOWER[/]'}{pred}{pairs})")
+            if L.get("sweep"):
+                s.add_row("latency timing", sweep_line(L["sweep"]))
+            if L.get("crossover") and not L.get("sweep", {}).get("note"):   # note: no rewrite kept
                 c = L["crossover"]
                 s.add_row("rewrite pays from", f"{c['seq_len']} tokens ({c['why']})" if c.get("seq_len")
                           else f"[red]no measured length[/] ({c['why']})")
@@ -457,14 +664,19 @@ class Report:
         yield s
         if self.latency.get("by_length"):
             t = Table(title="latency across lengths (batch 1, original and rewritten interleaved)")
-            for col in ("tokens", "before ms", "after ms", "measured ×", "predicted ×"):
+            for col in ("tokens", "before ms", "after ms", "measured ×", "predicted ×", "pairs"):
                 t.add_column(col, justify="right")
             for r in self.latency["by_length"]:
                 p = r.get("predicted_speedup")
                 t.add_row(str(r["seq_len"]), f"{r['before_ms']:.1f}", f"{r['after_ms']:.1f}",
                           f"{'[red]' if r['speedup'] < 1 else ''}{r['speedup']:.2f}×",
-                          "-" if p is None else f"{p:.2f}×")
+                          "-" if p is None else f"{p:.2f}×", str(r.get("pairs", "-")))
             yield t
+            skipped: dict = {}
+            for x in self.latency.get("sweep", {}).get("skipped", []):
+                skipped.setdefault(x["why"], []).append(str(x["seq_len"]))
+            for why, ns in skipped.items():
+                yield f"[dim]latency not timed at {', '.join(ns)} tokens: {why}[/dim]"
         if self.heldout.get("groups"):
             h = Table(title=f"held-out {self.heldout['metric']} by kind of text and length (the worst decides)")
             for col in ("text", "tokens", "value", "worst sample", "within bound"):
