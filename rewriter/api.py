@@ -17,6 +17,7 @@ from .canonicalize import canonicalize, explain_unmatched
 from .driver import Driver, Record, replay
 from .calibrate import row_labels
 from .gate import Gate
+from .generate import decoded_runner
 from .cost import graph_flops, report_cost
 from .lower import generation_summary
 from .report import MemoryMeter, Report, attention_flops, latency, unique_numel
@@ -192,9 +193,11 @@ def _evaluating(model: torch.nn.Module):
 
 def _guarded(guard: WeightGuard, on_record):
     """The driver's on_record: after every decision, check that no user tensor changed
-    (SharedWriteError names the rule, its sites and the tensors), then pass the record on."""
+    (SharedWriteError names the rule, its sites and the tensors), then pass the record on. A
+    skipped candidate ran no rule code, so only the version counters are compared after it; the
+    checksums (which also see a write through `.data`) after every other decision and at the end."""
     def check(r: Record) -> None:
-        guard.check(f"rule {r.rule} (site(s) {list(r.sites)}, {r.status})")
+        guard.check(f"rule {r.rule} (site(s) {list(r.sites)}, {r.status})", checksums=r.status != "skipped")
         if on_record is not None:
             on_record(r)
     return check
@@ -246,8 +249,10 @@ def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measur
             world=distributed.SINGLE) -> Report:
     heldout = {}
     if calib.heldout:
+        # gate.decode: the held-out text is judged teacher-forced too, as generation runs the model
+        decoded = decoded_runner(sites, gate_spec.decode_share) if gate_spec.decode_share else None
         m = Gate.from_model(gate_spec, original, calib.heldout, loaded, calib.heldout_labels,
-                            world).measure(gm)
+                            world).measure(gm, decoded)
         heldout = m.to_dict()
     fb, fa = attention_flops(sites, result.records)
     kept = any(r.status == "applied" for r in result.records)     # else the result is the traced original

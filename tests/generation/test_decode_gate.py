@@ -78,14 +78,21 @@ def test_block_routing_is_judged_as_it_decodes():
     which is not the full-sequence one; the record's value (which the bound decides on) is that
     teacher-forced measurement, not the full forward's."""
     gate = {"metric": "perplexity_ratio", "max": 100.0, "decode": True}
-    opt = _optimized(ROUTE, gate)
+    cal = {**CAL, "heldout": 4}
+    opt = optimize(Z.family("llama"), {"calibration": cal, "gate": gate, "steps": ROUTE},
+                   calibration=_batches(n=3), progress=False, measure_latency=False)
     applied = [r for r in opt.records if r.status == "applied"]
     assert applied, [(r.status, r.reason) for r in opt.records]
     spec = GateSpec(**gate)
-    rec = load_recipe({"calibration": CAL, "gate": gate, "steps": ROUTE})
-    calib = calibration_from(opt.io, _batches(), **rec.calibration.resolved(rec.steps))
+    rec = load_recipe({"calibration": cal, "gate": gate, "steps": ROUTE})
+    calib = calibration_from(opt.io, _batches(n=3), **rec.calibration.resolved(rec.steps))
     ref = Gate.from_model(spec, Z.family("llama").eval(), calib.gate_batches, opt.io)
     dec = ref.measure(opt.graph_module, decoded_runner(opt.sites, 0.5)).value
     full = ref.measure(opt.graph_module, run).value
     assert applied[-1].measurement.value == pytest.approx(dec, rel=1e-9)
     assert abs(dec - full) > 1e-4 * full              # decoding is measured, not the full forward
+    # the held-out text is judged teacher-forced too
+    assert calib.heldout
+    held = Gate.from_model(spec, Z.family("llama").eval(), calib.heldout, opt.io)
+    assert opt.report.heldout["value"] == pytest.approx(
+        held.measure(opt.graph_module, decoded_runner(opt.sites, 0.5)).value, rel=1e-9)
