@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from rewriter.offload import DiskTensor
+from rewriter.offload import DiskTensor, named_tensors
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -60,7 +60,7 @@ def offloaded_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     keys = set(wm.keys()) if hasattr(wm, "keys") else set(wm)
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
-    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    for n, t in named_tensors(model):
         if t.is_meta:
             names.setdefault(id(t), []).append(n)
             tensors[id(t)] = t

@@ -63,6 +63,15 @@ def lowered(model) -> Lowered:
     return cached[2]
 
 
+def _inputs(low: Lowered, tokens, mask, position_ids) -> list:
+    """The lowered graphs' leading inputs: the traced inputs in their order (tokens, and the mask
+    where the model was traced with one), then the positions."""
+    named = {low.tokens: tokens}
+    if low.mask is not None:
+        named[low.mask] = mask
+    return [named[n] for n in low.inputs] + [position_ids]
+
+
 def _logits(low: Lowered, io, leaves) -> torch.Tensor:
     out = leaves[:low.n_outputs]
     if low.out_spec is not None:
@@ -166,10 +175,7 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     mask_dtype = mask.dtype
 
     def feed(tokens, valid, position_ids, *extra):
-        named = {low.tokens: tokens}
-        if low.mask is not None:
-            named[low.mask] = valid.to(mask_dtype)
-        return [named[n] for n in low.inputs] + [position_ids, *extra]
+        return [*_inputs(low, tokens, valid.to(mask_dtype), position_ids), *extra]
 
     position_ids = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
     t0 = time.perf_counter()
@@ -228,10 +234,7 @@ def teacher_forced(low: Lowered, io, batch: dict, prefix: int) -> torch.Tensor:
     pos = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
 
     def feed(sl: slice) -> list:
-        named = {low.tokens: ids[:, sl]}
-        if low.mask is not None:
-            named[low.mask] = mask[:, sl]
-        return [named[n] for n in low.inputs] + [pos[:, sl]]
+        return _inputs(low, ids[:, sl], mask[:, sl], pos[:, sl])
 
     out = low.prefill(*feed(slice(0, prefix)))
     logits = [_logits(low, io, out)]

@@ -230,7 +230,7 @@ def buffer_name(rule: str, site: int | None, key: str) -> str:
 
 def _storages(gm: nn.Module) -> set:
     return {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()]
-            if not t.is_meta and not offload.is_offloaded(t)}
+            if offload.holds_data(t)}
 
 
 def register_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:

@@ -42,8 +42,8 @@ class OffloadError(RuntimeError):
 
 class DiskTensor(torch.Tensor):
     """A weight whose values stay on disk: `load()` returns them (a fresh CPU tensor) and every aten
-    op on a DiskTensor loads it, runs on the loaded values and drops them. `name` is the weight's
-    qualified name in the user's model (for messages)."""
+    op on a DiskTensor loads it, runs on the loaded values and drops them. `weight_name` is the
+    weight's qualified name in the user's model (for messages)."""
 
     stats = {"loads": 0, "bytes": 0}
     _live = {"bytes": 0, "peak": 0}
@@ -98,27 +98,30 @@ def _released(n: int) -> None:
         DiskTensor._live["bytes"] -= n
 
 
-def resident_peak(reset: bool = False) -> int:
-    """The most bytes of offloaded weights in memory at once since the last reset."""
+def resident_peak() -> int:
+    """The most bytes of offloaded weights this process held in memory at once."""
     with DiskTensor._lock:
-        peak = DiskTensor._live["peak"]
-        if reset:
-            DiskTensor._live["peak"] = DiskTensor._live["bytes"]
-    return peak
+        return DiskTensor._live["peak"]
 
 
 def is_offloaded(t) -> bool:
     return isinstance(t, DiskTensor)
 
 
-def _named_tensors(module: torch.nn.Module):
+def holds_data(t) -> bool:
+    """A tensor whose bytes are in memory (not meta, not offloaded to disk)."""
+    return isinstance(t, torch.Tensor) and not t.is_meta and not is_offloaded(t)
+
+
+def named_tensors(module: torch.nn.Module):
+    """Every (qualified name, tensor) of the module's parameters and buffers, tied names included."""
     return itertools.chain(module.named_parameters(remove_duplicate=False),
                            module.named_buffers(remove_duplicate=False))
 
 
 def meta_names(model: torch.nn.Module) -> list[str]:
     """Qualified names of the model's parameters and buffers that hold no data (meta tensors)."""
-    return [n for n, t in _named_tensors(model) if t.is_meta]
+    return [n for n, t in named_tensors(model) if t.is_meta]
 
 
 def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -126,10 +129,11 @@ def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
     tensor of the same shape and dtype (tied tensors stay tied): what torch.export traces when some of
     the model's weights are on disk (fake tensors never read values). The user's model is untouched."""
     memo: dict[int, torch.Tensor] = {}
-    for _, t in _named_tensors(model):
+    for _, t in named_tensors(model):
         if id(t) not in memo:
             m = torch.empty_like(t, device="meta")
-            memo[id(t)] = torch.nn.Parameter(m, requires_grad=False) if isinstance(t, torch.nn.Parameter) else m
+            param = isinstance(t, torch.nn.Parameter)
+            memo[id(t)] = torch.nn.Parameter(m, requires_grad=False) if param else m
     twin = copy.deepcopy(model, memo)
     # accelerate's hooks would move weights in and out around every forward: the twin runs plain
     for mod in twin.modules():
@@ -160,7 +164,7 @@ def attach(gm: fx.GraphModule, model: torch.nn.Module, lazy: dict[str, torch.Ten
     user's own tensor where it holds data (shared, never copied), its `lazy[name]` (a DiskTensor)
     where it is a meta tensor. Then move every device argument of the graph from meta to `device`.
     Raises OffloadError naming a weight that has neither."""
-    own = dict(_named_tensors(model))
+    own = dict(named_tensors(model))
     for mod_name, mod in gm.named_modules():
         for table, param in ((mod._parameters, True), (mod._buffers, False)):
             for key, t in list(table.items()):
@@ -186,13 +190,13 @@ def attach(gm: fx.GraphModule, model: torch.nn.Module, lazy: dict[str, torch.Ten
 
 def execution_device(model: torch.nn.Module) -> torch.device:
     """The device the model's data-holding weights are on (cpu when none holds data)."""
-    return next((t.device for _, t in _named_tensors(model) if not t.is_meta), torch.device("cpu"))
+    return next((t.device for _, t in named_tensors(model) if not t.is_meta), torch.device("cpu"))
 
 
 def offloaded_bytes(module: torch.nn.Module) -> int:
     """Bytes of the module's offloaded weights (each tensor once)."""
     seen, n = set(), 0
-    for _, t in _named_tensors(module):
+    for _, t in named_tensors(module):
         if isinstance(t, DiskTensor) and id(t) not in seen:
             seen.add(id(t))
             n += t.numel() * t.element_size()

@@ -420,16 +420,11 @@ def _maxrss() -> int | None:
         return None
 
 
-def _held(t) -> bool:
-    """A tensor whose bytes are in memory (not meta, not offloaded to disk: rewriter/offload.py)."""
-    return isinstance(t, torch.Tensor) and not t.is_meta and not offload.is_offloaded(t)
-
-
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (tied and viewed tensors counted once)."""
     seen: dict[int, int] = {}
     for t in tensors:
-        if _held(t):
+        if offload.holds_data(t):
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
     return sum(seen.values())
@@ -479,10 +474,10 @@ class MemoryMeter:
         if peak is None:
             return {}
         user = [*model.parameters(), *model.buffers()]
-        theirs = {t.untyped_storage().data_ptr() for t in user if _held(t)}
+        theirs = {t.untyped_storage().data_ptr() for t in user if offload.holds_data(t)}
         graph = [*gm.parameters(), *gm.buffers()] if gm is not None else []
-        shared = [t for t in graph if _held(t) and t.untyped_storage().data_ptr() in theirs]
-        own = [t for t in graph if _held(t) and t.untyped_storage().data_ptr() not in theirs]
+        shared = [t for t in graph if offload.holds_data(t) and t.untyped_storage().data_ptr() in theirs]
+        own = [t for t in graph if offload.holds_data(t) and t.untyped_storage().data_ptr() not in theirs]
         disk = offload.offloaded_bytes(gm) if gm is not None else 0
         return {**({"offloaded_bytes": disk, "offloaded_resident_peak_bytes": offload.resident_peak()}
                    if disk else {}),"peak_rss_bytes": int(peak), "start_rss_bytes": self.start,

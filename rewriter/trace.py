@@ -240,13 +240,13 @@ def snapshot(gm: fx.GraphModule):
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     val = g.graph_copy(gm.graph, {})
     g.output(val, type_expr=out_node.type)
-    tensors = dict(_tensor_attrs(gm))
+    tensors = dict(offload.named_tensors(gm))
     return g, tensors
 
 
 def restore(gm: fx.GraphModule, snap) -> None:
     g, tensors = snap
-    now = dict(_tensor_attrs(gm))
+    now = dict(offload.named_tensors(gm))
     for qual in now.keys() - tensors.keys():
         _delattr(gm, qual)
     for qual, t in tensors.items():
@@ -258,11 +258,6 @@ def restore(gm: fx.GraphModule, snap) -> None:
     fresh.output(fresh.graph_copy(g, {}), type_expr=out_node.type)
     gm.graph = fresh
     gm.recompile()
-
-
-def _tensor_attrs(gm: torch.nn.Module):
-    yield from gm.named_parameters(remove_duplicate=False)
-    yield from gm.named_buffers(remove_duplicate=False)
 
 
 def _owner(gm: torch.nn.Module, qual: str):
