@@ -9,6 +9,8 @@ without losing padding support (kernels/causal_attention).
 
 Before:  o = sdpa(q, k, v, attn_mask=causal_mask(attention_mask), scale)
 After:   o = rewriter::causal_attention(q, k, v, causal_mask(attention_mask), scale)
+GQA's repeat_kv copies go too: the op reads k/v at kv-heads width (enable_gqa), as eager HF's SDPA
+call does without a mask.
 Exact (both branches compute the same function on a plain causal mask); put it last in a recipe,
 since the other rules look for the SDPA nodes it replaces.
 """
@@ -49,7 +51,8 @@ def build(ctx, c: Candidate, opts) -> dict:
 def apply(gm, c: Candidate, built, opts) -> None:
     site = c.site
     sd, a = _args(gm, site)
-    args = (a["query"], a["key"], a["value"], a["attn_mask"], float(site.scale), bool(a["enable_gqa"]))
+    k, v, gqa = G.gqa_kv(a["query"], a["key"], a["value"], bool(a["enable_gqa"]))
+    args = (a["query"], k, v, a["attn_mask"], float(site.scale), gqa)
     G.replace_with_op(gm, sd, torch.ops.rewriter.causal_attention.default, args, rule=NAME, site=site.index)
 
 

@@ -289,38 +289,13 @@ def _budget(built, opts) -> tuple[int | None, int | None]:
     return None, round(1000 * (opts.keep if opts.keep is not None else 0.25))
 
 
-def _before_repeat(x, kv_heads: int):
-    """The [B, Hkv, T, D] node that HF's repeat_kv (unsqueeze(2) → expand → reshape, or
-    repeat_interleave on dim 1, through full slices) repeats into the SDPA's `x`, or None. The
-    routed op takes GQA's k/v as they are (query head h reads kv head h // G): its gathers then move
-    one copy per kv head, and its decode form caches them at kv-heads width."""
-    def strip(n):
-        while G.is_op(n, aten.slice) and G.arg(n, 2, "start", 0) in (0, None) \
-                and G.arg(n, 3, "end", None) in (None, 2 ** 63 - 1):
-            n = n.args[0]
-        return n
-    n = strip(x)
-    if G.is_op(n, aten.repeat_interleave) and G.arg(n, 2, "dim", None) in (1, -3):
-        src = n.args[0]
-    elif G.is_op(n, aten.reshape, aten.view, aten._unsafe_view):
-        e = strip(n.args[0])
-        u = strip(e.args[0]) if G.is_op(e, aten.expand) and G.rank(e) == 5 else None
-        if not (G.is_op(u, aten.unsqueeze) and G.arg(u, 1, "dim") in (2, -3)):
-            return None
-        src = strip(u.args[0])
-    else:
-        return None
-    s = G.shape(src)
-    return src if isinstance(src, torch.fx.Node) and len(s) == 4 and G.size_hint(s[1]) == kv_heads else None
-
-
 def apply_block(gm, c, built, opts) -> None:
     site, built = c.site, built.tensors
     sd, q, k, v, key_mask, causal = R.site_tensors(gm, site)
     if site.kv_heads and G.size_hint(G.shape(k)[1]) != site.kv_heads:     # repeated for the SDPA
-        kk, vv = _before_repeat(k, site.kv_heads), _before_repeat(v, site.kv_heads)
-        if kk is not None and vv is not None:
-            k, v = kk, vv
+        kk, vv = G.unrepeat_kv(k), G.unrepeat_kv(v)     # the routed op takes GQA's k/v as they are
+        if kk and vv and G.size_hint(G.shape(kk[0])[1]) == G.size_hint(G.shape(vv[0])[1]) == site.kv_heads:
+            k, v = kk[0], vv[0]
     topk, keep = _budget(built, opts)
     sinks, affinity = _resolved(opts, causal)
     args, extra = (q, k, v, key_mask), {}

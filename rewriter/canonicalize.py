@@ -58,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from .graph import CASTS, COPIES, SDPA, arg, attr_value, clean, const_value, dtype, is_op, module_path, \
-    rank, remove_dead, same_shape, same_size, shape, strip_casts, value
+    rank, remove_dead, same_shape, same_size, shape, strip_casts, unrepeat_kv, value
 from .match import (DIV, DROPOUT, EINSUM, MASKED_OUT, MATMUL, RESHAPES, SOFTMAX, Layer, Match, NoMatch, Operand,
                     describe, ident, match, norm_dim, strip_scale, swap_last)
 from .norms import first_user
@@ -317,38 +317,10 @@ def _mask_to_4d(emit: _Emitter, mask: fx.Node, heads: int) -> fx.Node:
 
 # ---------------------------------------------------------------- GQA and folded heads
 
-def _strip_full_slices(n: fx.Node) -> fx.Node:
-    while is_op(n, aten.slice.Tensor):
-        start, end, step = arg(n, 2, "start"), arg(n, 3, "end"), arg(n, 4, "step", 1)
-        if start not in (None, 0) or step != 1 or not same_shape(shape(n), shape(n.args[0])):
-            break
-        n = n.args[0]
-    return n
-
-
 def _unrepeat_kv(op: Operand) -> tuple[Operand, int] | None:
-    """Undo repeat_kv (x[:, :, None].expand(B, Hkv, n, T, D).reshape(B, Hkv·n, T, D)) or
-    repeat_interleave(x, n, dim=1) on a [B, H, T, D] operand; returns (x, n)."""
-    if op.perm != ident(4):
-        return None
-    n = _strip_full_slices(op.node)
-    dim = arg(n, 2, "dim", None) if is_op(n, aten.repeat_interleave.self_int) else None
-    if dim is not None and norm_dim(dim, 4) == 1:
-        return Operand(n.args[0], ident(4)), int(n.args[1])
-    if not is_op(n, RESHAPES):
-        return None
-    e = _strip_full_slices(n.args[0])
-    if not is_op(e, aten.expand.default) or rank(e) != 5:
-        return None
-    u = _strip_full_slices(e.args[0])
-    if not (is_op(u, aten.unsqueeze.default) and norm_dim(u.args[1], 5) == 2):
-        return None
-    x = _strip_full_slices(u.args[0])
-    es, xs = shape(e), shape(x)
-    reps = es[2]
-    if not isinstance(reps, int) or not all(same_size(es[i], xs[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3))):
-        return None
-    return Operand(x, ident(4)), reps
+    """graph.unrepeat_kv on a [B, H, T, D] operand in its own layout."""
+    found = unrepeat_kv(op.node) if op.perm == ident(4) else None
+    return (Operand(found[0], ident(4)), found[1]) if found else None
 
 
 def _same_heads(four: list) -> bool:

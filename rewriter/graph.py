@@ -4,7 +4,7 @@ Reading: `value` / `shape` / `rank` / `dtype` of a node as the trace saw it, `sa
 `same_shape` (sizes that are statically equal, ints or SymInts), `size_hint` (the size traced at),
 `is_data` / `data_inputs` (tensors, not shape arithmetic), `is_op` and the op families
 `CASTS` / `COPIES` with `strip_casts`, `arg`, `const_value`, `attr_value`, `module_path`,
-`node` / `find`, `sdpa_args`. canonicalize, analyze and the rules all speak it, so a word means
+`node` / `find`, `sdpa_args`, `unrepeat_kv` / `gqa_kv`. canonicalize, analyze and the rules all speak it, so a word means
 one thing everywhere.
 
 Editing: every node an edit creates carries provenance in node.meta["rewriter"] = {"rule", "site"}.
@@ -215,6 +215,52 @@ _SDPA_DEFAULTS = {"query": None, "key": None, "value": None, "attn_mask": None, 
 def sdpa_args(n: fx.Node) -> dict:
     """q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa of an SDPA node, by name."""
     return {**_SDPA_DEFAULTS, **dict(zip(_SDPA_DEFAULTS, n.args)), **n.kwargs}
+
+
+def _full_slices(n):
+    """`n` below any slices that keep their whole input (HF writes x[:, :, None, :, :])."""
+    while is_op(n, aten.slice.Tensor) and arg(n, 2, "start") in (None, 0) and arg(n, 4, "step", 1) == 1 \
+            and same_shape(shape(n), shape(n.args[0])):
+        n = n.args[0]
+    return n
+
+
+def unrepeat_kv(n) -> tuple[fx.Node, int] | None:
+    """(x, r) when the [B, H, T, D] node `n` is GQA's repeat_kv of x [B, H/r, T, D]: HF's
+    x[:, :, None].expand(B, Hkv, r, T, D).reshape(B, Hkv·r, T, D), or x.repeat_interleave(r, dim=1),
+    through whole slices. Query head h then reads kv head h // r, which is SDPA's enable_gqa;
+    None for anything else."""
+    n = _full_slices(n)
+    if rank(n) != 4:
+        return None
+    if is_op(n, aten.repeat_interleave.self_int) and arg(n, 2, "dim") in (1, -3) \
+            and isinstance(n.args[1], int) and rank(n.args[0]) == 4:
+        return n.args[0], n.args[1]
+    if not is_op(n, aten.reshape, aten.view, aten._unsafe_view):
+        return None
+    e = _full_slices(n.args[0])
+    if not (is_op(e, aten.expand.default) and rank(e) == 5):
+        return None
+    u = _full_slices(e.args[0])
+    if not (is_op(u, aten.unsqueeze.default) and u.args[1] in (2, -3)):
+        return None
+    x = _full_slices(u.args[0])
+    es, xs, reps = shape(e), shape(x), shape(e)[2] if rank(e) == 5 else None
+    if not isinstance(reps, int) or len(xs) != 4 \
+            or not all(same_size(es[i], xs[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3))):
+        return None
+    return x, reps
+
+
+def gqa_kv(q, k, v, enable_gqa: bool) -> tuple:
+    """(k, v, enable_gqa) for an attention over q [B, H, T, D]: k and v before repeat_kv with
+    enable_gqa=True where both repeat by the same r and H = Hkv·r (the same function; the
+    repeated copies are never made), else as they are."""
+    rk, rv = unrepeat_kv(k), unrepeat_kv(v)
+    if enable_gqa or not (rk and rv and rk[1] == rv[1] and rank(q) == 4
+                          and same_size(shape(q)[1], shape(rk[0])[1] * rk[1])):
+        return k, v, enable_gqa
+    return rk[0], rv[0], True
 
 
 def fetch_attr(gm: torch.nn.Module, qual: str):

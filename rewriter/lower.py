@@ -206,30 +206,15 @@ def _site_of(n: fx.Node, sites: list[AttentionSite]) -> AttentionSite | None:
 
 
 def _kv_source(x: fx.Node, kv_heads: int | None) -> tuple[fx.Node, str]:
-    """The k (or v) an attention reads, before any repeat_kv: walked back through HF's
-    unsqueeze(2) + expand + reshape (or repeat_interleave on dim 1), which give query head h the kv
-    head h // G that decode_attention reads. Where no such pattern is found, `x` itself (cached at
-    its own width) and a note why."""
+    """The k (or v) an attention reads, before any repeat_kv (graph.unrepeat_kv: query head h
+    reads kv head h // r, as decode_attention does). Where there is none, `x` itself (cached at its
+    own width) and a note why."""
     s = G.shape(x)
-    if len(s) != 4:
+    if len(s) != 4 or kv_heads is None or G.size_hint(s[1]) == kv_heads:
         return x, ""
-    if kv_heads is None or G.size_hint(s[1]) == kv_heads:
-        return x, ""
-    n, grouped = x, False
-    for _ in range(16):
-        if G.is_op(n, aten.unsqueeze) and G.arg(n, 1, "dim") in (2, -3) and G.rank(n.args[0]) == 4:
-            grouped = True
-        if G.is_op(n, aten.repeat_interleave) and G.arg(n, 2, "dim") in (1, -3):
-            grouped = True
-        sh = G.shape(n)
-        if grouped and len(sh) == 4 and G.size_hint(sh[1]) == kv_heads and n is not x:
-            return n, ""
-        if not (G.is_op(n, _LAYOUT | {aten.repeat_interleave}) and n.args and isinstance(n.args[0], fx.Node)):
-            break
-        if G.is_op(n, aten.slice) and not (G.arg(n, 2, "start", 0) in (0, None)
-                                           and G.arg(n, 3, "end", None) in (None, 2 ** 63 - 1)):
-            break
-        n = n.args[0]
+    found = G.unrepeat_kv(x)
+    if found and G.size_hint(G.shape(found[0])[1]) == kv_heads:
+        return found[0], ""
     return x, f"no repeat_kv pattern found behind {x.name}; cached at {G.size_hint(s[1])} heads"
 
 
@@ -551,8 +536,9 @@ def _prefill_attention(g: fx.Graph, call, n: fx.Node, a: _Attn, look) -> fx.Node
     if n.target is not G.SDPA or not isinstance(args["attn_mask"], fx.Node):
         return g.node_copy(n, look)
     scale = args["scale"] if args["scale"] is not None else G.shape(args["query"])[-1] ** -0.5
-    new = call(R.causal_attention.default, *(look(args[k]) for k in ("query", "key", "value", "attn_mask")),
-               float(scale), bool(args["enable_gqa"]))
+    k, v, gqa = G.gqa_kv(args["query"], args["key"], args["value"], bool(args["enable_gqa"]))
+    new = call(R.causal_attention.default, look(args["query"]), look(k), look(v), look(args["attn_mask"]),
+               float(scale), gqa)
     new.meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "val")})
     return new
 

@@ -12,7 +12,7 @@ It is exact: both branches compute the same function on a plain causal mask.
                      scale: float, enable_gqa: bool) -> [B,H,T,Dv] in q.dtype
 
 Implementations: CPU and CUDA = cpu.py (PyTorch's fused SDPA kernels: FlashAttention on CUDA,
-the flash CPU kernel on CPU; no Triton kernel of ours); fake = the output shape; ONNX = onnx.py
+the flash CPU kernel on CPU; no Triton kernel of ours); fake = the output shape and layout (cpu.py); ONNX = onnx.py
 (softmax attention with the mask; rows with no visible key give 0, as PyTorch's SDPA does);
 reference.py = the fp32 ground truth.
 """
@@ -39,7 +39,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
 
 @causal_attention.register_fake
 def _(q, k, v, attn_mask, scale, enable_gqa):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    b, h, t = q.shape[:3]
+    return q.new_empty(b, t, h, v.shape[-1]).transpose(1, 2)      # cpu.py: the fused kernels' layout
 
 
 register_onnx(torch.ops.rewriter.causal_attention.default, causal_attention_onnx)

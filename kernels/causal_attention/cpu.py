@@ -16,6 +16,10 @@ weak reference, so the cache never keeps a mask alive): one check per forward, n
 layer. A bool mask is read twice and no T × T tensor is allocated (`_prefix_rows`: one argmin
 over rows, one count; broadcast (stride-0) dims are read once). The former tril + equal per layer
 cost ~56 ms × 30 layers on SmolLM2 at 2048 tokens; this check costs ~10 ms once per forward.
+
+Output layout: [B, H, T, Dv] with [B, T, H, Dv] memory, what the fused CPU and CUDA kernels write
+when q comes from a projection (view → transpose), so the model's transpose(1, 2) → reshape before
+o_proj is a view, as it is after eager HF's SDPA call; any other layout is copied into it once.
 """
 from __future__ import annotations
 
@@ -82,5 +86,10 @@ def causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
     if plain_causal(attn_mask):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
     else:
+        if enable_gqa and q.device.type != "cpu":       # CUDA's masked kernels take no GQA (math fallback)
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+            enable_gqa = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
-    return out.contiguous()         # one layout whichever SDPA backend ran (the fake promises it)
+    if not out.transpose(1, 2).is_contiguous():         # the layout the fake promises: [B, T, H, Dv] in memory
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out

@@ -1,6 +1,7 @@
 """causal_fastpath (exact kernel swap): rewriter::causal_attention equals masked SDPA on every mask
 kind it can meet, takes the fused path only on a plain causal mask, and a rewritten decoder gives
-the original's outputs with and without padding, saves/loads, compiles and exports to ONNX."""
+the original's outputs with and without padding, reading GQA's k/v before repeat_kv, saves/loads,
+compiles and exports to ONNX."""
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -47,6 +48,11 @@ def test_decoder_outputs_unchanged_with_and_without_padding(llama, tmp_path):
     opt = optimize(llama, RECIPE, progress=False, measure_latency=False)
     assert [r.status for r in opt.report.records] == ["applied"] * 4
     assert str(opt.report.flops_after) == str(opt.report.flops_before)
+    ops = [n for n in opt.graph_module.graph.nodes if n.target is torch.ops.rewriter.causal_attention.default]
+    # GQA 4/2: the op reads k/v before repeat_kv (enable_gqa), so the repeated copies are never made
+    assert len(ops) == 4 and all(n.args[1].meta["val"].shape[1] == 2 and n.args[5] is True for n in ops)
+    assert not any(n.target is torch.ops.aten.expand.default and n.meta["val"].dim() == 5    # repeat_kv's
+                   for n in opt.graph_module.graph.nodes)
     b = llama.example_inputs(batch=2, seq_len=24)
     with torch.no_grad():
         torch.testing.assert_close(main_tensor(opt(**b)), main_tensor(llama.model(**b)), rtol=1e-5, atol=1e-5)
