@@ -248,14 +248,18 @@ def _calibration_summary(calib) -> dict:
 def _report(loaded, original, gm, sites, result, gate_spec, calib, canon, measure_latency, t_start,
             world=distributed.SINGLE) -> Report:
     heldout = {}
-    if calib.heldout:
+    kept = any(r.status == "applied" for r in result.records)     # else the result is the traced original
+    if calib.heldout and not kept:       # nothing to judge: the result computes the original's function
+        at = f" (the gate measured that graph at {result.final.value:.6g})" if result.final else ""
+        heldout = {"metric": gate_spec.metric,
+                   "skipped": f"no rewrite was kept: the result is the original run through its traced graph{at}"}
+    elif calib.heldout:
         # gate.decode: the held-out text is judged teacher-forced too, as generation runs the model
         decoded = decoded_runner(sites, gate_spec.decode_share) if gate_spec.decode_share else None
         m = Gate.from_model(gate_spec, original, calib.heldout, loaded, calib.heldout_labels,
                             world).measure(gm, decoded)
         heldout = m.to_dict()
     fb, fa = attention_flops(sites, result.records)
-    kept = any(r.status == "applied" for r in result.records)     # else the result is the traced original
     # whole-model FLOPs (rewriter.cost), from the graph's cost before the rewrites (else a fresh trace)
     before = gm.meta.pop("rewriter_cost_before", None) or (lambda: _prepare(loaded, calib.batches[0])[0])
     whole = report_cost(before, gm, seq_len=calib.seq_len,

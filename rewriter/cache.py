@@ -236,15 +236,18 @@ class ActivationCache:
     # ---- runs -------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, batches: list[dict] | None = None, io=None,
-            reduce=None) -> list[torch.Tensor]:
+            reduce=None, watch: tuple | None = None) -> list[torch.Tensor]:
         """The main output of `gm` on each batch, equal bit for bit to `rewriter.gate.run(gm, ...)`.
         `batches` (if given) must be this cache's batches; `reduce(batch, y)`, if given, is applied
-        to each batch's output as soon as it is computed (the gate keeps per-token NLLs, not logits)."""
+        to each batch's output as soon as it is computed (the gate keeps per-token NLLs, not logits).
+        `watch` = (names, see): `see(batch, {name: value})` gets the named nodes' values of each batch
+        as it runs (the driver's capture riding on its first measurement; ValueError where the run
+        resumes past one)."""
         from .gate import run as full_run
         if batches is not None and batches is not self.batches and (
                 len(batches) != len(self.batches) or any(a is not b for a, b in zip(batches, self.batches))):
             raise ValueError("ActivationCache.run: these are not the batches the cache was built on")
-        if self.why_off is not None:
+        if self.why_off is not None and watch is None:
             return full_run(gm, self.batches, self.io, reduce)
         self.stats["runs"] += 1
         same = self._unchanged(gm)
@@ -256,7 +259,8 @@ class ActivationCache:
         out_node = nodes[-1]
         # what this run computes: the ancestors of the output not given by the cut, inputs or weights,
         # and the changed nodes kept for their effect alone (guards)
-        need, stack = set(), [out_node]
+        seen_names, see = watch if watch is not None else ((), None)
+        need, stack = set(), [out_node] + [by_name[x] for x in seen_names if x in by_name]
         stack += [n for n in nodes if not n.users and n.op not in _SKIP and n.name not in same]
         while stack:
             n = stack.pop()
@@ -267,6 +271,10 @@ class ActivationCache:
                     need.add(i)
                     stack.append(i)
         order = [n for n in nodes if n in need or n.op == "placeholder"]
+        if any(x not in by_name or (by_name[x] not in need and by_name[x].op != "placeholder")
+               for x in seen_names):                                     # unknown, or before the cut
+            raise ValueError(f"ActivationCache.run: watched nodes {sorted(seen_names)} are not all computed "
+                             f"by this run")
         # cuts this run can fill: kept, not ready, every name unchanged and computed here or cached
         fill = [c for c in self.active if not self._ready(c) and all(
             x in same and (x in self.values or by_name[x] in need) for x in c.names)]
@@ -294,24 +302,33 @@ class ActivationCache:
         self._pending = None
         for bi, b in enumerate(self.batches):
             env: dict[fx.Node, object] = {}
+            seen = {}
             flat = iter(flatten_inputs(gm, b))
             for x in start:
                 env[by_name[x]] = self.values[x][bi]
             for i, n in enumerate(order):
                 if n.op == "placeholder":
                     env[n] = next(flat)
+                    if n.name in seen_names:
+                        seen[n.name] = env[n]
                 else:
                     env[n] = _exec(gm, n, env)
-                    for keep in (fresh, pending):
-                        if n.name in keep:
-                            v = env[n]
-                            keep[n.name].append(v.detach() if isinstance(v, torch.Tensor) else v)
+                    if n.name in fresh or n.name in pending or n.name in seen_names:
+                        v = env[n]
+                        v = v.detach() if isinstance(v, torch.Tensor) else v
+                        for keep in (fresh, pending):
+                            if n.name in keep:
+                                keep[n.name].append(v)
+                        if n.name in seen_names:
+                            seen[n.name] = v
                 for a in free_after.get(i, ()):
                     env.pop(a, None)
             flat_out = fx.node.map_arg(out_node.args[0], lambda a: env[a])
             y = codegen.process_outputs(flat_out)
+            if see is not None:
+                see(b, seen)
             outs.append(main(y).detach() if reduce is None else reduce(b, main(y).detach()))
-            del env, flat_out, y
+            del env, flat_out, y, seen
             if pending and not self._room(bi + 1, fresh, pending):
                 pending = {}                    # no room to speculate: a kept graph records its cuts later
             if fresh:

@@ -101,6 +101,8 @@ class Context:
                  world: World = SINGLE):
         self.gm, self.sites, self.calibration, self.world = gm, sites, calibration, world
         self.io = io if not isinstance(io, str) else PlainIO(kind=io)
+        # set by the Driver: a capture that rides on its first measurement (None: not possible)
+        self.first_pass: Callable[[list[str], Callable | None], object] | None = None
 
     @property
     def kind(self) -> str:
@@ -126,6 +128,10 @@ class Context:
         missing = want - {n.name for n in gm.graph.nodes}
         if missing:
             raise KeyError(f"capture: no nodes named {sorted(missing)} in the current graph")
+        if batches is None and self.first_pass is not None:
+            shared = self.first_pass(names, reduce)
+            if shared is not None:
+                return shared
 
         class _Rec(fx.Interpreter):
             def run_node(self, n):
@@ -182,6 +188,30 @@ class Driver:
         self.records: list[Record] = []
         self.cache_bytes, self.anchors = cache_bytes, [s.node for s in sites]
         self.cache = ActivationCache(gm, world.mine(gate.batches), self.ctx.io, self.anchors, cache_bytes)
+        self._baseline: Measurement | None = None      # the gate's measurement of the unrewritten graph
+        self.ctx.first_pass = self._first_pass
+
+    def _current(self) -> Measurement:
+        """The gate's measurement of the graph before any rewrite (measured once, when first needed)."""
+        if self._baseline is None:
+            self._baseline = self._measure(self.gm)
+        return self._baseline
+
+    def _first_pass(self, names: list[str], reduce) -> object | None:
+        """A rule's first calibration capture (drop's importance, a fit's activations), taken during
+        the gate's measurement of the unrewritten graph: one forward over the batches instead of two,
+        the same values (ActivationCache.run's `watch`). None where that pass is not the same one:
+        already measured, the gate judges other batches (validation) or a decode, several processes."""
+        if self._baseline is not None or not self.world.single or getattr(self.gate, "decode", None) is not None:
+            return None
+        mine, cal = self.cache.batches, self.ctx.batches
+        if len(mine) != len(cal) or any(a is not b for a, b in zip(mine, cal)):
+            return None
+        per = []
+        see = (lambda b, v: per.append(v)) if reduce is None else (lambda b, v: per.append(reduce(b, v)))
+        self._baseline = self.gate.measure(self.gm, lambda gm, bs, io, **kw: self.cache.run(
+            gm, bs, io, watch=(set(names), see), **kw))
+        return per if reduce is not None else {k: [p[k] for p in per] for k in names}
 
     def _measure(self, gm: fx.GraphModule) -> Measurement:
         """The gate's measurement of `gm`, its outputs from the activation cache, or (gate.decode)
@@ -278,7 +308,7 @@ class Driver:
 
     def run(self, steps) -> RunResult:
         t0 = time.perf_counter()
-        current = self._measure(self.gm)
+        current = None          # measured after the first plan, which may share its pass (_first_pass)
         for step_i, step in enumerate(steps):
             rule: Rule = get_rule(step.rule)
             opts = step.options
@@ -297,6 +327,7 @@ class Driver:
                 note([], f"layers={opts.layers!r} selects none of the {len(alive)} remaining sites")
                 continue
             cands = rule.plan(self.ctx, selected, opts)
+            current = self._current() if current is None else current
             if opts.by_damage:
                 cands = self._by_damage(rule, cands, opts)
             limit, applied_here, failed = opts.limit, 0, 0
@@ -322,6 +353,7 @@ class Driver:
 
     def _result(self, stop: str, current: Measurement | None) -> RunResult:
         """The run's result; the activation cache's values are freed (its counts stay)."""
+        current = self._current() if current is None else current
         self.cache.clear()
         return RunResult(self.records, stop, current, dict(self.cache.stats))
 

@@ -10,7 +10,8 @@ spread and sweep absent from reports saved before them; `latency` says how they 
 flops_per_token {before, after} (whole model, rewriter.cost), predicted_speedup {length: FLOPs
 before / after}, cost {unknown_ops, symbols, ...} (these three absent from reports saved before them),
 heldout {metric, value, worst, ok, why, groups
-[{text, tokens, value, worst, ok}], text, tokens: the worst group's}, calibration {source, samples,
+[{text, tokens, value, worst, ok}], text, tokens: the worst group's; or {metric, skipped: why} when no
+rewrite was kept}, calibration {source, samples,
 seq_len, lengths, gate_on, sets {calibration, validation, heldout: [{text, tokens, samples}]}},
 gate, calibration, stop_reason, canonicalized, notes, seconds, memory {peak_rss_bytes, start_rss_bytes,
 weights_bytes, graph_shared_bytes, graph_private_bytes, method} (absent from reports saved before it),
@@ -632,7 +633,9 @@ class Report:
                 c = L["crossover"]
                 s.add_row("rewrite pays from", f"{c['seq_len']} tokens ({c['why']})" if c.get("seq_len")
                           else f"[red]no measured length[/] ({c['why']})")
-        if self.heldout:
+        if self.heldout.get("skipped"):
+            s.add_row(f"held-out {self.heldout['metric']}", f"not run: {self.heldout['skipped']}")
+        elif self.heldout:
             h = self.heldout
             worst = f", worst {h['worst']:.4f}" if h.get("worst") is not None else ""
             s.add_row(f"held-out {h['metric']}", f"{h['value']:.4f}{worst} ({'ok' if h.get('ok') else 'OUT OF BOUND'})")

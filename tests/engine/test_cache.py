@@ -166,9 +166,9 @@ def test_every_rule_measures_bit_identically_from_the_cache(request, monkeypatch
     checked, resumed = [], []
     run = ActivationCache.run
 
-    def run_and_check(self, gm, batches=None, io=None):
+    def run_and_check(self, gm, batches=None, io=None, **kw):
         before = self.stats["resumed"]
-        got = run(self, gm, batches, io)
+        got = run(self, gm, batches, io, **kw)
         want = full_run(gm, self.batches, self.io)
         assert _equal(got, want), f"{next(iter(step))}: the cached run differs from the full forward"
         checked.append(True)

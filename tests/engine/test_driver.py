@@ -197,3 +197,26 @@ def test_patience_ends_the_damage_ranking_too(bert):
     assert [r.status for r in opt.report.records] == ["rolled_back"] * 2 + ["skipped"] * 2
     assert all("damage_alone" in r.info for r in opt.report.records)
     assert all(r.reason.startswith("patience=2") for r in opt.report.records[2:])
+
+
+def test_a_first_capture_rides_on_the_first_measurement(llama, monkeypatch):
+    """Drop's importance capture over the calibration batches is taken during the gate's measurement
+    of the unrewritten graph (one forward pass instead of two): no separate capture pass runs, and
+    the scores, order and decisions are those of the separate pass, to the last digit."""
+    import torch.fx as fx
+
+    from rewriter.driver import Driver
+    recipe = {"calibration": {"samples": 8, "seq_len": 32, "batch_size": 4, "heldout": 0},
+              "gate": {"metric": "perplexity_ratio", "max": 1.5}, "steps": [{"drop_attention": {"max_layers": 2}}]}
+    runs = []
+    real = fx.Interpreter.run
+    monkeypatch.setattr(fx.Interpreter, "run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+
+    def decisions():
+        opt = optimize(llama, recipe, progress=False, measure_latency=False)
+        return [(r.sites, r.status, r.metric_before, r.metric_after, r.info.get("importance"))
+                for r in opt.report.records]
+    shared = decisions()
+    assert runs == [] and len(shared) == 4 and shared[0][4] is not None
+    monkeypatch.setattr(Driver, "_first_pass", lambda self, names, reduce: None)
+    assert decisions() == shared and runs          # the separate capture pass: the same numbers
