@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,25 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from rewriter import optimize                                  # noqa: E402
 from rewriter.api import _prepare                              # noqa: E402
 from rewriter.models import load_model                         # noqa: E402
+from bench_speed import latency_both                           # noqa: E402  (same folder)
 
 OUT = Path(__file__).parent / "results"
 DROPS = [26, 25, 28, 29, 7, 6]          # bench_drop.py's SmolLM2 ranking, 6 attention drops
 CAL = {"samples": 4, "seq_len": 64, "batch_size": 4, "heldout": 0}
 EXACT = {"metric": "relative_rms", "max": 1e-4}
-
-
-def _timed(models: list, batch: dict, repeats: int) -> tuple[list[float], list[float]]:
-    """Median wall and process-CPU ms per call of each model, a warm-up each, the calls interleaved."""
-    for m in models:
-        m(**batch)
-    wall, cpu = [[] for _ in models], [[] for _ in models]
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            w, c = time.perf_counter(), time.process_time()
-            m(**batch)
-            cpu[i].append((time.process_time() - c) * 1e3)
-            wall[i].append((time.perf_counter() - w) * 1e3)
-    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def main():
@@ -70,7 +55,7 @@ def main():
         with torch.no_grad():
             ref = L.main_output(L.model(**batch))
             err = (L.main_output(fast(**batch)) - ref).abs().max().item()
-            ms, cpu = _timed(list(models.values()), batch, args.repeats)
+            ms, cpu = latency_both(list(models.values()), batch, args.repeats)
         row = {name: round(t, 1) for name, t in zip(models, ms)}
         row["cpu_ms"] = {name: round(t, 1) for name, t in zip(models, cpu)}
         row["speedup_vs_hf_eager"] = {name: round(ms[0] / t, 3) for name, t in zip(models, ms)}
