@@ -1,11 +1,11 @@
 """causal_fastpath on SmolLM2: HF eager vs the traced graph vs the traced graph with the exact
 fused-causal swap, and the same with LLM-Drop's 6 drops on top (the drop benchmark's layers).
 
-    python benchmarks/bench_fastpath.py [--threads 2] [--repeats 5] [--lengths 512 2048] [--skip-drops]
+    python benchmarks/bench_fastpath.py [--threads 2] [--repeats 5] [--lengths 512 2048] [--skip-drops] [--out F]
 
 All models interleaved in one process (median of --repeats calls after a warm-up each), batch 1, no
 padding; wall and process CPU time per call (CPU time is what a VM's steal does not inflate).
-Writes benchmarks/results/fastpath_smollm2.json.
+Writes benchmarks/results/fastpath_smollm2.json (or --out).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--skip-drops", action="store_true", help="time eager, traced and traced+fastpath only")
+    ap.add_argument("--out", default=str(OUT / "fastpath_smollm2.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,8 +65,8 @@ def main():
         res["by_length"][n] = row
         print(f"{n:>5} tokens: " + ", ".join(f"{k} {v:.0f} ms ({ms[0] / v:.2f}×)" for k, v in zip(models, ms)),
               f"| fastpath max |Δlogit| {err:.1e}", flush=True)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "fastpath_smollm2.json").write_text(json.dumps(res, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
