@@ -242,12 +242,12 @@ class ActivationCache:
         to each batch's output as soon as it is computed (the gate keeps per-token NLLs, not logits).
         `watch` = (names, see): `see(batch, {name: value})` gets the named nodes' values of each batch
         as it runs (the driver's capture riding on its first measurement; ValueError where the run
-        resumes past one)."""
+        resumes past one; not given when the cache is off)."""
         from .gate import run as full_run
         if batches is not None and batches is not self.batches and (
                 len(batches) != len(self.batches) or any(a is not b for a, b in zip(batches, self.batches))):
             raise ValueError("ActivationCache.run: these are not the batches the cache was built on")
-        if self.why_off is not None and watch is None:
+        if self.why_off is not None:
             return full_run(gm, self.batches, self.io, reduce)
         self.stats["runs"] += 1
         same = self._unchanged(gm)

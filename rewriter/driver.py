@@ -201,8 +201,10 @@ class Driver:
         """A rule's first calibration capture (drop's importance, a fit's activations), taken during
         the gate's measurement of the unrewritten graph: one forward over the batches instead of two,
         the same values (ActivationCache.run's `watch`). None where that pass is not the same one:
-        already measured, the gate judges other batches (validation) or a decode, several processes."""
-        if self._baseline is not None or not self.world.single or getattr(self.gate, "decode", None) is not None:
+        already measured, the gate judges other batches (validation) or a decode, several processes,
+        the activation cache off (its run is then the plain forward, which watches nothing)."""
+        if self._baseline is not None or not self.world.single or getattr(self.gate, "decode", None) is not None \
+                or self.cache.why_off is not None:
             return None
         mine, cal = self.cache.batches, self.ctx.batches
         if len(mine) != len(cal) or any(a is not b for a, b in zip(mine, cal)):
